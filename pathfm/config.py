@@ -1,0 +1,320 @@
+"""The configuration: one dataclass tree, merged as defaults <- YAML <- dotted overrides.
+
+    cfg = load_config("configs/smoke.yaml", ["optim.base_lr=1e-3", "train.steps=10"])
+
+Every key is checked: an unknown key fails with the dotted name and the closest valid one,
+a value of the wrong type fails with the key, the expected type and the value. The resolved
+config dumps to YAML (`to_yaml`) and loads back identical. No torch import here, so launchers
+can read configs without the training stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key at fault in the message."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"  # vit_small | vit_base | vit_large | vit_giant2 (pathfm.vit.ARCHS)
+    patch_size: int = 16
+    img_size: int = 224  # size the position embeddings are stored at
+    num_registers: int = 0
+    ffn: str = "mlp"  # mlp | swiglu
+    layerscale: float = 1e-5  # LayerScale init; 0 disables LayerScale
+    drop_path: float = 0.0  # stochastic depth rate of the last block (linear from 0)
+    attn_backend: str = "auto"  # auto | sdpa | xformers (auto: xformers when it works here)
+    init_weights: str = ""  # timm / DINOv2 backbone file to start from ("" = random init)
+
+
+@dataclass
+class SSLConfig:
+    objective: str = "dinov2"  # dino (DINO v1: no iBOT) | dinov2 (DINO + iBOT)
+    prototypes: int = 65536
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_layers: int = 3
+    ibot_separate_head: bool = False
+    ibot_prototypes: int = 65536  # used when ibot_separate_head
+    centering: str = "centering"  # centering (EMA centre) | sinkhorn_knopp
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_start: float = 0.04
+    teacher_temp_warmup_steps: int = 0
+    momentum_teacher: float = 0.992  # EMA momentum at step 0, cosine to momentum_teacher_final
+    momentum_teacher_final: float = 1.0
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+    mask_probability: float = 0.5  # share of global crops that get an iBOT mask
+    koleo_weight: float = 0.1
+    kde_weight: float = 0.0  # Midnight: KDE uniformity regulariser in place of KoLeo
+    kde_bandwidth: float = 0.1  # kernel width, on L2-normalised CLS tokens
+    freeze_last_layer_steps: int = 0  # prototype layer frozen this many steps
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | manifest
+    manifest: str = ""  # CSV: path[, mpp][, weight][, group]
+    synthetic_slides: int = 3
+    synthetic_size: int = 4096  # level-0 width and height of each synthetic slide
+    cache_dir: str = ".cache/pathfm"  # synthetic slides and tissue masks
+    mpps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    mpp_weights: list[float] = field(default_factory=list)  # empty = uniform
+    tile_size: int = 224
+    tissue_threshold: float = 0.4
+    group_balance: bool = False
+    reader: str = "auto"  # auto | openslide | jpeg (fast tiled-TIFF path)
+    grid_aligned: bool = False  # decode exactly one stored tile per sample (jpeg reader)
+    hsv_filter: bool = False  # Virchow2-style colour filter on each tile
+    num_workers: int = 2
+    device_augment: bool = False  # workers only read; crops run batched on the device
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale_min: float = 0.32
+    global_scale_max: float = 1.0
+    local_scale_min: float = 0.05
+    local_scale_max: float = 0.32
+    color_jitter: float = 0.8  # probability
+    grayscale: float = 0.2
+    blur_global: float = 1.0  # blur probability for the first global crop (second: 0.1)
+    blur_local: float = 0.5
+    solarize: float = 0.2  # on the second global crop
+    hed_jitter: float = 0.0  # HED stain jitter strength (0 = off)
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 64  # per rank
+    base_lr: float = 0.004  # at the reference batch
+    lr_ref_batch: int = 1024
+    lr_scaling: str = "sqrt"  # sqrt | linear | none: scaling from lr_ref_batch to the global batch
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.04
+    weight_decay_final: float = 0.2
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    fused: bool = False  # fused AdamW (CUDA)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    output_dir: str = "runs"
+    name: str = ""  # run folder name under output_dir ("" = config file stem)
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    rankme_every: int = 0  # 0 = off
+    rankme_batch: int = 256
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    precision: str = "fp32"  # fp32 | bf16 (CUDA)
+    init_checkpoint: str = ""  # start from a pathfm checkpoint (weights only), e.g. high-res post-training
+
+
+@dataclass
+class DistConfig:
+    fsdp: bool = True  # shard with FSDP2 when world size > 1
+    activation_checkpointing: str = "none"  # none | full | selective
+    compile: bool = False  # torch.compile per block
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_keys(cls, prefix=""):
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        out.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            out += _all_keys(tp, prefix + name + ".")
+    return out
+
+
+def _unknown_key(key):
+    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(Config))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key, value, tp):
+    """Check (and losslessly convert) `value` to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list of {item.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' expects bool (true/false), got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' expects int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(node, data: dict, prefix: str):
+    """Merge a nested dict onto the dataclass instance `node`, in place, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(node))
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in hints:
+            raise _unknown_key(key)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(node, k), v, key + ".")
+        else:
+            setattr(node, k, _coerce(key, v, tp))
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. optim.base_lr=1e-3)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str) and _looks_numeric(raw):
+        value = float(raw)  # YAML 1.1 reads "1e-3" as a string
+    out: dict = {}
+    d = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+    return out
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _yaml_load(path: Path) -> dict:
+    # Plain YAML 1.1 reads 1e-3 as a string; accept it as the float it obviously is.
+    class Loader(yaml.SafeLoader):
+        pass
+
+    import re
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+        list("-+0123456789."),
+    )
+    with open(path) as f:
+        return yaml.load(f, Loader=Loader) or {}
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A bare name (`vitg14.yaml`, `smoke`) resolves to configs/<name> when no such file is here."""
+    p = Path(path)
+    if p.exists():
+        return p
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for cand in (configs / p.name, configs / (p.name + ".yaml")):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file '{path}' not found (looked here and in {configs})")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            _merge(cfg, _yaml_load(p), "")
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    for item in overrides:
+        _merge(cfg, _parse_override(item), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types cannot express, so bad values fail before heavy work starts."""
+    from_choices = {
+        "model.ffn": ("mlp", "swiglu"),
+        "model.attn_backend": ("auto", "sdpa", "xformers"),
+        "ssl.objective": ("dino", "dinov2"),
+        "ssl.centering": ("centering", "sinkhorn_knopp"),
+        "data.source": ("synthetic", "manifest"),
+        "data.reader": ("auto", "openslide", "jpeg"),
+        "optim.lr_scaling": ("sqrt", "linear", "none"),
+        "train.precision": ("fp32", "bf16"),
+        "dist.activation_checkpointing": ("none", "full", "selective"),
+    }
+    for key, choices in from_choices.items():
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if v not in choices:
+            raise ConfigError(f"config key '{key}' is {v!r}; expected one of {', '.join(choices)}")
+    if cfg.data.source == "manifest" and not cfg.data.manifest:
+        raise ConfigError("config key 'data.manifest' is empty but data.source is 'manifest'; give a CSV path")
+    if not 0.0 <= cfg.data.tissue_threshold <= 1.0:
+        raise ConfigError(f"config key 'data.tissue_threshold' must be in [0, 1], got {cfg.data.tissue_threshold}")
+    if cfg.data.mpp_weights and len(cfg.data.mpp_weights) != len(cfg.data.mpps):
+        raise ConfigError("config key 'data.mpp_weights' must have one weight per entry of data.mpps")
+    for k in ("optim.batch_size", "train.steps", "model.patch_size", "crops.global_size", "crops.local_size"):
+        sec, name = k.split(".")
+        if getattr(getattr(cfg, sec), name) <= 0:
+            raise ConfigError(f"config key '{k}' must be positive, got {getattr(getattr(cfg, sec), name)}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,162 @@
+"""Weights in and out: timm exports, and timm / DINOv2 backbone files as a starting point.
+
+    name, kwargs, sd = timm_export(vit)
+    timm.create_model(name, num_classes=0, **kwargs).load_state_dict(sd, strict=True)
+
+`kwargs` holds what differs from timm's registered defaults (img_size, init_values, ...); the
+export sidecar records them so eva's MODEL_EXTRA_KWARGS can pass them on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pathfm.vit import ARCHS, VisionTransformer
+
+_TIMM_FAMILY = {"vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
+# timm's registered defaults for the two families: (init_values, reg_tokens, img_size)
+_CLASSIC = dict(init_values=None, img_size=224)
+_DINOV2 = dict(init_values=1e-5, img_size=518)
+
+
+def timm_name(arch: str, patch_size: int, num_registers: int) -> str:
+    """The timm architecture whose layout matches ours (registered timm names only)."""
+    fam = _TIMM_FAMILY[arch]
+    if num_registers:
+        if num_registers != 4 or patch_size != 14:
+            raise ValueError(f"timm has no {arch} with patch {patch_size} and {num_registers} registers; use patch 14 and 4 registers")
+        return f"{fam}_patch14_reg4_dinov2"
+    if patch_size == 14:
+        return f"{fam}_patch14_dinov2"
+    if arch == "vit_giant2":
+        raise ValueError("timm's giant ViT exists only with patch 14 (vit_giant_patch14_dinov2)")
+    return f"{fam}_patch{patch_size}_224"
+
+
+def timm_export(model: VisionTransformer) -> tuple[str, dict, dict]:
+    """(timm name, create_model kwargs, state dict) for the backbone, loadable with strict=True."""
+    a = model.args
+    name = timm_name(a.arch, a.patch_size, a.num_registers)
+    defaults = _DINOV2 if name.endswith("dinov2") else _CLASSIC
+    kwargs = {"img_size": a.img_size}
+    init_values = a.layerscale if a.layerscale > 0 else None
+    if init_values != defaults["init_values"]:
+        kwargs["init_values"] = init_values
+    if a.ffn != ARCHS[a.arch][3]:
+        raise ValueError(f"{a.arch} with ffn={a.ffn} has no timm counterpart")
+    sd = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if k != "mask_token"}
+    return name, kwargs, sd
+
+
+def save_export(model: VisionTransformer, folder: str | Path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), extra: dict | None = None) -> Path:
+    """Write `<folder>/model.pth` (plain timm state dict) and `<folder>/model.json` (the sidecar)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name, kwargs, sd = timm_export(model)
+    tmp = folder / "model.pth.tmp"
+    torch.save(sd, tmp)
+    tmp.rename(folder / "model.pth")
+    sidecar = {
+        "timm_name": name,
+        "timm_kwargs": kwargs,
+        "img_size": model.args.img_size,
+        "patch_size": model.args.patch_size,
+        "embed_dim": model.embed_dim,
+        "num_registers": model.args.num_registers,
+        "mean": list(mean),
+        "std": list(std),
+        "pathfm_args": vars(model.args),
+        **(extra or {}),
+    }
+    (folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return folder / "model.pth"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading a backbone file as the starting point of training
+
+
+def _from_dinov2(sd: dict, model: VisionTransformer) -> dict:
+    """DINOv2's own names (register_tokens, mlp.w12 / w3, class token inside pos_embed) -> ours."""
+    out = {}
+    sd = dict(sd)
+    if "register_tokens" in sd:
+        out["reg_token"] = sd.pop("register_tokens")
+    n = sd["pos_embed"].shape[1] if "pos_embed" in sd else 0
+    if model.no_embed_class and "cls_token" in sd and n > 1 and round((n - 1) ** 0.5) ** 2 == n - 1:
+        # DINOv2 stores a class-token position (1 + grid^2 entries) and adds it to the class token;
+        # timm's register layout (grid^2 entries) folds it into cls_token
+        pos = sd.pop("pos_embed")
+        out["cls_token"] = sd.pop("cls_token") + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    for k, v in sd.items():
+        k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        out[k] = v
+    return out
+
+
+def _resample_pos_embed(pos: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
+    """A checkpoint stored at another image size (DINOv2 ships 518 px): resample its patch grid."""
+    n_prefix = 0 if model.no_embed_class else 1
+    want = model.pos_embed.shape[1] - n_prefix
+    have = pos.shape[1] - n_prefix
+    if have == want:
+        return pos
+    g_have, g_want = int(have**0.5), int(want**0.5)
+    grid = pos[:, n_prefix:].reshape(1, g_have, g_have, -1).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=(g_want, g_want), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, want, -1).to(pos.dtype)
+    return torch.cat([pos[:, :n_prefix], grid], dim=1)
+
+
+def read_state_dict(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict"):  # common wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    prefixes = ("backbone.", "module.", "encoder.")
+    for p in prefixes:
+        if any(k.startswith(p) for k in sd):
+            sd = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    return sd
+
+
+def load_backbone(model: VisionTransformer, path: str | Path) -> None:
+    """Initialise `model` from a timm or DINOv2-format backbone file, strictly.
+
+    Missing or unexpected keys, and shape mismatches, are an error that lists them. Only the iBOT
+    mask token may be absent (timm files drop it). Head weights in the file (`head.*`) are ignored.
+    """
+    sd = read_state_dict(path)
+    sd = _from_dinov2(sd, model)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.")) or v.numel() == 0}
+    if "pos_embed" in sd:
+        sd["pos_embed"] = _resample_pos_embed(sd["pos_embed"], model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd) - {"mask_token"})
+    unexpected = sorted(set(sd) - set(own))
+    bad_shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad_shape:
+        a = model.args
+        lines = [f"weights file '{path}' does not fit {a.arch} patch {a.patch_size} with {a.num_registers} registers, ffn {a.ffn}, layerscale {a.layerscale}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''}")
+        if bad_shape:
+            lines.append(f"  shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape[:6])}")
+        raise ValueError("\n".join(lines))
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)

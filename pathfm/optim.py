@@ -1,0 +1,118 @@
+"""Optimiser parameter groups (layer-wise lr decay, no decay on norms/biases/tokens) and schedules.
+
+Groups carry multipliers (lr_mult, wd_mult) rather than values; `set_hparams` writes
+the values of the current step into them, so schedules stay plain arrays indexed by step.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+# timm ViT parameters that sit before the first block: they get layer id 0 and no weight decay
+# (decaying a position embedding or a token towards 0 has no regularising meaning)
+_TOKENS = ("cls_token", "pos_embed", "reg_token", "mask_token")
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    """0 for tokens and patch embedding, i + 1 for blocks.i, num_layers + 1 for the rest (final norm, heads)."""
+    if name.startswith(_TOKENS) or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        block = int(name.split(".")[1])
+        if block >= num_layers:
+            raise ValueError(f"parameter '{name}' is in block {block} but num_layers={num_layers}; "
+                             f"pass the model's depth")
+        return block + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float,
+                 num_layers: int) -> list[dict]:
+    """AdamW parameter groups for a ViT (names `backbone.<timm name>` or plain timm names) plus heads.
+
+    lr_mult = layer_decay ** (num_layers + 1 - layer_id): the last block trains at
+    layer_decay x the head lr, the patch embedding at layer_decay ** (num_layers + 1),
+    and lower, times patch_embed_lr_mult (a pretrained stem is the first thing to
+    break). wd_mult = 0 for biases, norms, LayerScale (ndim <= 1) and tokens.
+    The prototype layers (`*.last_layer.weight`) form their own groups so they can be
+    frozen. Parameters with equal (lr_mult, wd_mult, is_last_layer) share one group.
+    """
+    groups: dict[tuple, dict] = {}
+    for full_name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # the timm name inside the backbone; torch.compile wrappers add `_orig_mod.`
+        name = full_name.replace("_orig_mod.", "").removeprefix("backbone.")
+        layer_id = _layer_id(name, num_layers)
+        lr_mult = layer_decay ** (num_layers + 1 - layer_id)
+        if name.startswith("patch_embed."):
+            lr_mult *= patch_embed_lr_mult
+        wd_mult = 0.0 if p.ndim <= 1 or name.startswith(_TOKENS) else 1.0
+        is_last_layer = ".last_layer." in f".{name}"
+        key = (lr_mult, wd_mult, is_last_layer)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult,
+                           "is_last_layer": is_last_layer, "weight_decay": weight_decay * wd_mult}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(full_name)
+    return list(groups.values())
+
+
+def set_hparams(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float, freeze_last_layer: bool) -> None:
+    """Write this step's lr and weight decay into every group, scaled by its multipliers.
+
+    A frozen prototype layer gets lr 0 (as in DINOv2): AdamW then changes nothing,
+    neither the Adam step (scaled by lr) nor the decoupled decay (p *= 1 - lr * wd).
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        missing = [k for k in ("lr_mult", "wd_mult", "is_last_layer") if k not in group]
+        if missing:
+            raise KeyError(f"optimizer param group {i} has no {missing}: build the optimizer from "
+                           f"pathfm.optim.param_groups(...)")
+        frozen = freeze_last_layer and group["is_last_layer"]
+        group["lr"] = 0.0 if frozen else lr * group["lr_mult"]
+        group["weight_decay"] = weight_decay * group["wd_mult"]
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Value per step, shape (total_steps,): linear warmup_start -> base over warmup_steps,
+    then a half cosine from base (first step after warmup) to final (last step).
+
+    Used for the lr (warmup + cosine to min_lr), the weight decay (cosine, no warmup)
+    and the teacher EMA momentum (cosine to 1).
+    """
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"cosine_schedule: need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
+                         f"got total_steps={total_steps}, warmup_steps={warmup_steps}")
+    warmup = warmup_start + (base - warmup_start) * np.arange(warmup_steps) / max(warmup_steps, 1)
+    n = total_steps - warmup_steps
+    progress = np.arange(n) / max(n - 1, 1)  # 0 .. 1 inclusive, so the last step is exactly `final`
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(math.pi * progress))
+    return np.concatenate([warmup, cosine])
+
+
+def teacher_temp_schedule(start: float, end: float, warmup_steps: int, total_steps: int) -> np.ndarray:
+    """Teacher temperature per step, shape (total_steps,): linear start -> end over warmup_steps, then end.
+
+    A softer teacher (higher temperature) early avoids collapse onto a few prototypes.
+    """
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"teacher_temp_schedule: need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
+                         f"got total_steps={total_steps}, warmup_steps={warmup_steps}")
+    warmup = start + (end - start) * np.arange(warmup_steps) / max(warmup_steps, 1)
+    return np.concatenate([warmup, np.full(total_steps - warmup_steps, end)])
+
+
+def scaled_lr(base_lr: float, global_batch: int, ref_batch: int = 1024, rule: str = "sqrt") -> float:
+    """lr for global_batch from base_lr tuned at ref_batch: sqrt (DINOv2, for AdamW), linear, or none."""
+    ratio = global_batch / ref_batch
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"lr scaling rule '{rule}' is not one of sqrt, linear, none")

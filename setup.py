@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pathfm",
+    version="0.1.0",
+    description="Training pathology foundation models: DINOv2-style ViTs on tiles sampled online from whole-slide images",
+    packages=find_packages(include=["pathfm", "pathfm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "torchvision",
+        "timm>=1.0.15",
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "tensorboard",
+        "submitit>=1.5",
+        "openslide-python>=1.4",
+        "openslide-bin>=4.0",
+        "tifffile",
+        "simplejpeg",
+        "fvcore",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "h5py"],
+        "xformers": ["xformers"],
+    },
+)
