@@ -61,7 +61,7 @@ class SSLConfig:
     mask_probability: float = 0.5  # share of global crops that get an iBOT mask
     koleo_weight: float = 0.1
     kde_weight: float = 0.0  # Midnight: KDE uniformity regulariser in place of KoLeo
-    kde_bandwidth: float = 0.1  # kernel width, on L2-normalised CLS tokens
+    kde_bandwidth: float = 0.447  # Gaussian kernel width h on L2-normalised CLS tokens (vMF kappa = 1/h^2 = 5, as Virchow 2)
     freeze_last_layer_steps: int = 0  # prototype layer frozen this many steps
 
 

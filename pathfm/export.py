@@ -16,7 +16,7 @@ import torch
 
 from pathfm.vit import ARCHS, VisionTransformer
 
-_TIMM_FAMILY = {"vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
+_TIMM_FAMILY = {"vit_tiny": "vit_tiny", "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
 # timm's registered defaults for the two families: (init_values, reg_tokens, img_size)
 _CLASSIC = dict(init_values=None, img_size=224)
 _DINOV2 = dict(init_values=1e-5, img_size=518)

@@ -50,7 +50,7 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, p
         if name.startswith("patch_embed."):
             lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if p.ndim <= 1 or name.startswith(_TOKENS) else 1.0
-        is_last_layer = ".last_layer." in f".{name}"
+        is_last_layer = "last_layer" in name.split(".")
         key = (lr_mult, wd_mult, is_last_layer)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult,

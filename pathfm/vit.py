@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 # name -> (embed_dim, depth, num_heads, ffn)
 ARCHS = {
+    "vit_tiny": (192, 12, 3, "mlp"),  # smoke runs and tests
     "vit_small": (384, 12, 6, "mlp"),
     "vit_base": (768, 12, 12, "mlp"),
     "vit_large": (1024, 24, 16, "mlp"),

@@ -1,0 +1,1 @@
+"""Data: whole-slide reading, tissue masks, online tile sampling, augmentation, masking."""

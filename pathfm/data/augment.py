@@ -1,0 +1,359 @@
+"""DINOv2 multi-crop augmentation, batched on uint8 tile tensors.
+
+Per-image PIL pipelines run at ~45 samples/s per core, too slow to feed a GPU, so every op here
+works on a whole batch of crops at once. MultiCrop draws all random parameters on the CPU from one
+torch.Generator (sample_params), then applies them on the device that holds the tiles (apply): the
+CPU in loader workers, or the GPU in device-side mode. Both modes therefore draw from the same
+distributions, and one generator state gives the same parameters on any device.
+
+Per crop, in order: random resized crop (antialiased bicubic), flips and 90-degree rotations,
+optional HED stain jitter, colour jitter, grayscale, Gaussian blur, solarisation, normalisation.
+Colour ops work in float32 in [0, 1] and mirror torchvision's functional ops, except that colour
+jitter applies brightness, contrast, saturation, hue in this fixed order where torchvision
+shuffles the order per image.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+# Crops are augmented this many at a time on the CPU: a (16, 3, 224, 224) float32 chunk is ~10 MB,
+# which stays in cache and below malloc's mmap threshold; a whole (128, 3, 224, 224) batch would
+# page-fault on every temporary and run ~10x slower per element.
+CPU_CHUNK = 16
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+BLUR_KERNEL = 9  # DINOv2's GaussianBlur kernel size, for global and local crops alike
+SECOND_GLOBAL_BLUR = 0.1  # DINOv2 blurs the second global crop with this probability
+
+# Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB (rows),
+# normalised to unit length below. Stain concentrations c relate to optical density by
+# od = c @ RGB_FROM_HED, with od = -log10(intensity).
+_STAINS = torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]], dtype=torch.float64)
+RGB_FROM_HED = _STAINS / _STAINS.norm(dim=1, keepdim=True)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+@dataclass
+class CropParams:
+    """Random parameters of n crops that share an output size; every field has leading dim n."""
+
+    src: torch.Tensor  # (n,) int64: index of the source tile in the batch
+    box: torch.Tensor  # (n, 4) int64: top, left, height, width in tile pixels
+    hflip: torch.Tensor  # (n,) bool
+    vflip: torch.Tensor  # (n,) bool
+    rot90: torch.Tensor  # (n,) int64 in 0..3: counter-clockwise quarter turns
+    jitter: torch.Tensor  # (n,) bool: colour jitter applied
+    brightness: torch.Tensor  # (n,) factor
+    contrast: torch.Tensor  # (n,) factor
+    saturation: torch.Tensor  # (n,) factor
+    hue: torch.Tensor  # (n,) shift in turns of the colour wheel
+    gray: torch.Tensor  # (n,) bool
+    blur: torch.Tensor  # (n,) bool
+    sigma: torch.Tensor  # (n,) blur sigma in output pixels
+    solarize: torch.Tensor  # (n,) bool
+    hed_scale: torch.Tensor  # (n, 3) per-stain factor on the concentrations
+    hed_shift: torch.Tensor  # (n, 3) per-stain offset on the concentrations
+
+    def __getitem__(self, idx) -> "CropParams":
+        return CropParams(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+# ---------------------------------------------------------------- random parameters (CPU)
+
+
+def _uniform(shape, low: float, high: float, generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
+
+
+def _bernoulli(p: torch.Tensor, generator) -> torch.Tensor:
+    return torch.rand(p.shape, generator=generator, dtype=torch.float64) < p
+
+
+def sample_boxes(n: int, height: int, width: int, scale: tuple[float, float], generator,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's box distribution, vectorised: (n, 4) int64 top, left, height, width.
+
+    Each crop tries `attempts` (area fraction, aspect ratio) pairs and keeps the first that fits in
+    the tile; when none fits it takes the central crop with the aspect ratio clamped to `ratio`.
+    """
+    area = height * width * _uniform((n, attempts), *scale, generator)
+    aspect = torch.exp(_uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), generator))
+    w = torch.sqrt(area * aspect).round().long()
+    h = torch.sqrt(area / aspect).round().long()
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)  # (n, attempts)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt (0 if none)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    u = torch.rand((n, 2), generator=generator, dtype=torch.float64)
+    top = (u[:, 0] * (height - h + 1)).floor().long()
+    left = (u[:, 1] * (width - w + 1)).floor().long()
+
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    none = ~fits.any(dim=1)
+    h, w = torch.where(none, fh, h), torch.where(none, fw, w)
+    top = torch.where(none, (height - fh) // 2, top)
+    left = torch.where(none, (width - fw) // 2, left)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def sample_crop_params(src: torch.Tensor, height: int, width: int, scale: tuple[float, float], *,
+                       color_jitter: float, grayscale: float, blur: torch.Tensor, solarize: torch.Tensor,
+                       hed_jitter: float, generator) -> CropParams:
+    """Parameters for crops of tiles `src` (n,); blur and solarize are per-crop probabilities (n,)."""
+    n = len(src)
+    full = lambda p: torch.full((n,), float(p), dtype=torch.float64)
+    box = sample_boxes(n, height, width, scale, generator)
+    hflip, vflip = _bernoulli(full(0.5), generator), _bernoulli(full(0.5), generator)
+    rot90 = torch.randint(0, 4, (n,), generator=generator)
+    # DINOv2's ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    jitter = _bernoulli(full(color_jitter), generator)
+    brightness = _uniform(n, 0.6, 1.4, generator)
+    contrast = _uniform(n, 0.6, 1.4, generator)
+    saturation = _uniform(n, 0.8, 1.2, generator)
+    hue = _uniform(n, -0.1, 0.1, generator)
+    gray = _bernoulli(full(grayscale), generator)
+    blur_on = _bernoulli(blur, generator)
+    sigma = _uniform(n, 0.1, 2.0, generator)
+    solarize_on = _bernoulli(solarize, generator)
+    # Tellez et al. (2018) style: concentration * U(1-s, 1+s) + U(-s, s), per stain
+    hed_scale = _uniform((n, 3), 1 - hed_jitter, 1 + hed_jitter, generator)
+    hed_shift = _uniform((n, 3), -hed_jitter, hed_jitter, generator)
+    f32 = lambda t: t.to(torch.float32)
+    return CropParams(src, box, hflip, vflip, rot90, jitter, f32(brightness), f32(contrast), f32(saturation),
+                      f32(hue), gray, blur_on, f32(sigma), solarize_on, f32(hed_scale), f32(hed_shift))
+
+
+# ---------------------------------------------------------------- ops on batches of crops
+
+
+def resized_crops(tiles: torch.Tensor, src: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, size, size) uint8: box i of tiles[src[i]], resized with antialiased bicubic (PIL's filter).
+
+    Crops differ in size, so each is resized by its own call; the CPU has a fast uint8 kernel for
+    this, other devices resize in float32 and round back to uint8 so both give the same values
+    up to rounding.
+    """
+    on_cpu = tiles.device.type == "cpu"
+    crops = []
+    for i, (top, left, h, w) in zip(src.tolist(), box.tolist()):
+        crop = tiles[i : i + 1, :, top : top + h, left : left + w]  # (1, 3, h, w) view
+        crop = crop if on_cpu else crop.float()
+        crops.append(F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
+    x = torch.cat(crops)
+    return x if on_cpu else x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *params: torch.Tensor) -> torch.Tensor:
+    """x[mask] = fn(x[mask], *(p[mask] for p in params)), computing fn only where mask (CPU bool (n,)) is set."""
+    if not mask.any():
+        return x
+    if mask.all():
+        return fn(x, *(p.to(x.device) for p in params))
+    idx = mask.nonzero().squeeze(1)
+    idx_dev = idx.to(x.device)
+    x[idx_dev] = fn(x[idx_dev], *(p[idx].to(x.device) for p in params))
+    return x
+
+
+def dihedral(x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot90: torch.Tensor) -> torch.Tensor:
+    """Flip left-right, then top-bottom, then turn rot90 quarter turns; square crops (n, C, S, S)."""
+    x = _on_subset(x, hflip, lambda y: y.flip(-1))
+    x = _on_subset(x, vflip, lambda y: y.flip(-2))
+    for k in (1, 2, 3):
+        x = _on_subset(x, rot90 == k, lambda y, k=k: torch.rot90(y, k, dims=(-2, -1)))
+    return x
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 1, H, W) luma."""
+    r, g, b = x.unbind(1)
+    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
+    """factor * x + (1 - factor) * other, clamped to [0, 1]; factor (n,), in place on x."""
+    f = factor.view(-1, 1, 1, 1)
+    return x.mul_(f).add_(other * (1 - f)).clamp_(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x.mul_(factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend towards the image's mean luma (one number per image)."""
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend towards the per-pixel luma."""
+    return _blend(x, grayscale(x), factor)
+
+
+def _step(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x >= 0, else 0.0, for x in [-1, 1).
+
+    Float arithmetic on purpose: comparisons and torch.where run 10-50x slower than floor on the
+    CPU (bool tensors are not vectorised there).
+    """
+    return x.floor().add_(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by shift (n,) turns; value (max) and chroma (max - min) are kept.
+
+    Uses the closed-form HSV -> RGB: channel = max - chroma * clamp(min(k, 4 - k), 0, 1), with
+    k = (n + 6 * hue) mod 6 and n = 5, 3, 1 for R, G, B.
+    """
+    r, g, b = x.unbind(1)  # each (n, H, W)
+    maxc = x.amax(dim=1)
+    chroma = maxc - x.amin(dim=1)
+    # which channel holds the max, with torchvision's tie order (red, then green, then blue)
+    is_r = _step(r - maxc)
+    is_g = _step(g - maxc).mul_(1 - is_r)
+    is_b = 1 - is_r - is_g
+    # hue in sixths of a turn, times chroma; grey pixels (chroma 0) get hue 0, any hue gives them back
+    h6 = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
+    h6 = h6.div_(chroma.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1)).unsqueeze(1)  # (n, 1, H, W)
+    n_rgb = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = h6 + n_rgb  # (n, 3, H, W)
+    k = k.sub_(k.div(6).floor_().mul_(6))  # mod 6, without the slow torch.remainder
+    t = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), t, value=-1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter with per-image factors (n,), in a fixed order."""
+    x = adjust_brightness(x, brightness)
+    x = adjust_contrast(x, contrast)
+    x = adjust_saturation(x, saturation)
+    return adjust_hue(x, hue)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image (n,), reflect padding, as torchvision's."""
+    n, c, h, w = x.shape
+    r = kernel_size // 2
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, K)
+    # every (image, channel) plane is its own conv group, so each image gets its own kernel
+    y = F.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """Invert values >= 128/255, as torchvision's RandomSolarize(threshold=128) on 8-bit images."""
+    return torch.lerp(x, 1 - x, _step(x - 128 / 255))
+
+
+def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Colour-deconvolve into H, E, DAB concentrations, scale (n, 3) and shift (n, 3) them, back to RGB.
+
+    Deconvolution, jitter and reconvolution are linear in optical density, so they fold into one
+    3x3 matrix and offset per image: od' = M_i od + b_i.
+    """
+    n, _, h, w = x.shape
+    hed_from_rgb = HED_FROM_RGB.to(x.device, x.dtype)
+    rgb_from_hed = RGB_FROM_HED.to(x.device, x.dtype)
+    # row-vector convention: od' = (od @ A * scale + shift) @ R, A = HED_FROM_RGB, R = RGB_FROM_HED
+    m = hed_from_rgb @ torch.diag_embed(scale) @ rgb_from_hed  # (n, 3, 3)
+    b = shift @ rgb_from_hed  # (n, 3)
+    od = -torch.log10(x.clamp(min=1 / 255)).reshape(n, 3, h * w)  # 8-bit floor keeps od <= 2.4
+    od = torch.baddbmm(b.unsqueeze(2), m.transpose(1, 2), od)  # (n, 3, h*w)
+    return torch.pow(10.0, -od).clamp_(0, 1).view(n, 3, h, w)
+
+
+# ---------------------------------------------------------------- the multi-crop transform
+
+
+class MultiCrop:
+    """DINOv2 multi-crop: 2 global and n_local local crops of every tile, augmented in batches."""
+
+    def __init__(self, *, global_size=224, local_size=96, n_local=8, global_scale=(0.32, 1.0),
+                 local_scale=(0.05, 0.32), color_jitter=0.8, grayscale=0.2, blur_global=1.0,
+                 blur_local=0.5, solarize=0.2, hed_jitter=0.0, mean=(0.5,) * 3, std=(0.5,) * 3):
+        for name, (lo, hi) in {"global_scale": global_scale, "local_scale": local_scale}.items():
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"MultiCrop {name}={(lo, hi)}: need 0 < min <= max <= 1")
+        for name, p in {"color_jitter": color_jitter, "grayscale": grayscale, "blur_global": blur_global,
+                        "blur_local": blur_local, "solarize": solarize}.items():
+            if not 0 <= p <= 1:
+                raise ValueError(f"MultiCrop {name}={p}: a probability must be in [0, 1]")
+        if not 0 <= hed_jitter < 1:
+            raise ValueError(f"MultiCrop hed_jitter={hed_jitter}: need 0 <= hed_jitter < 1 (0 = off)")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"MultiCrop mean={tuple(mean)} std={tuple(std)}: need 3 values each, std > 0")
+        if global_size <= 0 or local_size <= 0 or n_local < 0:
+            raise ValueError(f"MultiCrop sizes {global_size}, {local_size}, n_local={n_local}: need sizes > 0, n_local >= 0")
+        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.color_jitter, self.grayscale = color_jitter, grayscale
+        self.blur_global, self.blur_local, self.solarize = blur_global, blur_local, solarize
+        self.hed_jitter = hed_jitter
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def sample_params(self, batch_size: int, height: int, width: int, generator) -> tuple[CropParams, CropParams]:
+        """Parameters of the 2*B global and n_local*B local crops, crop-major (index = crop * B + image)."""
+        b = batch_size
+        common = dict(color_jitter=self.color_jitter, grayscale=self.grayscale, hed_jitter=self.hed_jitter,
+                      generator=generator)
+        # DINOv2: global crop 1 always blurred (blur_global), crop 2 rarely blurred but maybe solarised
+        g_blur = torch.cat([torch.full((b,), self.blur_global), torch.full((b,), SECOND_GLOBAL_BLUR)]).double()
+        g_solarize = torch.cat([torch.zeros(b), torch.full((b,), self.solarize)]).double()
+        g = sample_crop_params(torch.arange(b).repeat(2), height, width, self.global_scale,
+                               blur=g_blur, solarize=g_solarize, **common)
+        n = self.n_local * b
+        loc = sample_crop_params(torch.arange(b).repeat(self.n_local), height, width, self.local_scale,
+                                 blur=torch.full((n,), float(self.blur_local), dtype=torch.float64),
+                                 solarize=torch.zeros(n, dtype=torch.float64), **common)
+        return g, loc
+
+    def render(self, tiles: torch.Tensor, params: CropParams, size: int) -> torch.Tensor:
+        """Apply params to tiles: (n, 3, size, size) float32, normalised, on the tiles' device."""
+        out = torch.empty(len(params), 3, size, size, device=tiles.device)
+        chunk = CPU_CHUNK if tiles.device.type == "cpu" else max(len(params), 1)
+        mean = torch.tensor(self.mean, device=tiles.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=tiles.device).view(1, 3, 1, 1)
+        for start in range(0, len(params), chunk):
+            p = params[start : start + chunk]
+            x = resized_crops(tiles, p.src, p.box, size)  # (c, 3, S, S) uint8
+            x = dihedral(x, p.hflip, p.vflip, p.rot90)
+            x = x.float().div_(255)
+            if self.hed_jitter > 0:
+                x = hed_jitter(x, p.hed_scale.to(x.device), p.hed_shift.to(x.device))
+            x = _on_subset(x, p.jitter, color_jitter, p.brightness, p.contrast, p.saturation, p.hue)
+            x = _on_subset(x, p.gray, lambda y: grayscale(y).repeat(1, 3, 1, 1))
+            x = _on_subset(x, p.blur, gaussian_blur, p.sigma)
+            x = _on_subset(x, p.solarize, solarize)
+            out[start : start + len(p)] = x.sub_(mean).div_(std)
+        return out
+
+    def apply(self, tiles: torch.Tensor, params: tuple[CropParams, CropParams]) -> dict:
+        if tiles.dtype != torch.uint8 or tiles.dim() != 4 or tiles.shape[1] != 3:
+            raise ValueError(f"MultiCrop tiles: got {tiles.dtype} of shape {tuple(tiles.shape)}, "
+                             "need uint8 of shape (B, 3, H, W)")
+        g, loc = params
+        return {"global_crops": self.render(tiles, g, self.global_size),
+                "local_crops": self.render(tiles, loc, self.local_size)}
+
+    def __call__(self, tiles: torch.Tensor, generator: torch.Generator) -> dict:
+        """tiles uint8 (B, 3, T, T) on any device; generator a CPU torch.Generator.
+
+        Returns {"global_crops": (2*B, 3, G, G), "local_crops": (n_local*B, 3, L, L)} float32,
+        crop-major: global_crops.view(2, B, 3, G, G)[k] is crop k of every tile.
+        """
+        return self.apply(tiles, self.sample_params(tiles.shape[0], tiles.shape[2], tiles.shape[3], generator))
