@@ -180,6 +180,16 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x, attn_bias=None):
+        """x: (B, N, D) tokens, or a list of them (crops of several sizes).
+
+        A list runs through this block in one call, so FSDP gathers the block's weights once per step,
+        not once per crop size.
+        """
+        if isinstance(x, (list, tuple)):
+            return [self._forward(t, None) for t in x]
+        return self._forward(x, attn_bias)
+
+    def _forward(self, x, attn_bias):
         # With a packed sequence (attn_bias given, x is (1, total tokens, D)) stochastic depth would need the
         # sample boundaries; the packed path is used for inference-speed and xformers only, so it skips it.
         rate = self.drop_path if attn_bias is None else 0.0
@@ -211,7 +221,7 @@ class VisionTransformer(nn.Module):
         rates = [args.drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(dim, heads, args.ffn, args.layerscale, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = 0
         self.init_weights()
 
     @torch.no_grad()
@@ -240,8 +250,9 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "reg_token", "pos_embed", "mask_token"}
 
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | int = True):
+        """Recompute blocks in backward: True or 1 = every block, 2 = every second block, 0 = off."""
+        self.grad_checkpointing = int(enable)
 
     def set_attn_backend(self, backend: str):
         for blk in self.blocks:
@@ -276,9 +287,9 @@ class VisionTransformer(nn.Module):
         parts = [cls] + ([self.reg_token.expand(B, -1, -1)] if self.reg_token is not None else []) + [x + patch_pos]
         return torch.cat(parts, dim=1)
 
-    def _run_blocks(self, x, attn_bias=None, blocks=None):
-        for blk in blocks if blocks is not None else self.blocks:
-            if self.grad_checkpointing and self.training:
+    def _run_blocks(self, x, attn_bias=None):
+        for i, blk in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and i % self.grad_checkpointing == 0:
                 x = checkpoint(blk, x, attn_bias, use_reentrant=False)
             else:
                 x = blk(x, attn_bias)
@@ -302,7 +313,7 @@ class VisionTransformer(nn.Module):
             bias, packed = fmha.BlockDiagonalMask.from_tensor_list(tokens)  # packed: (1, sum B_i N_i, D)
             out = bias.split(self.norm(self._run_blocks(packed, bias)))
             return list(out)
-        return [self.norm(self._run_blocks(t)) for t in tokens]
+        return [self.norm(t) for t in self._run_blocks(tokens)]
 
     def forward(self, x):
         """CLS embedding (B, D): what timm's model with num_classes=0 returns."""

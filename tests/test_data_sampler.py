@@ -110,7 +110,6 @@ def test_transform_gets_a_step_seeded_generator(prepared):
 def test_magnification_mix_and_group_balance(prepared):
     three = prepared + [prepared[0]]  # groups a, b, a: by weight b gets 1/3, balanced 1/2
     rng = np.random.default_rng(0)
-    draws = [dataset(three).draw(rng) for _ in range(1)]  # warm the position cache
     ds = dataset(three)
     draws = [ds.draw(rng) for _ in range(3000)]
     mpps = Counter(d[1] for d in draws)

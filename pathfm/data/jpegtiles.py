@@ -91,7 +91,7 @@ class JpegTiffReader:
             raise OSError(f"{self.path}: level {level} tile ({col}, {row}): {e}") from None
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 region whose top-left is (x, y) in this level's pixels.
+        """(h, w, 3) uint8 region (possibly a strided view) whose top-left is (x, y) in level pixels.
 
         The region must lie inside the level. One stored tile is decoded when it fits in one.
         """
@@ -104,7 +104,7 @@ class JpegTiffReader:
         if c0 == c1 and r0 == r1:  # the grid-aligned case: no copy into a mosaic
             tile = self.decode_tile(level, c0, r0)
             ox, oy = x - c0 * lv.tile_w, y - r0 * lv.tile_h
-            return np.ascontiguousarray(tile[oy:oy + h, ox:ox + w])
+            return tile[oy:oy + h, ox:ox + w]  # a view: the caller's np.stack copies it once
         out = np.empty((h, w, 3), np.uint8)
         for row in range(r0, r1 + 1):
             for col in range(c0, c1 + 1):

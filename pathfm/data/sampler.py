@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FAILURES_TO_DROP = 3  # read errors after which a worker stops using a slide
 HSV_TRIES = 8  # draws per sample before a tile failing the colour filter is kept anyway
 OPENSLIDE_CACHE_BYTES = 64 << 20  # one cache per worker process, shared by all its handles
+READERS = ("auto", "openslide", "jpeg")  # auto: the JPEG fast path where the file allows it
 MAX_OPEN_HANDLES = 64  # per worker: a 10k-slide manifest must not hold 10k open files
 
 
@@ -134,8 +135,8 @@ class TileReader:
     """
 
     def __init__(self, reader: str = "auto"):
-        if reader not in ("auto", "openslide", "jpeg"):
-            raise ValueError(f"reader={reader!r}: expected auto, openslide or jpeg")
+        if reader not in READERS:
+            raise ValueError(f"reader={reader!r}: expected one of {READERS}")
         self.reader = reader
         self.cache = openslide.OpenSlideCache(OPENSLIDE_CACHE_BYTES)
         self.handles: OrderedDict[str, object] = OrderedDict()
@@ -188,12 +189,13 @@ class TileReader:
             self.forget(slide)
             raise
         if r != size:  # the remainder between the level's mpp and the target (antialiased)
-            region = np.asarray(Image.fromarray(region).resize((size, size), Image.BILINEAR))
+            region = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((size, size), Image.BILINEAR))
         return region
 
 
 class SlideTileDataset(torch.utils.data.IterableDataset):
-    """Yields {"step", "tiles": uint8 (B, 3, T, T) or transform(tiles, generator), "skipped",
+    """Yields {"step", "tiles": uint8 (B, 3, T, T) (channels_last strides) or transform(tiles, generator),
+    "skipped": read failures so far in this worker,
     "locations": [(slide index, mpp, x, y)]}; use with DataLoader(batch_size=None)."""
 
     def __init__(self, slides: list[PreparedSlide], *, batch_size: int, tile_size: int, mpps: list[float],
@@ -210,7 +212,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self.start_step, self.reader_kind, self.grid_aligned = start_step, reader, grid_aligned
         self.hsv = HSVFilter() if hsv_filter else None
         self.group_balance, self.transform = group_balance, transform
-        TileReader(reader)  # validate the reader name here, in the main process
+        if reader not in READERS:
+            raise ValueError(f"reader={reader!r}: expected one of {READERS}")
         self._reset_worker_state()
 
     def _reset_worker_state(self) -> None:
@@ -218,6 +221,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self.skipped = 0
         self.failures = [0] * len(self.slides)
         self.alive = np.ones(len(self.slides), bool)
+        self._slide_cumulative = None
+        self._mpp_cumulatives = {}
         self._positions: OrderedDict[tuple[int, float], tuple[np.ndarray, int]] = OrderedDict()
 
     def __iter__(self):
@@ -251,7 +256,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             if tile is not None:
                 tiles.append(tile)
                 locations.append((index, mpp, x, y))
-        batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()  # (B, 3, T, T)
+        # (B, 3, T, T) as a view of (B, T, T, 3): torch's channels_last layout, no transposing copy
+        batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
         if self.transform is not None:
             generator = torch.Generator().manual_seed(
                 int(np.random.SeedSequence([self.seed, self.rank, step, 1]).generate_state(1, np.uint64)[0]))
@@ -265,6 +271,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                     self.slides[index].info.path, error)
         if self.failures[index] >= FAILURES_TO_DROP:
             self.alive[index] = False
+            self._slide_cumulative = None
             log.warning("dropping %s in this worker after %d read errors", self.slides[index].info.path,
                         FAILURES_TO_DROP)
             if not self.alive.any():
@@ -274,10 +281,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         """(slide index, target mpp, x, y): level-0 top-left, aligned to the read level."""
         index = self._draw_slide(rng)
         slide = self.slides[index]
-        weights = np.array([self.mpp_weight.get(m, 0.0) for m in slide.mpps])
-        if weights.sum() <= 0:  # the slide serves none of the weighted mpps: uniform over its own
-            weights = np.ones(len(slide.mpps))
-        mpp = slide.mpps[rng.choice(len(slide.mpps), p=weights / weights.sum())]
+        mpp = slide.mpps[_pick(self._mpp_cumulative(index), rng)]
         positions, grid_w = self._valid(index, mpp)
         cell = positions[rng.integers(len(positions))]
         # a uniform point inside the chosen mask cell, in level-0 pixels
@@ -300,16 +304,24 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         return lx, ly
 
     def _draw_slide(self, rng: np.random.Generator) -> int:
-        alive = np.flatnonzero(self.alive)
-        weights = np.array([self.slides[i].weight for i in alive], float)
-        if self.group_balance:
-            # every group gets the same share, split inside it by slide weight
-            groups = [self.slides[i].group for i in alive]
-            totals = {g: 0.0 for g in groups}
-            for g, w in zip(groups, weights):
-                totals[g] += w
-            weights = np.array([w / totals[g] for g, w in zip(groups, weights)])
-        return int(alive[rng.choice(len(alive), p=weights / weights.sum())])
+        if self._slide_cumulative is None:  # first draw, or a slide was dropped
+            weights = np.array([s.weight for s in self.slides], float) * self.alive
+            if self.group_balance:
+                # every group gets the same share, split inside it by slide weight
+                totals = {}
+                for s, w in zip(self.slides, weights):
+                    totals[s.group] = totals.get(s.group, 0.0) + w
+                weights = np.array([w / totals[s.group] if w else 0.0 for s, w in zip(self.slides, weights)])
+            self._slide_cumulative = np.cumsum(weights)
+        return _pick(self._slide_cumulative, rng)
+
+    def _mpp_cumulative(self, index: int) -> np.ndarray:
+        if index not in self._mpp_cumulatives:
+            weights = np.array([self.mpp_weight.get(m, 0.0) for m in self.slides[index].mpps])
+            if weights.sum() <= 0:  # the slide serves none of the weighted mpps: uniform over its own
+                weights = np.ones(len(weights))
+            self._mpp_cumulatives[index] = np.cumsum(weights)
+        return self._mpp_cumulatives[index]
 
     def _valid(self, index: int, mpp: float) -> tuple[np.ndarray, int]:
         """Valid top-left mask cells of (slide, mpp), listed once and kept in a bounded LRU."""
@@ -323,6 +335,11 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         if len(self._positions) > 256:
             self._positions.popitem(last=False)
         return self._positions[key]
+
+
+def _pick(cumulative: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn with probability proportional to its weight, given the cumulative weights."""
+    return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
 
 
 def _snap(start: int, tile: int, region: int, limit: int) -> int:

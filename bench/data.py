@@ -1,0 +1,196 @@
+"""Data pipeline throughput on a synthetic 40000 x 40000 JPEG slide (CPU), one table per run.
+
+    python bench/data.py [--size 40000] [--seconds 5] [--batch 32]
+
+Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread each):
+  raw decode      stored 256 px JPEG tiles at sampled tissue positions, bytes in memory,
+                  simplejpeg: the limit for any reader
+  openslide 224/256  OpenSlide read_region of random tissue regions at level 0
+  pathfm tiles    SlideTileDataset batches, JPEG fast path, grid-aligned, 224 px at 0.5 µm/px
+  pathfm tiles mix   the same, magnification mix 0.5/1/2 µm/px, unaligned (auto reader)
+  full samples    pathfm tiles (mix) + MultiCrop (2 x 224 + 8 x 96) [+ iBOT masks]
+  baseline        OpenSlide read + torchvision/PIL DINOv2-style multi-crop, one sample at a time
+The slide is written once to .cache/pathfm/bench and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pathfm.data.jpegtiles import JpegTiffReader  # noqa: E402
+from pathfm.data.sampler import SlideTileDataset, prepare_slides  # noqa: E402
+from pathfm.data.slides import SlideEntry  # noqa: E402
+from pathfm.data.synthetic import write_synthetic_slide  # noqa: E402
+
+MIX = [0.5, 1.0, 2.0]
+STATE = {}  # filled in main() before the fork: prepared slides and arguments
+
+
+def rate(fn, seconds: float) -> float:
+    """Items per second of fn() (which returns how many items it made), after one warm-up call."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        n += fn()
+    return n / (time.perf_counter() - start)
+
+
+def tile_dataset(**kw):
+    args = dict(batch_size=STATE["batch"], tile_size=224, mpps=MIX, mpp_weights=None,
+                tissue_threshold=0.4, seed=os.getpid(), rank=0, world_size=1)
+    return SlideTileDataset(STATE["slides"], **{**args, **kw})
+
+
+def bench_raw_decode(seconds):
+    import simplejpeg
+    ds = tile_dataset(mpps=[0.5], grid_aligned=True)
+    reader = JpegTiffReader(str(STATE["path"]), STATE["slides"][0].info.dimensions)
+    rng = np.random.default_rng(os.getpid())
+    blobs = []
+    for _ in range(256):  # the stored tiles pathfm would decode, read into memory once
+        _, _, x, y = ds.draw(rng)
+        blobs.append(reader.tile_bytes(0, x // 256, y // 256))
+    it = iter(range(1 << 62))
+    return rate(lambda: simplejpeg.decode_jpeg(blobs[next(it) % len(blobs)]) is not None, seconds)
+
+
+def bench_openslide(size):
+    def run(seconds):
+        import openslide
+        slide = openslide.OpenSlide(str(STATE["path"]))
+        ds, rng = tile_dataset(mpps=[0.5]), np.random.default_rng(os.getpid())
+
+        def one():
+            _, _, x, y = ds.draw(rng)
+            np.asarray(slide.read_region((x, y), 0, (size, size)))[..., :3].copy()
+            return 1
+        return rate(one, seconds)
+    return run
+
+
+def bench_pathfm(**kw):
+    def run(seconds):
+        ds, step = tile_dataset(**kw), iter(range(1 << 62))
+        return rate(lambda: len(ds.batch(next(step))["tiles"]), seconds)
+    return run
+
+
+def multicrop_transform():
+    from pathfm.data.augment import MultiCrop
+    crops = MultiCrop()
+    try:
+        from pathfm.data.masking import MaskGenerator  # iBOT masks, when the module exists
+        masks = MaskGenerator()
+    except ImportError:
+        masks = None
+
+    def transform(tiles, generator):
+        out = crops(tiles, generator)
+        if masks is not None:
+            out["masks"] = masks(len(out["global_crops"]), generator)
+        return out
+    return transform
+
+
+def bench_full(seconds):
+    ds, step = tile_dataset(transform=multicrop_transform()), iter(range(1 << 62))
+    return rate(lambda: len(ds.batch(next(step))["tiles"]["global_crops"]) // 2, seconds)
+
+
+def torchvision_multicrop():
+    """DINOv2's reference augmentation written with torchvision transforms on PIL images."""
+    from torchvision import transforms as T
+    jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
+    norm = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    blur = lambda p: T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=p)
+    flip_color = [T.RandomHorizontalFlip(), jitter, T.RandomGrayscale(0.2)]
+    crop = lambda size, scale: T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
+    g1 = T.Compose([crop(224, (0.32, 1.0)), *flip_color, blur(1.0), norm])
+    g2 = T.Compose([crop(224, (0.32, 1.0)), *flip_color, blur(0.1), T.RandomSolarize(128, p=0.2), norm])
+    loc = T.Compose([crop(96, (0.05, 0.32)), *flip_color, blur(0.5), norm])
+    return lambda img: ([g1(img), g2(img)], [loc(img) for _ in range(8)])
+
+
+def bench_baseline(seconds):
+    import openslide
+    from PIL import Image
+    slide = openslide.OpenSlide(str(STATE["path"]))
+    ds, rng, augment = tile_dataset(), np.random.default_rng(os.getpid()), torchvision_multicrop()
+
+    def one():
+        index, mpp, x, y = ds.draw(rng)
+        plan = STATE["slides"][index].plans[mpp]
+        img = slide.read_region((x, y), plan.level, (plan.region, plan.region)).convert("RGB")
+        augment(img.resize((224, 224), Image.BILINEAR))
+        return 1
+    return rate(one, seconds)
+
+
+def _worker(args):
+    row, seconds = args  # the row's function is found in the forked copy of STATE (closures do not pickle)
+    torch.set_num_threads(1)
+    return STATE["rows"][row][2](seconds)
+
+
+def measure(row, seconds):
+    """(rate in this process, summed rate of 2 processes running at once)."""
+    torch.set_num_threads(1)
+    single = STATE["rows"][row][2](seconds)
+    with mp.get_context("fork").Pool(2) as pool:
+        double = sum(pool.map(_worker, [(row, seconds)] * 2))
+    return single, double
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=40000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--cache", default=".cache/pathfm/bench")
+    args = parser.parse_args()
+    path = Path(args.cache) / f"synthetic-{args.size}.svs"
+    if not path.exists():
+        start = time.perf_counter()
+        write_synthetic_slide(path, args.size, seed=0)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
+    slides, _ = prepare_slides([SlideEntry(str(path))], cache_dir=args.cache, tissue_threshold=0.4,
+                               tile_size=224, mpps=MIX)
+    STATE.update(slides=slides, path=path, batch=args.batch)
+    rows = [("raw JPEG decode (256 px stored tiles)", "tiles/s", bench_raw_decode),
+            ("OpenSlide read_region 224 px", "regions/s", bench_openslide(224)),
+            ("OpenSlide read_region 256 px", "regions/s", bench_openslide(256)),
+            ("pathfm tiles, 0.5 µm/px grid-aligned (jpeg)", "tiles/s", bench_pathfm(mpps=[0.5], grid_aligned=True)),
+            ("pathfm tiles, mix 0.5/1/2 µm/px (auto)", "tiles/s", bench_pathfm()),
+            ("full samples: pathfm mix + MultiCrop", "samples/s", bench_full),
+            ("baseline: OpenSlide + torchvision multi-crop", "samples/s", bench_baseline)]
+    STATE["rows"] = rows
+    results = {}
+    print(f"\n| {args.size} px synthetic slide, {os.cpu_count()} CPUs | unit | 1 process | 2 processes |")
+    print("|---|---|---|---|")
+    for row, (name, unit, _) in enumerate(rows):
+        try:
+            results[name] = measure(row, args.seconds)
+        except ImportError as e:  # MultiCrop not written yet
+            print(f"| {name} | {unit} | skipped: {e} | |")
+            continue
+        print(f"| {name} | {unit} | {results[name][0]:.0f} | {results[name][1]:.0f} |", flush=True)
+    names = [r[0] for r in rows]
+    if names[3] in results:
+        print(f"\npathfm tiles / raw decode limit: {results[names[3]][0] / results[names[0]][0]:.2f} "
+              f"(1 process), {results[names[3]][1] / results[names[0]][1]:.2f} (2 processes)")
+    if names[5] in results:
+        print(f"full samples / baseline: {results[names[5]][0] / results[names[6]][0]:.2f} (1 process), "
+              f"{results[names[5]][1] / results[names[6]][1]:.2f} (2 processes)")
+
+
+if __name__ == "__main__":
+    main()

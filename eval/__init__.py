@@ -1,0 +1,1 @@
+"""Evaluation of pathfm backbones: embeddings, kNN and linear probes, label-free metrics, reports."""

@@ -1,0 +1,121 @@
+"""Command-line plumbing shared by the eval scripts: model arguments, embeddings, the results folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from eval.extract import MAX_BAD_FRACTION, cached_or_extract, load_split
+
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of --ckpt / --timm)")
+    g.add_argument("--ckpt", help="pathfm checkpoint step folder, checkpoints/last, run folder or export folder")
+    g.add_argument("--timm", metavar="NAME", help="a timm architecture as baseline (random init without --weights)")
+    g.add_argument("--weights", help="local weights file for --timm")
+    g.add_argument("--embedding", default="cls", help="cls (eva default), cls_mean (Midnight), lastN (e.g. last4)")
+    g.add_argument("--img-size", type=int, default=224, help="centre crop size (eva: 224)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for image decoding")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--max-bad", type=float, default=MAX_BAD_FRACTION, help="unreadable-image share that is an error")
+
+
+def backbone_from_args(args):
+    from eval.backbone import load_eval_backbone
+
+    return load_eval_backbone(args.ckpt, args.timm, args.weights)
+
+
+def extract_kwargs(args) -> dict:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, img_size=args.img_size,
+                max_bad=args.max_bad)
+
+
+def embeddings_for(args, splits: dict[str, str | None], out_folder) -> dict:
+    """{split: embeddings dict} for the splits given on the command line ({"train": spec, ...}), extracted with
+    the model of --ckpt / --timm into `out_folder`, or read from --embeddings when no model is given."""
+    wanted = {s: spec for s, spec in splits.items() if spec}
+    if args.ckpt is None and args.timm is None:
+        if not args.embeddings:
+            raise SystemExit("give a model (--ckpt or --timm) with datasets, or --embeddings DIR from eval/extract.py")
+        present = [s for s in splits if s in ("train", "test") or (Path(args.embeddings) / f"{s}.pt").is_file()]
+        return {s: load_split(args.embeddings, s) for s in present}
+    if not wanted.get("train"):
+        raise SystemExit("--train DATASET is needed with a model")
+    backbone = backbone_from_args(args)
+    folder = args.embeddings or out_folder
+    out, classes = {}, None
+    for split, spec in wanted.items():
+        out[split] = cached_or_extract(backbone, spec, split, folder, args.embedding, classes=classes,
+                                       overwrite=args.overwrite, **extract_kwargs(args))
+        classes = classes or out[split]["classes"]  # test / val folders take the train set's label order
+    return out
+
+
+
+def add_data_args(p: argparse.ArgumentParser, val: bool) -> None:
+    g = p.add_argument_group("data (KIND:ROOT[:SPLIT] with KIND in folder, csv, crc, bach, mhist, pcam, breakhis)")
+    g.add_argument("--train", help="training set, e.g. crc:/data/crc:train or an image folder")
+    if val:
+        g.add_argument("--val", help="validation set for early stopping / choosing the lr (eva: the test set when absent)")
+    g.add_argument("--test", help="evaluation set, e.g. crc:/data/crc:val")
+    g.add_argument("--embeddings", help="folder of cached embeddings: reused without a model, written to with one")
+    g.add_argument("--task", help="task name in results and reports (default: from --train)")
+    g.add_argument("--out", help="results folder (default: <run>/eval/<checkpoint>/<task>/<protocol>)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing results / embeddings of another model")
+
+
+def task_name(args) -> str:
+    if args.task:
+        return args.task
+    spec = args.train or ""
+    kind = spec.split(":", 1)[0]
+    if kind in ("crc", "bach", "mhist", "pcam", "breakhis"):
+        return kind
+    if args.embeddings and not spec:
+        return Path(args.embeddings.rstrip("/")).name
+    return Path(spec.split(":")[0] if kind != "csv" else spec.split(":")[1]).stem or "task"
+
+
+def default_out(args, protocol: str) -> Path:
+    """runs/<run>/eval/<checkpoint leaf>/<task>/<protocol> for pathfm checkpoints, eval_results/... otherwise."""
+    task = task_name(args)
+    if args.ckpt:
+        ckpt = Path(args.ckpt.rstrip("/"))
+        parts = ckpt.parts
+        run = Path(*parts[: parts.index("checkpoints")]) if "checkpoints" in parts else (
+            ckpt.parent if ckpt.name == "export" else ckpt)
+        return run / "eval" / ckpt.name / task / protocol
+    name = args.timm if args.timm else Path(args.embeddings.rstrip("/")).name
+    return Path("eval_results") / name / task / protocol
+
+
+def prepare_out(args, protocol: str) -> Path:
+    """The results folder; an existing results.json there is an error unless --overwrite."""
+    out = Path(args.out) if args.out else default_out(args, protocol)
+    if (out / "results.json").exists() and not args.overwrite:
+        raise SystemExit(f"{out}/results.json exists; pass --overwrite to replace it or --out to write elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_results(out: Path, results: dict, table: str) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"results -> {out}/results.json")
+
+
+def markdown_table(metrics: dict, title: str) -> str:
+    """{split: {metric: {"mean", "stdev"}}} -> a Markdown table (rows: split/metric)."""
+    lines = [f"### {title}", "", "| split | metric | mean | stdev |", "|---|---|---:|---:|"]
+    for split, values in metrics.items():
+        for name, v in values.items():
+            lines.append(f"| {split} | {name} | {v['mean']:.4f} | {v['stdev']:.4f} |")
+    return "\n".join(lines)

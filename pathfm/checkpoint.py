@@ -1,0 +1,172 @@
+"""Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable on another number of ranks.
+
+    checkpoints/step_0000500/   .metadata + shards, meta.json, rng_rank{r}.pt
+    checkpoints/last            text file naming the last complete step folder
+
+A step folder is written as `step_XXXXXXX.tmp` and renamed once every rank has finished, so a
+killed write leaves the previous checkpoint as the last complete one. An existing step folder is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from pathfm.vit import ViTArgs, build_vit
+
+# DCP warns on every call without a process group; a single process is a supported case here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The last complete checkpoint: the `last` pointer, else the newest complete step folder."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / "last"
+    if pointer.is_file():
+        cand = ckpt_dir / pointer.read_text().strip()
+        if (cand / "meta.json").is_file():
+            return cand
+    steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").is_file())
+    return steps[-1] if steps else None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _app_state(student, teacher, optimizer, loss_state) -> dict:
+    return {
+        "student": get_model_state_dict(student),
+        "teacher": get_model_state_dict(teacher),
+        "optimizer": get_optimizer_state_dict(student, optimizer),
+        "loss": loss_state.state_dict(),
+    }
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimizer, loss_state, meta: dict,
+                    rank: int = 0, keep_last: int = 3) -> Path:
+    """Save on every rank (collective). Returns the step folder."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / step_name(step)
+    if final.exists():  # already saved at this step (e.g. a signal right after a periodic save)
+        return final
+    tmp = ckpt_dir / (step_name(step) + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed write
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
+        tmp.rename(final)
+        pointer_tmp = ckpt_dir / "last.tmp"
+        pointer_tmp.write_text(final.name + "\n")
+        pointer_tmp.replace(ckpt_dir / "last")
+        old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in old[: max(len(old) - keep_last, 0)]:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state, rank: int = 0) -> dict:
+    """Restore everything saved by `save_checkpoint` (any number of ranks); returns meta.json."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    state = _app_state(student, teacher, optimizer, loss_state)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(student, state["student"])
+    set_model_state_dict(teacher, state["teacher"])
+    set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    loss_state.load_state_dict(state["loss"])
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:  # resumed on more ranks than were saved: a fresh, deterministic stream for the new ranks
+        torch.manual_seed(meta["step"] * 1000 + rank)
+    return meta
+
+
+def load_weights(path: str | Path, *, student, teacher) -> dict:
+    """Model weights only (no optimizer, step or RNG): the start of a post-training run."""
+    path = resolve_checkpoint(path)
+    state = {"student": get_model_state_dict(student), "teacher": get_model_state_dict(teacher)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(student, state["student"])
+    set_model_state_dict(teacher, state["teacher"])
+    return json.loads((path / "meta.json").read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder, a `last` pointer, a checkpoints folder or a run folder -> the step folder."""
+    path = Path(path)
+    if path.is_file() and path.name == "last":
+        return resolve_checkpoint(path.parent / path.read_text().strip())
+    if (path / "meta.json").is_file() and (path / ".metadata").is_file():
+        return path
+    for folder in (path, path / "checkpoints"):
+        found = latest_checkpoint(folder) if folder.is_dir() else None
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no complete pathfm checkpoint at '{path}' (expected a step folder with meta.json, "
+                            "a checkpoints/last pointer, or a run folder)")
+
+
+def load_teacher_backbone(path: str | Path):
+    """(teacher ViT in eval mode, meta) from a checkpoint, run folder or export folder; no process group.
+
+    The model is rebuilt from what the checkpoint records (meta.json's vit_args, or the export sidecar).
+    """
+    path = Path(path)
+    if (path / "model.json").is_file() and (path / "model.pth").is_file():  # an export folder
+        meta = json.loads((path / "model.json").read_text())
+        vit = build_vit(ViTArgs(**meta["pathfm_args"]))
+        from pathfm.export import load_backbone
+
+        load_backbone(vit, path / "model.pth")
+        return vit.eval(), meta
+    step_dir = resolve_checkpoint(path)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    with torch.device("meta"):
+        vit = build_vit(ViTArgs(**meta["vit_args"]))
+    vit = vit.to_empty(device="cpu")
+    state = {"teacher": {"backbone." + k: v for k, v in vit.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(step_dir))
+    vit.load_state_dict({k[len("backbone."):]: v for k, v in state["teacher"].items()}, strict=True)
+    return vit.eval(), meta

@@ -1,0 +1,84 @@
+"""From the config to batches of views: slides -> tile stream -> multi-crop + iBOT masks -> DataLoader.
+
+Two modes. CPU mode (default): loader workers read tiles and make the views. Device mode
+(data.device_augment): workers only read and decode; `Views` runs batched on the training device.
+Both draw every random parameter from the same per-step generator, so they produce the same views.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pathfm.data.augment import MultiCrop
+from pathfm.data.masking import block_masks
+from pathfm.data.sampler import SlideTileDataset, prepare_slides
+from pathfm.data.slides import SlideEntry, read_manifest
+from pathfm.data.synthetic import ensure_synthetic_slides
+
+
+def views_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The augmentation generator of a step: a pure function of (seed, rank, step)."""
+    state = np.random.SeedSequence([seed, rank, step, 1]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class Views:
+    """uint8 tiles (B, 3, T, T) -> {"global_crops", "local_crops", "masks"}; picklable for workers."""
+
+    def __init__(self, cfg, patch_size: int, ibot: bool):
+        c = cfg.crops
+        self.multicrop = MultiCrop(
+            global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
+            global_scale=(c.global_scale_min, c.global_scale_max), local_scale=(c.local_scale_min, c.local_scale_max),
+            color_jitter=c.color_jitter, grayscale=c.grayscale, blur_global=c.blur_global, blur_local=c.blur_local,
+            solarize=c.solarize, hed_jitter=c.hed_jitter, mean=tuple(c.mean), std=tuple(c.std),
+        )
+        self.grid = c.global_size // patch_size
+        self.ibot = ibot
+        s = cfg.ssl
+        self.mask_args = (s.mask_ratio_min, s.mask_ratio_max, s.mask_probability)
+
+    def __call__(self, tiles: torch.Tensor, generator: torch.Generator) -> dict:
+        out = self.multicrop(tiles, generator)
+        n_global = out["global_crops"].shape[0]
+        if self.ibot:
+            out["masks"] = block_masks(n_global, self.grid, *self.mask_args, generator).to(tiles.device)
+        else:
+            out["masks"] = torch.zeros(n_global, self.grid * self.grid, dtype=torch.bool, device=tiles.device)
+        return out
+
+
+def slide_entries(cfg) -> list[SlideEntry]:
+    d = cfg.data
+    if d.source == "synthetic":
+        paths = ensure_synthetic_slides(Path(d.cache_dir) / "synthetic", d.synthetic_slides, d.synthetic_size, seed=0)
+        return [SlideEntry(str(p)) for p in paths]
+    if not Path(d.manifest).is_file():
+        raise FileNotFoundError(f"data.manifest '{d.manifest}' does not exist; build one with "
+                                "`python -m pathfm.data.manifest SLIDE_DIR -o manifest.csv`")
+    return read_manifest(d.manifest)
+
+
+def prepare(cfg):
+    """(usable slides, skipped [(path, reason)]): run on rank 0 first so cached masks are shared."""
+    d = cfg.data
+    return prepare_slides(slide_entries(cfg), cache_dir=Path(d.cache_dir) / "masks", tissue_threshold=d.tissue_threshold,
+                          tile_size=d.tile_size, mpps=d.mpps)
+
+
+def build_loader(cfg, slides, *, rank: int, world_size: int, start_step: int, views: Views):
+    d = cfg.data
+    dataset = SlideTileDataset(
+        slides, batch_size=cfg.optim.batch_size, tile_size=d.tile_size, mpps=d.mpps, mpp_weights=d.mpp_weights or None,
+        tissue_threshold=d.tissue_threshold, seed=cfg.train.seed, rank=rank, world_size=world_size,
+        start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned, hsv_filter=d.hsv_filter,
+        group_balance=d.group_balance, transform=None if d.device_augment else views,
+    )
+    # a private generator: creating the loader must not consume the global RNG (exact resume)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
+        prefetch_factor=2 if d.num_workers > 0 else None, generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
+    )

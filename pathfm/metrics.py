@@ -1,0 +1,71 @@
+"""What a run reports: RankMe, memory, and a logger writing metrics.jsonl + TensorBoard + a progress line."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values.
+
+    embeddings: (N, D). Ranges from 1 (collapsed) to min(N, D) (full rank, flat spectrum).
+    """
+    s = torch.linalg.svdvals(embeddings.float())
+    p = s / (s.sum() + eps) + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Logger:
+    """Rank 0 writes; other ranks hold a logger that does nothing."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool = True):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.start_time, self.start_step = time.perf_counter(), None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def images(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        if self.enabled:
+            self.tb.add_image(tag, grid, step)
+
+    def progress(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start_time = step, time.perf_counter()
+            eta = "?"
+        else:
+            per_step = (time.perf_counter() - self.start_time) / max(step - self.start_step, 1)
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (self.total_steps - step)))
+        print(f"step {step:>7d}/{self.total_steps} | loss {values['loss/total']:.4f} | lr {values['lr']:.2e} | "
+              f"{values.get('images_per_s', 0):7.1f} img/s | eta {eta}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()

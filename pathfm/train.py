@@ -1,0 +1,351 @@
+"""DINOv2-style self-supervised training: the loop, top to bottom. Edit it.
+
+    python launch/train.py --config configs/smoke.yaml --local          # one process, this machine
+    torchrun --nproc-per-node 8 -m pathfm.train --config configs/vitl14.yaml
+    python -m pathfm.train --config configs/smoke.yaml train.steps=20   # overrides: section.key=value
+
+One step: teacher forward on the 2 global crops -> student forward on all crops (global crops with
+iBOT masks) -> DINO + iBOT + KoLeo/KDE losses -> backward -> clip -> AdamW step with the schedules
+-> teacher EMA -> log. DINO (v1) is `ssl.objective: dino` (no iBOT), DINOv2 is `dinov2`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathfm import checkpoint as ckpt
+from pathfm import dist as pdist
+from pathfm.config import Config, load_config, to_dict, to_yaml
+from pathfm.data.loader import Views, build_loader, prepare, views_generator
+from pathfm.export import load_backbone, save_export
+from pathfm.heads import DINOHead
+from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
+from pathfm.metrics import Logger, peak_memory_gib, rankme
+from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
+from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
+
+
+def vit_args(cfg: Config) -> ViTArgs:
+    m = cfg.model
+    return ViTArgs(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, num_registers=m.num_registers,
+                   ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path)
+
+
+def build_student(cfg: Config) -> nn.ModuleDict:
+    """backbone (ViT) + dino_head (+ ibot_head when iBOT has its own head)."""
+    s = cfg.ssl
+    backbone = build_vit(vit_args(cfg))
+    if cfg.model.init_weights:
+        load_backbone(backbone, cfg.model.init_weights)
+    head = lambda k: DINOHead(backbone.embed_dim, k, s.head_hidden, s.head_bottleneck, s.head_layers)  # noqa: E731
+    model = nn.ModuleDict({"backbone": backbone, "dino_head": head(s.prototypes)})
+    if s.objective == "dinov2" and s.ibot_separate_head:
+        model["ibot_head"] = head(s.ibot_prototypes)
+    return model
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM and submitit send before a time limit or preemption)
+    set a flag; the loop checkpoints at the end of the step and returns."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> Path:
+    """Create (or re-open for resume) the run folder; refuse one made by a different model."""
+    run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
+    if env.is_main:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"cannot create run folder '{run_dir}': {e.strerror}; set train.output_dir to a writable folder")
+        if not os.access(run_dir, os.W_OK):
+            raise SystemExit(f"run folder '{run_dir}' is not writable; set train.output_dir or train.name")
+        old_cfg = run_dir / "config.yaml"
+        if old_cfg.exists():
+            import yaml
+
+            old = yaml.safe_load(old_cfg.read_text())
+            if old.get("model") != to_dict(cfg)["model"] or old.get("ssl", {}).get("prototypes") != cfg.ssl.prototypes:
+                raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({old.get('model', {}).get('arch')}, "
+                                 f"patch {old.get('model', {}).get('patch_size')}); pick a new train.name or output_dir")
+        else:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "env.json").write_text(json.dumps(environment(env), indent=2) + "\n")
+    return run_dir
+
+
+def environment(env: pdist.DistEnv) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    import timm
+
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+        "git_revision": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+        "host": platform.node(), "world_size": env.world_size, "launcher": env.source, "device": str(env.device),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "argv": sys.argv,
+    }
+
+
+def main(cfg: Config) -> dict:
+    env = pdist.init_distributed()
+    device = env.device
+    run_dir = prepare_run_folder(cfg, env)
+    torch.manual_seed(cfg.train.seed + env.rank)
+    s, o, t = cfg.ssl, cfg.optim, cfg.train
+    ibot = s.objective == "dinov2"
+
+    # --- data: rank 0 generates synthetic slides and tissue masks first; the others read the cache
+    if env.is_main:
+        slides, skipped_slides = prepare(cfg)
+    pdist.barrier(env)
+    if not env.is_main:
+        slides, skipped_slides = prepare(cfg)
+
+    # --- models: student and teacher start equal; the teacher never gets gradients
+    student = build_student(cfg).to(device)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    backend = resolve_attn_backend(cfg.model.attn_backend, device)
+    for m in (student, teacher):
+        m.backbone.set_attn_backend(backend)
+        pdist.wrap_model(m, env, fsdp=cfg.dist.fsdp, ac=cfg.dist.activation_checkpointing if m is student else "none",
+                         compile=cfg.dist.compile, precision=t.precision, reshard_after_forward=cfg.dist.reshard_after_forward)
+    n_prefix = student.backbone.num_prefix_tokens
+    loss_state = nn.ModuleDict({"dino_center": Centering(s.prototypes, s.center_momentum)})
+    if ibot:
+        loss_state["ibot_center"] = Centering(s.ibot_prototypes if s.ibot_separate_head else s.prototypes, s.center_momentum)
+    loss_state.to(device)
+
+    # --- optimizer and schedules (plain arrays indexed by step)
+    global_batch = o.batch_size * env.world_size
+    lr_peak = scaled_lr(o.base_lr, global_batch, o.lr_ref_batch, o.lr_scaling)
+    groups = param_groups(student, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                          patch_embed_lr_mult=o.patch_embed_lr_mult, num_layers=student.backbone.depth)
+    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(o.beta1, o.beta2), fused=o.fused or None)
+    lr_sched = cosine_schedule(lr_peak, o.min_lr, t.steps, o.warmup_steps)
+    wd_sched = cosine_schedule(o.weight_decay, o.weight_decay_final, t.steps)
+    momentum_sched = cosine_schedule(s.momentum_teacher, s.momentum_teacher_final, t.steps)
+    temp_sched = teacher_temp_schedule(s.teacher_temp_warmup_start, s.teacher_temp, s.teacher_temp_warmup_steps, t.steps)
+
+    # --- resume: automatic when the run folder has a checkpoint; else optionally start from weights
+    start_step, nonfinite_total = 0, 0
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    meta_common = {"vit_args": vars(vit_args(cfg)), "mean": cfg.crops.mean, "std": cfg.crops.std, "config": to_dict(cfg)}
+    if last is not None:
+        meta = ckpt.load_checkpoint(last, student=student, teacher=teacher, optimizer=optimizer, loss_state=loss_state, rank=env.rank)
+        start_step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
+        if env.is_main:
+            print(f"resuming from {last} at step {start_step}", file=sys.stderr, flush=True)
+    elif t.init_checkpoint:
+        ckpt.load_weights(t.init_checkpoint, student=student, teacher=teacher)
+    if start_step >= t.steps:
+        if env.is_main:
+            print(f"run already finished ({start_step} >= train.steps={t.steps}); nothing to do", file=sys.stderr)
+        return {"run_dir": str(run_dir), "step": start_step, "status": "finished"}
+
+    views = Views(cfg, cfg.model.patch_size, ibot)
+    loader = build_loader(cfg, slides, rank=env.rank, world_size=env.world_size, start_step=start_step, views=views)
+    heldout = heldout_batch(cfg, slides, views, env) if t.rankme_every else None
+    logger = Logger(run_dir, t.steps, enabled=env.is_main)
+    stop = StopSignal()
+    nonfinite_run, status, step = 0, "finished", start_step
+    t_data = time.perf_counter()
+
+    def save(step_done):
+        meta = {**meta_common, "nonfinite_total": nonfinite_total}
+        ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, teacher=teacher, optimizer=optimizer,
+                             loss_state=loss_state, meta=meta, rank=env.rank, keep_last=t.keep_last)
+
+    for batch in loader:
+        step = batch["step"]
+        if step >= t.steps:
+            break
+        if cfg.data.device_augment:  # workers sent raw tiles; make the views here, batched on the device
+            crops = views(batch["tiles"].to(device, non_blocking=True), views_generator(t.seed, env.rank, step))
+        else:  # the workers made the views
+            crops = batch["tiles"]
+        global_crops = crops["global_crops"].to(device, non_blocking=True)  # (2B, 3, G, G), crop-major
+        local_crops = crops["local_crops"].to(device, non_blocking=True)  # (n_local*B, 3, L, L)
+        masks = crops["masks"].to(device, non_blocking=True)  # (2B, N) bool, True = masked patch
+        data_time = time.perf_counter() - t_data
+        B = global_crops.shape[0] // 2
+        n_crops = 2 + local_crops.shape[0] // B
+        if step == start_step and env.is_main:
+            logger.images("crops/first_batch", crop_grid(global_crops, local_crops, cfg.crops), step)
+
+        lr, wd, momentum, teacher_temp = lr_sched[step], wd_sched[step], momentum_sched[step], temp_sched[step]
+        set_hparams(optimizer, lr=lr, weight_decay=wd, freeze_last_layer=step < s.freeze_last_layer_steps)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+
+        # teacher: global crops only, no masks
+        with torch.no_grad(), autocast:
+            t_tokens = teacher.backbone.forward_features(global_crops)  # (2B, prefix + N, D)
+            t_cls_logits = teacher.dino_head(t_tokens[:, 0])  # (2B, K)
+            if s.centering == "sinkhorn_knopp":
+                t_cls_probs = sinkhorn_knopp(t_cls_logits, teacher_temp)
+            else:
+                t_cls_probs = loss_state.dino_center.probs(t_cls_logits, teacher_temp)
+            if ibot:
+                ibot_head = teacher.ibot_head if s.ibot_separate_head else teacher.dino_head
+                t_patch_logits = ibot_head(t_tokens[:, n_prefix:][masks])  # (M, K): masked patches only
+                if s.centering == "sinkhorn_knopp":
+                    n_masked = pdist.all_reduce_sum(masks.sum().item(), env)
+                    t_patch_probs = sinkhorn_knopp(t_patch_logits, teacher_temp, n_samples=int(n_masked))
+                else:
+                    t_patch_probs = loss_state.ibot_center.probs(t_patch_logits, teacher_temp)
+
+        # student: all crops in one call; the global crops see their iBOT masks
+        with autocast:
+            s_global, s_local = student.backbone.forward_features_list([global_crops, local_crops], [masks if ibot else None, None])
+            s_cls = torch.cat([s_global[:, 0], s_local[:, 0]])  # (n_crops*B, D): globals first, crop-major
+            s_cls_logits = student.dino_head(s_cls)
+            losses = {"dino": dino_loss(s_cls_logits.view(n_crops, B, -1), t_cls_probs.view(2, B, -1), s.student_temp)}
+            if ibot:
+                ibot_head = student.ibot_head if s.ibot_separate_head else student.dino_head
+                s_patch_logits = ibot_head(s_global[:, n_prefix:][masks])  # (M, K)
+                losses["ibot"] = ibot_loss(s_patch_logits, t_patch_probs, masks, s.student_temp)
+            if s.koleo_weight:  # spread the CLS tokens of each global crop over the sphere
+                losses["koleo"] = sum(koleo_loss(c) for c in s_global[:, 0].chunk(2))
+            if s.kde_weight:
+                losses["kde"] = sum(kde_loss(c, s.kde_bandwidth) for c in s_global[:, 0].chunk(2))
+        weights = {"dino": s.dino_weight, "ibot": s.ibot_weight, "koleo": s.koleo_weight, "kde": s.kde_weight}
+        loss = sum(weights[k] * v for k, v in losses.items())
+
+        # a non-finite loss on any rank: skip the update everywhere, stop after max_nonfinite in a row
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        if pdist.all_reduce_max(float(bool(bad)), env):
+            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+            optimizer.zero_grad(set_to_none=True)
+            logger.log(step, {"nonfinite_steps": nonfinite_total})
+            print(f"step {step}: non-finite loss ({', '.join(bad) or 'on another rank'}); update skipped", file=sys.stderr, flush=True)
+            if nonfinite_run >= t.max_nonfinite:
+                raise FloatingPointError(f"stopping at step {step}: {nonfinite_run} consecutive non-finite losses "
+                                         f"(last: {', '.join(bad) or 'on another rank'}); the last good checkpoint is untouched")
+            t_data = time.perf_counter()
+            continue
+        nonfinite_run = 0
+
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), o.clip_grad if o.clip_grad > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # teacher EMA (on local shards under FSDP) and centre updates
+        with torch.no_grad():
+            for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+                p_t.lerp_(p_s.detach(), 1.0 - momentum)
+            if s.centering == "centering":
+                loss_state.dino_center.update(t_cls_logits)
+                if ibot:
+                    loss_state.ibot_center.update(t_patch_logits)
+
+        step_done = step + 1
+        if step_done % t.log_every == 0 or step_done == t.steps or step == start_step:
+            elapsed = time.perf_counter() - t_data
+            values = {f"loss/{k}": v.item() for k, v in losses.items()}
+            values.update({"loss/total": loss.item(), "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
+                           "teacher_temp": teacher_temp, "grad_norm": float(grad_norm), "data_time_s": data_time,
+                           "images_per_s": global_batch / max(elapsed, 1e-9), "memory_gib": peak_memory_gib(device),
+                           "skipped_slides": len(skipped_slides), "skipped_reads": batch["skipped"],
+                           "nonfinite_steps": nonfinite_total})
+            logger.log(step_done, values)
+            logger.progress(step_done, values)
+        if heldout is not None and step_done % t.rankme_every == 0:
+            logger.log(step_done, {"rankme/teacher_cls": teacher_rankme(teacher, heldout, autocast)})
+
+        if pdist.all_reduce_max(float(stop.received is not None), env):
+            save(step_done)
+            status, step = "interrupted", step_done
+            if env.is_main:
+                print(f"signal received: checkpoint saved at step {step_done}", file=sys.stderr, flush=True)
+            break
+        if step_done % t.ckpt_every == 0 or step_done == t.steps:
+            save(step_done)
+        t_data = time.perf_counter()
+        step = step_done
+
+    if status == "finished" and env.is_main:
+        save_export(teacher.backbone, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step})
+    logger.close()
+    pdist.teardown()
+    return {"run_dir": str(run_dir), "step": step, "status": status}
+
+
+def heldout_batch(cfg: Config, slides, views: Views, env) -> torch.Tensor:
+    """A fixed batch of global crops, never trained on (its own seed), for RankMe."""
+    from pathfm.data.sampler import SlideTileDataset
+
+    d = cfg.data
+    ds = SlideTileDataset(slides, batch_size=cfg.train.rankme_batch, tile_size=d.tile_size, mpps=d.mpps,
+                          mpp_weights=d.mpp_weights or None, tissue_threshold=d.tissue_threshold,
+                          seed=cfg.train.seed + 10**6, rank=env.rank, world_size=env.world_size, reader=d.reader)
+    tiles = ds.batch(0)["tiles"]
+    crops = views(tiles, views_generator(cfg.train.seed + 10**6, env.rank, 0))["global_crops"]
+    return crops[: len(tiles)].to(env.device)  # the first global crop of each tile
+
+
+@torch.no_grad()
+def teacher_rankme(teacher, images, autocast) -> float:
+    with autocast:
+        cls = teacher.backbone.forward_features(images)[:, 0]
+    return rankme(cls.float())
+
+
+def crop_grid(global_crops, local_crops, crops_cfg, n: int = 4) -> torch.Tensor:
+    """The first n tiles' crops, de-normalised, as one (3, H, W) image for TensorBoard."""
+    from torchvision.utils import make_grid
+
+    mean = torch.tensor(crops_cfg.mean, device=global_crops.device).view(1, 3, 1, 1)
+    std = torch.tensor(crops_cfg.std, device=global_crops.device).view(1, 3, 1, 1)
+    B = global_crops.shape[0] // 2
+    n = min(n, B)
+    size = global_crops.shape[-1]
+    rows = []
+    for i in range(n):
+        locals_i = local_crops[i::B] if local_crops.numel() else local_crops
+        locals_i = F.interpolate(locals_i, size=size, mode="nearest") if locals_i.numel() else locals_i
+        rows.append(torch.cat([global_crops[i : i + 1], global_crops[B + i : B + i + 1], locals_i]))
+    images = torch.cat(rows) * std + mean
+    return make_grid(images.clamp(0, 1).float().cpu(), nrow=rows[0].shape[0])
+
+
+def cli(argv=None) -> dict:
+    import argparse
+
+    p = argparse.ArgumentParser(description="pathfm training (run under torchrun, srun, or alone)")
+    p.add_argument("--config", required=True, help="YAML file, or a name in configs/")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    if not cfg.train.name:
+        cfg.train.name = Path(a.config).stem
+    return main(cfg)
+
+
+if __name__ == "__main__":
+    cli()
