@@ -3,7 +3,8 @@
     python bench/augment.py [--batch 32] [--repeats 5] [--tile 256]
 
 Both run in this process with torch.set_num_threads(1), on the same real H&E tiles (the nine
-NCT-CRC-HE tiles of shared/data, resized to --tile px); the table gives medians over --repeats.
+NCT-CRC-HE tiles of shared/data, resized to --tile px); the table gives medians over --repeats,
+timed alternately.
 """
 
 import argparse
@@ -43,13 +44,17 @@ def pil_dinov2(n_local: int = 8):
     return lambda img: [g1(img), g2(img)] + [loc(img) for _ in range(n_local)]
 
 
-def time_it(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """Seconds per call of each fn, alternating between them so that load from other processes
+    on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -66,10 +71,10 @@ def main():
     multicrop, generator = MultiCrop(), torch.Generator().manual_seed(0)
     pipeline = pil_dinov2()
 
-    rows = {
-        "torchvision v1 / PIL, per image": time_it(lambda: [pipeline(im) for im in images], args.repeats),
-        "pathfm MultiCrop, batched uint8": time_it(lambda: multicrop(tiles, generator), args.repeats),
-    }
+    rows = time_interleaved({
+        "torchvision v1 / PIL, per image": lambda: [pipeline(im) for im in images],
+        "pathfm MultiCrop, batched uint8": lambda: multicrop(tiles, generator),
+    }, args.repeats)
     rates = {name: args.batch / statistics.median(t) for name, t in rows.items()}
     print(f"| pipeline (2 x 224 + 8 x 96 from {args.tile} px, 1 thread, batch {args.batch}) | samples/s per core |")
     print("|---|---|")

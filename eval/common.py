@@ -9,7 +9,6 @@ from pathlib import Path
 from eval.extract import MAX_BAD_FRACTION, cached_or_extract, load_split
 
 
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (one of --ckpt / --timm)")
     g.add_argument("--ckpt", help="pathfm checkpoint step folder, checkpoints/last, run folder or export folder")
@@ -119,3 +118,12 @@ def markdown_table(metrics: dict, title: str) -> str:
         for name, v in values.items():
             lines.append(f"| {split} | {name} | {v['mean']:.4f} | {v['stdev']:.4f} |")
     return "\n".join(lines)
+
+
+def provenance(data: dict) -> dict:
+    """Which model, embedding and datasets produced the embeddings (from their manifests)."""
+    first = next(iter(data.values()))["manifest"]
+    return {"model": first.get("model", {}), "embedding": first.get("embedding"),
+            "datasets": {s: d["manifest"].get("dataset") for s, d in data.items()},
+            "counts": {s: len(d["labels"]) for s, d in data.items()},
+            "skipped": {s: d["manifest"].get("skipped", 0) for s, d in data.items()}}

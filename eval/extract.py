@@ -149,7 +149,9 @@ def load_split(folder, split: str) -> dict:
     if not path.is_file():
         have = sorted(p.stem for p in Path(folder).glob("*.pt"))
         raise FileNotFoundError(f"no '{split}' embeddings in {folder} (found {have or 'none'}); run eval/extract.py")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    result = torch.load(path, map_location="cpu", weights_only=True)
+    result["manifest"] = read_manifest(folder).get(split, {})  # which model / dataset / embedding made them
+    return result
 
 
 def cached_or_extract(backbone, spec: str, split: str, folder, how: str, *, classes=None, overwrite=False,
@@ -171,7 +173,7 @@ def cached_or_extract(backbone, spec: str, split: str, folder, how: str, *, clas
     ds = open_dataset(spec, classes=classes)
     result = extract(backbone, ds, how, **kwargs)
     save_split(folder, split, result, entry)
-    return result
+    return load_split(folder, split)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class SSLConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | manifest
+    source: str = "synthetic"  # synthetic (generated slides) | manifest | random (random pixels, no I/O)
     manifest: str = ""  # CSV: path[, mpp][, weight][, group]
     synthetic_slides: int = 3
     synthetic_size: int = 4096  # level-0 width and height of each synthetic slide
@@ -282,7 +282,7 @@ def validate(cfg: Config) -> None:
         "model.attn_backend": ("auto", "sdpa", "xformers"),
         "ssl.objective": ("dino", "dinov2"),
         "ssl.centering": ("centering", "sinkhorn_knopp"),
-        "data.source": ("synthetic", "manifest"),
+        "data.source": ("synthetic", "manifest", "random"),
         "data.reader": ("auto", "openslide", "jpeg"),
         "optim.lr_scaling": ("sqrt", "linear", "none"),
         "train.precision": ("fp32", "bf16"),

@@ -121,6 +121,15 @@ def all_reduce_max(x: float, env: DistEnv) -> float:
     return _all_reduce_number(x, env, dist.ReduceOp.MAX)
 
 
+def mean_over_ranks(values: dict, env: DistEnv) -> dict:
+    """{name: tensor or number} -> {name: float}, averaged over ranks (one all-reduce)."""
+    t = torch.tensor([float(v) for v in values.values()], device=env.device)
+    if env.world_size > 1:
+        dist.all_reduce(t)
+        t /= env.world_size
+    return dict(zip(values, t.tolist()))
+
+
 def all_reduce_sum(x: float, env: DistEnv) -> float:
     return _all_reduce_number(x, env, dist.ReduceOp.SUM)
 

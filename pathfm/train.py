@@ -170,7 +170,7 @@ def main(cfg: Config) -> dict:
 
     views = Views(cfg, cfg.model.patch_size, ibot)
     loader = build_loader(cfg, slides, rank=env.rank, world_size=env.world_size, start_step=start_step, views=views)
-    heldout = heldout_batch(cfg, slides, views, env) if t.rankme_every else None
+    heldout = heldout_batch(cfg, slides, views, env, loader) if t.rankme_every else None
     logger = Logger(run_dir, t.steps, enabled=env.is_main)
     stop = StopSignal()
     nonfinite_run, status, step = 0, "finished", start_step
@@ -267,8 +267,8 @@ def main(cfg: Config) -> dict:
         step_done = step + 1
         if step_done % t.log_every == 0 or step_done == t.steps or step == start_step:
             elapsed = time.perf_counter() - t_data
-            values = {f"loss/{k}": v.item() for k, v in losses.items()}
-            values.update({"loss/total": loss.item(), "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
+            values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}}, env)
+            values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                            "teacher_temp": teacher_temp, "grad_norm": float(grad_norm), "data_time_s": data_time,
                            "images_per_s": global_batch / max(elapsed, 1e-9), "memory_gib": peak_memory_gib(device),
                            "skipped_slides": len(skipped_slides), "skipped_reads": batch["skipped"],
@@ -296,11 +296,13 @@ def main(cfg: Config) -> dict:
     return {"run_dir": str(run_dir), "step": step, "status": status}
 
 
-def heldout_batch(cfg: Config, slides, views: Views, env) -> torch.Tensor:
+def heldout_batch(cfg: Config, slides, views: Views, env, loader) -> torch.Tensor:
     """A fixed batch of global crops, never trained on (its own seed), for RankMe."""
     from pathfm.data.sampler import SlideTileDataset
 
     d = cfg.data
+    if d.source == "random":
+        return loader.dataset.batch(10**9)["tiles"]["global_crops"][: cfg.optim.batch_size].to(env.device)
     ds = SlideTileDataset(slides, batch_size=cfg.train.rankme_batch, tile_size=d.tile_size, mpps=d.mpps,
                           mpp_weights=d.mpp_weights or None, tissue_threshold=d.tissue_threshold,
                           seed=cfg.train.seed + 10**6, rank=env.rank, world_size=env.world_size, reader=d.reader)

@@ -51,6 +51,41 @@ class Views:
         return out
 
 
+class RandomViews(torch.utils.data.IterableDataset):
+    """data.source=random: views of random pixels, no slides and no I/O (compute benchmarks, equivalence
+    tests). Step s holds a global batch drawn from (seed, s); rank r takes images [r*B, (r+1)*B), so the
+    stream is the same whatever the number of ranks."""
+
+    def __init__(self, cfg, views: Views, *, rank: int, world_size: int, start_step: int):
+        self.cfg, self.views, self.rank, self.world, self.start = cfg, views, rank, world_size, start_step
+
+    def batch(self, step: int) -> dict:
+        c, B = self.cfg.crops, self.cfg.optim.batch_size
+        g = views_generator(self.cfg.train.seed, 0, step)
+        n = B * self.world
+        out = {
+            "global_crops": torch.randn(2, n, 3, c.global_size, c.global_size, generator=g),
+            "local_crops": torch.randn(c.n_local, n, 3, c.local_size, c.local_size, generator=g),
+        }
+        grid = self.views.grid
+        if self.views.ibot:
+            masks = block_masks(2 * n, grid, *self.views.mask_args, g)
+        else:
+            masks = torch.zeros(2 * n, grid * grid, dtype=torch.bool)
+        out["masks"] = masks.view(2, n, -1)
+        mine = slice(self.rank * B, (self.rank + 1) * B)  # this rank's images, in every crop
+        crops = {k: v[:, mine].flatten(0, 1) for k, v in out.items()}  # crop-major, as Views returns
+        return {"step": step, "tiles": crops, "skipped": 0}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start + worker
+        while True:
+            yield self.batch(step)
+            step += workers
+
+
 def slide_entries(cfg) -> list[SlideEntry]:
     d = cfg.data
     if d.source == "synthetic":
@@ -65,18 +100,23 @@ def slide_entries(cfg) -> list[SlideEntry]:
 def prepare(cfg):
     """(usable slides, skipped [(path, reason)]): run on rank 0 first so cached masks are shared."""
     d = cfg.data
+    if d.source == "random":
+        return [], []
     return prepare_slides(slide_entries(cfg), cache_dir=Path(d.cache_dir) / "masks", tissue_threshold=d.tissue_threshold,
                           tile_size=d.tile_size, mpps=d.mpps)
 
 
 def build_loader(cfg, slides, *, rank: int, world_size: int, start_step: int, views: Views):
     d = cfg.data
-    dataset = SlideTileDataset(
-        slides, batch_size=cfg.optim.batch_size, tile_size=d.tile_size, mpps=d.mpps, mpp_weights=d.mpp_weights or None,
-        tissue_threshold=d.tissue_threshold, seed=cfg.train.seed, rank=rank, world_size=world_size,
-        start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned, hsv_filter=d.hsv_filter,
-        group_balance=d.group_balance, transform=None if d.device_augment else views,
-    )
+    if d.source == "random":
+        dataset = RandomViews(cfg, views, rank=rank, world_size=world_size, start_step=start_step)
+    else:
+        dataset = SlideTileDataset(
+            slides, batch_size=cfg.optim.batch_size, tile_size=d.tile_size, mpps=d.mpps, mpp_weights=d.mpp_weights or None,
+            tissue_threshold=d.tissue_threshold, seed=cfg.train.seed, rank=rank, world_size=world_size,
+            start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned, hsv_filter=d.hsv_filter,
+            group_balance=d.group_balance, transform=None if d.device_augment else views,
+        )
     # a private generator: creating the loader must not consume the global RNG (exact resume)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
