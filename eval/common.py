@@ -77,8 +77,9 @@ def task_name(args) -> str:
     kind = spec.split(":", 1)[0]
     if kind in ("crc", "bach", "mhist", "pcam", "breakhis"):
         return kind
-    if args.embeddings and not spec:
-        return Path(args.embeddings.rstrip("/")).name
+    if args.embeddings and not spec:  # <task>/embeddings, as this module lays them out, or the folder's name
+        folder = Path(args.embeddings.rstrip("/"))
+        return folder.parent.name if folder.name == "embeddings" else folder.name
     return Path(spec.split(":")[0] if kind != "csv" else spec.split(":")[1]).stem or "task"
 
 

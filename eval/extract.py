@@ -96,7 +96,7 @@ def extract(backbone, ds, how: str = "cls", batch_size: int = 64, num_workers: i
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 on CUDA only
         for index, x, y, bad in loader:
             skipped += [ds.describe(i) for i in bad]
-            if len(skipped) > max(1, max_bad * len(ds)):
+            if len(skipped) > max_bad * len(ds):
                 raise RuntimeError(f"{ds.name}: {len(skipped)} unreadable images (more than {max_bad:.0%} of "
                                    f"{len(ds)}), e.g. {skipped[:3]}; check the dataset path and files")
             if x is not None:

@@ -3,15 +3,22 @@
 
     python launch/train.py --config configs/smoke.yaml --local              # one process
     python launch/train.py --config configs/smoke.yaml --local --nproc 2    # 2 processes (torchrun, gloo)
-    python launch/train.py --nodes 8 --config vitg14.yaml data.manifest=/data/tcga.csv
+    python launch/train.py --nodes 8 --profile gpu-8x --config vitg14.yaml data.manifest=/data/tcga.csv
+    python launch/train.py --nodes 2 --profile cpu-ci --config smoke.yaml --dry-run
 
-No torch import at module level: --help and --dry-run stay fast and need no GPU stack.
+A SLURM launch creates the run folder first (resolved config.yaml, and submit.sbatch, the same
+job as a plain sbatch script), then submits with submitit and prints the job id and the logs.
+A time limit or preemption makes the job save a checkpoint and requeue itself; the requeued job
+resumes from it. Cluster settings come from --profile (slurm/profiles/NAME.yaml); the flags
+below override it. No torch import here: --help and --dry-run stay fast and need no GPU stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +33,20 @@ def parse_args(argv=None):
     p.add_argument("--name", default="", help="run name (folder under train.output_dir); default: config stem")
     p.add_argument("--local", action="store_true", help="run on this machine, no SLURM")
     p.add_argument("--nproc", type=int, default=1, help="with --local: processes (torchrun, gloo on CPU)")
+    s = p.add_argument_group("SLURM (flags override the profile)")
+    s.add_argument("--profile", help="cluster profile: slurm/profiles/NAME.yaml, or a path")
+    s.add_argument("--nodes", type=int)
+    s.add_argument("--gpus-per-node", type=int)
+    s.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 on CPU-only nodes)")
+    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--mem", help="SLURM syntax: 0 (whole node), 64G")
+    s.add_argument("--time", help="SLURM syntax: minutes, H:MM:SS, D-HH:MM:SS")
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--qos")
+    s.add_argument("--constraint")
+    s.add_argument("--global-batch", type=int, help="images per step over all tasks; sets optim.batch_size")
+    s.add_argument("--dry-run", action="store_true", help="print the job (executor parameters, sbatch script); submit nothing")
     p.add_argument("overrides", nargs="*", help="dotted config overrides: optim.base_lr=1e-3 train.steps=100")
     return p.parse_known_args(argv)
 
@@ -41,8 +62,17 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     name = args.name or cfg.train.name or Path(args.config).stem
     overrides.append(f"train.name={name}")
-    if not args.local:
-        raise SystemExit("SLURM submission is not available in this build; use --local")
+    if args.local:
+        return run_local(args, cfg, name, overrides)
+    from launch.slurm import LaunchError
+
+    try:
+        return run_slurm(args, cfg, name)
+    except LaunchError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run_local(args, cfg, name, overrides):
     if args.nproc == 1:
         from pathfm.train import main as train_main
 
@@ -57,5 +87,60 @@ def main(argv=None):
     return subprocess.call(cmd, env=env)
 
 
+def run_slurm(args, cfg, name):
+    import yaml
+
+    from launch import slurm
+    from pathfm.config import to_yaml
+
+    profile = slurm.load_profile(args.profile) if args.profile else {}
+    res = slurm.resources(profile, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                          cpus_per_task=args.cpus_per_task, mem=args.mem, time=args.time, partition=args.partition,
+                          account=args.account, qos=args.qos, constraint=args.constraint)
+    if args.global_batch is not None:
+        if args.global_batch % res.world_size:
+            raise slurm.LaunchError(f"--global-batch {args.global_batch} does not divide over {res.nodes} node(s) x "
+                                    f"{res.ntasks_per_node} task(s) = {res.world_size} ranks; use a multiple of {res.world_size}")
+        cfg.optim.batch_size = args.global_batch // res.world_size
+    # absolute, so the job finds the run folder wherever SLURM starts it
+    cfg.train.name = name
+    cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
+    run_dir = Path(cfg.train.output_dir) / name
+    job_name = f"pathfm-{name}"
+    config_path = run_dir / "config.yaml"
+    script = slurm.sbatch_script(res, job_name, ["--config", str(config_path)], run_dir / "slurm")
+
+    if args.dry_run:
+        print(f"run folder: {run_dir} (not created)\nsubmitit.SlurmExecutor parameters:")
+        print(json.dumps(slurm.executor_parameters(res, job_name), indent=2))
+        print(f"world size: {res.world_size}, global batch: {cfg.optim.batch_size * res.world_size}")
+        print(f"submit.sbatch:\n{script}")
+        return 0
+
+    if config_path.exists():  # resuming: refuse a folder that holds another model (train.main would, later)
+        old = yaml.safe_load(config_path.read_text()) or {}
+        if old.get("model") != yaml.safe_load(to_yaml(cfg))["model"]:
+            raise slurm.LaunchError(f"run folder '{run_dir}' holds a run of another model; pick a new --name")
+    created = [p for p in (run_dir, run_dir / "slurm") if not p.exists()]  # removed again if submission fails
+    old_files = {p: p.read_bytes() for p in (config_path, run_dir / "submit.sbatch") if p.exists()}
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    config_path.write_text(to_yaml(cfg))
+    (run_dir / "submit.sbatch").write_text(script)
+    try:
+        job = slurm.submit(slurm.TrainJob(str(config_path), res.max_requeues), res, job_name, run_dir / "slurm")
+    except slurm.LaunchError:
+        if created:
+            shutil.rmtree(created[0])
+        else:
+            for p in (config_path, run_dir / "submit.sbatch"):
+                p.write_bytes(old_files[p]) if p in old_files else p.unlink()
+        raise
+    print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.ntasks_per_node} task(s)")
+    print(f"run folder: {run_dir}")
+    print(f"logs: {job.paths.stdout} (and .err, one pair per task)")
+    return job
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    r = main()
+    sys.exit(r if isinstance(r, int) else 0)

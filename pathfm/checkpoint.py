@@ -85,7 +85,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
         return final
     tmp = ckpt_dir / (step_name(step) + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed write
+        for stale in ckpt_dir.glob("step_*.tmp"):  # left over from a killed write; never a complete checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
@@ -167,6 +168,20 @@ def load_teacher_backbone(path: str | Path):
         vit = build_vit(ViTArgs(**meta["vit_args"]))
     vit = vit.to_empty(device="cpu")
     state = {"teacher": {"backbone." + k: v for k, v in vit.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(step_dir))
+    # no_dist: a read by this process alone, also inside a distributed job (e.g. rank 0 exporting)
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     vit.load_state_dict({k[len("backbone."):]: v for k, v in state["teacher"].items()}, strict=True)
     return vit.eval(), meta
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """The teacher backbone of a checkpoint (any number of ranks) -> `out_dir/model.pth` + `model.json`.
+
+    Runs in one process with no process group and no GPU; returns the path of model.pth.
+    """
+    from pathfm.export import save_export
+
+    step_dir = resolve_checkpoint(path)
+    vit, meta = load_teacher_backbone(step_dir)
+    return save_export(vit, out_dir, mean=meta["mean"], std=meta["std"],
+                       extra={"step": meta["step"], "checkpoint": str(step_dir.resolve())})

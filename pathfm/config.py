@@ -124,6 +124,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
+    stop_after: int = 0  # stop with a checkpoint after this many steps in this process (0 = run to train.steps)
     output_dir: str = "runs"
     name: str = ""  # run folder name under output_dir ("" = config file stem)
     seed: int = 0

@@ -33,45 +33,56 @@ class DistEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'n[3-5,7],m1' -> 'n3', 'gpu-a12' -> 'gpu-a12'."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    """First host of a SLURM node list: 'n[3-5,7],m1' -> 'n3', 'gpu[003-005]' -> 'gpu003', 'node7' -> 'node7'."""
+    m = re.fullmatch(r"([^,\[\]]+)(\[([0-9,\-]+)\])?(,.*)?", nodelist.strip())
     if not m:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST '{nodelist}'")
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST '{nodelist}'; expected e.g. 'node7', 'gpu[003-005,010]' or 'a1,b2'")
     prefix, ranges = m.group(1), m.group(3)
     if not ranges:
         return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return prefix + ranges.split(",")[0].split("-")[0]  # keeps zero padding: gpu[003-005] -> gpu003
 
 
-def _slurm_vars(environ) -> dict | None:
-    """torch.distributed variables from SLURM's, or None when not inside an srun task."""
-    if "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ or "SLURM_JOB_NODELIST" not in environ:
-        return None
-    job_id = int(environ.get("SLURM_JOB_ID", "0"))
-    return {
-        "RANK": environ["SLURM_PROCID"],
-        "WORLD_SIZE": environ["SLURM_NTASKS"],
-        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": first_slurm_host(environ["SLURM_JOB_NODELIST"]),
-        "MASTER_PORT": str(20000 + job_id % 20000),  # per job, so two jobs on one node do not collide
-    }
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port per job in [20000, 40000), so two jobs sharing a node do not collide."""
+    return 20000 + job_id % 20000
+
+
+def launch_vars(environ) -> tuple[str, dict]:
+    """(source, torch.distributed variables) from an environment; reads nothing else.
+
+    torchrun (TORCHELASTIC_RUN_ID, also when torchrun itself runs inside srun) comes first, then SLURM's
+    task variables (inside srun), else a single process. Inside srun the SLURM variables win over
+    RANK / WORLD_SIZE / MASTER_* that sbatch exported from the submitting shell.
+    """
+    torch_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if "TORCHELASTIC_RUN_ID" in environ:
+        return "torchrun", {k: environ[k] for k in torch_keys if k in environ}
+    if all(k in environ for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NODELIST")):
+        if int(environ["SLURM_NTASKS"]) == 1:
+            return "single", {}
+        return "slurm", {
+            "RANK": environ["SLURM_PROCID"],
+            "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": first_slurm_host(environ["SLURM_JOB_NODELIST"]),
+            "MASTER_PORT": str(slurm_port(int(environ.get("SLURM_JOB_ID", "0")))),
+        }
+    if "RANK" in environ and "WORLD_SIZE" in environ:  # torchrun-style variables set by another launcher
+        return "torchrun", {k: environ[k] for k in torch_keys if k in environ}
+    return "single", {}
 
 
 def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistEnv:
     """Initialise from torchrun's variables first, then SLURM's, else a single process.
 
-    NCCL on CUDA, gloo on CPU. Under SLURM the SLURM variables win over RANK/WORLD_SIZE/MASTER_*
-    left in the environment by whoever ran sbatch (they are exported into the job).
+    NCCL on CUDA, gloo on CPU. Under SLURM the SLURM variables are written into os.environ (over any
+    stale RANK / MASTER_ADDR), because init_process_group's env:// rendezvous reads them there.
     """
     environ = os.environ
-    if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ and "SLURM_PROCID" not in environ):
-        source = "torchrun"
-    elif (slurm := _slurm_vars(environ)) is not None and int(slurm["WORLD_SIZE"]) > 1:
-        environ.update(slurm)
-        source = "slurm"
-    else:
-        source = "single"
+    source, variables = launch_vars(environ)
+    if source == "slurm":
+        environ.update(variables)
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if source == "single":
@@ -80,7 +91,7 @@ def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistEnv:
             torch.cuda.set_device(dev)
         return DistEnv(0, 1, 0, dev, source)
 
-    rank, world, local = int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    rank, world, local = int(variables["RANK"]), int(variables["WORLD_SIZE"]), int(variables.get("LOCAL_RANK", 0))
     if use_cuda:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
@@ -123,7 +134,7 @@ def all_reduce_max(x: float, env: DistEnv) -> float:
 
 def mean_over_ranks(values: dict, env: DistEnv) -> dict:
     """{name: tensor or number} -> {name: float}, averaged over ranks (one all-reduce)."""
-    t = torch.tensor([float(v) for v in values.values()], device=env.device)
+    t = torch.tensor([float(v.detach()) if torch.is_tensor(v) else float(v) for v in values.values()], device=env.device)
     if env.world_size > 1:
         dist.all_reduce(t)
         t /= env.world_size
@@ -134,14 +145,33 @@ def all_reduce_sum(x: float, env: DistEnv) -> float:
     return _all_reduce_number(x, env, dist.ReduceOp.SUM)
 
 
+@torch.no_grad()
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Make every rank hold rank 0's parameters and buffers.
+
+    fully_shard keeps, on each rank, its slice of that rank's own tensors; ranks that initialised with
+    different seeds would otherwise train a patchwork of several random inits.
+    """
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t, src=0)
+
+
 def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "none", compile: bool = False,
                precision: str = "fp32", reshard_after_forward: bool = True) -> nn.Module:
     """Activation checkpointing, then compile, then FSDP2, each per transformer block.
 
+    model: a ViT, or a container of modules (train.py's ModuleDict of backbone + heads) with the ViT
+    under `backbone`.
     ac: none | full (recompute each block in backward) | selective (every second block: about half
     the activation memory for about a third of full recompute's cost).
     precision: fp32 | bf16 (bf16 parameters for compute, fp32 gradient reductions; CUDA only).
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision={precision!r} is not one of fp32, bf16")
+    if precision == "bf16" and env.device.type != "cuda":
+        raise ValueError(f"train.precision=bf16 needs CUDA but the device is {env.device}; use train.precision=fp32 on CPU")
+    if ac not in ("none", "full", "selective"):
+        raise ValueError(f"dist.activation_checkpointing={ac!r} is not one of none, full, selective")
     vit = model.backbone if hasattr(model, "backbone") else model
     if ac != "none":
         vit.set_grad_checkpointing(1 if ac == "full" else 2)  # torch.utils.checkpoint per block
@@ -149,12 +179,21 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "
         for blk in vit.blocks:
             blk.compile()
     if fsdp and env.world_size > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        if precision == "bf16" and env.device.type != "cuda":
-            raise ValueError("train.precision=bf16 needs CUDA; use fp32 on CPU")
+        # bf16: blocks compute with bf16 copies of the fp32 shards; gradients are reduce-scattered in fp32
+        # so the sum over ranks keeps full precision. The optimizer and the teacher EMA see fp32 shards.
+        broadcast_from_rank0(model)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
-        for blk in vit.blocks:
+        for blk in vit.blocks:  # one all-gather per block: peak memory is one unsharded block, not the model
             fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        # The roots: FSDP2 refuses a container without forward (nn.ModuleDict), so each child that is
+        # called on its own (backbone, dino_head, ibot_head) becomes a root that owns its remaining
+        # parameters (patch embedding, tokens, final norm; the head's layers).
+        roots = list(model.children()) if isinstance(model, (nn.ModuleDict, nn.ModuleList)) else [model]
+        for root in roots:
+            fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        # train.py and eval call these methods, not forward(): FSDP must gather the root's parameters for them too
+        for name in ("forward_features", "forward_features_list", "get_intermediate_layers"):
+            register_fsdp_forward_method(vit, name)
     return model

@@ -5,6 +5,8 @@
 
 `kwargs` holds what differs from timm's registered defaults (img_size, init_values, ...); the
 export sidecar records them so eva's MODEL_EXTRA_KWARGS can pass them on.
+
+    python -m pathfm.export runs/<name>/checkpoints/last -o runs/<name>/export   # no GPU, no process group
 """
 
 from __future__ import annotations
@@ -160,3 +162,26 @@ def load_backbone(model: VisionTransformer, path: str | Path) -> None:
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v)
+
+
+def main(argv=None) -> Path:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pathfm.export",
+                                description="Write a checkpoint's teacher backbone as timm weights (model.pth) + sidecar (model.json).")
+    p.add_argument("checkpoint", help="a step folder, a checkpoints/last pointer, a checkpoints folder or a run folder")
+    p.add_argument("-o", "--out", required=True, help="output folder (created)")
+    a = p.parse_args(argv)
+    from pathfm.checkpoint import export_checkpoint  # lazy: torch.distributed.checkpoint is slow to import
+
+    try:
+        out = export_checkpoint(a.checkpoint, a.out)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    meta = json.loads((out.parent / "model.json").read_text())
+    print(f"wrote {out} ({meta['timm_name']}, step {meta['step']})")
+    return out
+
+
+if __name__ == "__main__":
+    main()

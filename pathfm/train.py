@@ -69,6 +69,17 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
+def check_inputs(cfg: Config) -> None:
+    """Files the config names must exist: fail before a run folder is created or touched."""
+    files = {"data.manifest": cfg.data.manifest if cfg.data.source == "manifest" else "",
+             "model.init_weights": cfg.model.init_weights}
+    for key, path in files.items():
+        if path and not Path(path).is_file():
+            raise SystemExit(f"config key '{key}': file '{path}' does not exist")
+    if cfg.train.init_checkpoint and not Path(cfg.train.init_checkpoint).exists():
+        raise SystemExit(f"config key 'train.init_checkpoint': '{cfg.train.init_checkpoint}' does not exist")
+
+
 def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> Path:
     """Create (or re-open for resume) the run folder; refuse one made by a different model."""
     run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
@@ -83,10 +94,14 @@ def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> Path:
         if old_cfg.exists():
             import yaml
 
-            old = yaml.safe_load(old_cfg.read_text())
-            if old.get("model") != to_dict(cfg)["model"] or old.get("ssl", {}).get("prototypes") != cfg.ssl.prototypes:
-                raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({old.get('model', {}).get('arch')}, "
-                                 f"patch {old.get('model', {}).get('patch_size')}); pick a new train.name or output_dir")
+            old = yaml.safe_load(old_cfg.read_text()) or {}
+            keys = ("arch", "patch_size", "num_registers", "ffn", "layerscale", "img_size")
+            was = {k: old.get("model", {}).get(k) for k in keys} | {"prototypes": old.get("ssl", {}).get("prototypes")}
+            now = {k: getattr(cfg.model, k) for k in keys} | {"prototypes": cfg.ssl.prototypes}
+            if was != now:
+                diff = ", ".join(f"{k}: {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
+                raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({diff}); "
+                                 "pick a new train.name or train.output_dir")
         else:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         (run_dir / "env.json").write_text(json.dumps(environment(env), indent=2) + "\n")
@@ -112,6 +127,7 @@ def environment(env: pdist.DistEnv) -> dict:
 
 
 def main(cfg: Config) -> dict:
+    check_inputs(cfg)
     env = pdist.init_distributed()
     device = env.device
     run_dir = prepare_run_folder(cfg, env)
@@ -147,10 +163,10 @@ def main(cfg: Config) -> dict:
     groups = param_groups(student, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
                           patch_embed_lr_mult=o.patch_embed_lr_mult, num_layers=student.backbone.depth)
     optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(o.beta1, o.beta2), fused=o.fused or None)
-    lr_sched = cosine_schedule(lr_peak, o.min_lr, t.steps, o.warmup_steps)
+    lr_sched = cosine_schedule(lr_peak, o.min_lr, t.steps, min(o.warmup_steps, t.steps))
     wd_sched = cosine_schedule(o.weight_decay, o.weight_decay_final, t.steps)
     momentum_sched = cosine_schedule(s.momentum_teacher, s.momentum_teacher_final, t.steps)
-    temp_sched = teacher_temp_schedule(s.teacher_temp_warmup_start, s.teacher_temp, s.teacher_temp_warmup_steps, t.steps)
+    temp_sched = teacher_temp_schedule(s.teacher_temp_warmup_start, s.teacher_temp, min(s.teacher_temp_warmup_steps, t.steps), t.steps)
 
     # --- resume: automatic when the run folder has a checkpoint; else optionally start from weights
     start_step, nonfinite_total = 0, 0
@@ -278,11 +294,14 @@ def main(cfg: Config) -> dict:
         if heldout is not None and step_done % t.rankme_every == 0:
             logger.log(step_done, {"rankme/teacher_cls": teacher_rankme(teacher, heldout, autocast)})
 
+        if t.stop_after and step_done - start_step >= t.stop_after:
+            stop.received = stop.received or "train.stop_after"
         if pdist.all_reduce_max(float(stop.received is not None), env):
             save(step_done)
             status, step = "interrupted", step_done
             if env.is_main:
-                print(f"signal received: checkpoint saved at step {step_done}", file=sys.stderr, flush=True)
+                print(f"stopping on {stop.received or 'a signal on another rank'}: checkpoint saved at step {step_done}",
+                      file=sys.stderr, flush=True)
             break
         if step_done % t.ckpt_every == 0 or step_done == t.steps:
             save(step_done)

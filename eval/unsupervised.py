@@ -1,0 +1,181 @@
+"""Label-free quality measures of a backbone's embeddings, on tiles from slides or an image folder.
+
+    python eval/unsupervised.py --ckpt runs/<run>/export --manifest slides.csv --num-tiles 4096 --mpp 0.5
+    python eval/unsupervised.py --ckpt runs/<run>/export --images /data/tiles --num-tiles 4096
+
+  rankme               exp(entropy of the normalised singular values) of the (N, D) embedding matrix, between
+                       1 and min(N, D) (Garrido et al. 2023); the kaiko.ai paper's label-free metric
+  participation_ratio  (sum of covariance eigenvalues)^2 / sum of their squares: how many directions carry the
+                       variance; a second rank measure that, unlike RankMe, ignores directions of tiny variance
+  uniformity           log E exp(-2 |u - v|^2) over pairs of L2-normalised embeddings (Wang & Isola 2020); lower
+                       is more uniform on the sphere; near 0 means collapse
+  alignment            E |u - u'|^2 between two augmented views (random resized crop + flip) of the same tile;
+                       lower is more invariant
+
+The metric functions are pure functions of tensors with no side effects on import (the trainer reuses
+`rankme`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as `python eval/unsupervised.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe of (N, D) embeddings: exp(-sum p_k log p_k), p_k = sigma_k / sum(sigma) + eps."""
+    s = torch.linalg.svdvals(embeddings.double())  # (min(N, D),)
+    p = s / s.sum() + eps
+    return torch.exp(-(p * p.log()).sum()).item()
+
+
+def participation_ratio(embeddings: torch.Tensor) -> float:
+    """(sum lambda)^2 / sum lambda^2 over the eigenvalues of the embeddings' covariance."""
+    z = embeddings.double()
+    lam = torch.linalg.svdvals(z - z.mean(0)) ** 2  # proportional to the covariance eigenvalues
+    return (lam.sum() ** 2 / (lam**2).sum()).item()
+
+
+def uniformity(embeddings: torch.Tensor, t: float = 2.0, max_samples: int = 4096) -> float:
+    """log of the mean Gaussian potential exp(-t |u - v|^2) over distinct pairs of normalised embeddings."""
+    u = F.normalize(embeddings[:max_samples].double(), dim=1)  # (n, D); n^2 pairs, so capped
+    sq = (2 - 2 * u @ u.T).clamp_min(0)  # |u - v|^2 for unit vectors, (n, n)
+    off = ~torch.eye(len(u), dtype=torch.bool)
+    return torch.log(torch.exp(-t * sq[off]).mean()).item()
+
+
+def alignment(view1: torch.Tensor, view2: torch.Tensor, alpha: float = 2.0) -> float:
+    """Mean |u - u'|^alpha between normalised embeddings of paired views, both (N, D)."""
+    return (F.normalize(view1.double(), dim=1) - F.normalize(view2.double(), dim=1)).norm(dim=1).pow(alpha).mean().item()
+
+
+def all_metrics(base: torch.Tensor, view1: torch.Tensor | None = None, view2: torch.Tensor | None = None) -> dict:
+    out = {"n": len(base), "dim": base.shape[1], "rankme": rankme(base),
+           "participation_ratio": participation_ratio(base), "uniformity": uniformity(base)}
+    if view1 is not None:
+        out["alignment"] = alignment(view1, view2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tiles and their embeddings
+
+
+def folder_tiles(folder, num: int, seed: int = 0):
+    """Up to `num` images (a seeded random subset) from anywhere under `folder`, as (3, H, W) floats in [0, 1]."""
+    from torchvision.transforms.functional import to_tensor
+
+    from pathfm.data.folders import DatasetError, LabelledImages, _images_under
+
+    paths = [str(p) for p in _images_under(Path(folder))]
+    if not paths:
+        raise DatasetError(f"{folder}: no images found")
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+    ds = LabelledImages(Path(folder).name, [], [paths[i] for i in order], [0] * len(order))
+    skipped = 0
+    for i in range(len(ds)):
+        image = ds.load(i)
+        if image is None:
+            skipped += 1
+            continue
+        yield to_tensor(image)
+    if skipped:
+        print(f"skipped {skipped} unreadable images in {folder}", file=sys.stderr)
+
+
+def slide_tiles(manifest, num: int, mpp: float, tile_size: int = 224, seed: int = 0, cache_dir=".cache/tissue"):
+    """`num` tissue tiles sampled online from the slides of a manifest (pathfm.data.sampler), (3, T, T) in [0, 1]."""
+    from pathfm.data.sampler import SlideTileDataset, prepare_slides
+    from pathfm.data.slides import read_manifest
+
+    slides, skipped = prepare_slides(read_manifest(manifest), cache_dir=cache_dir, tissue_threshold=0.4,
+                                     tile_size=tile_size, mpps=[mpp])
+    ds = SlideTileDataset(slides, batch_size=min(64, num), tile_size=tile_size, mpps=[mpp], mpp_weights=None,
+                          tissue_threshold=0.4, seed=seed, rank=0, world_size=1)
+    made, step = 0, 0
+    while made < num:
+        for tile in ds.batch(step)["tiles"][: num - made]:  # (3, T, T) uint8
+            made += 1
+            yield tile.float() / 255
+        step += 1
+
+
+def embed_tiles(backbone, tiles, how: str = "cls", size: int = 224, batch_size: int = 64, device: str = "cpu",
+                seed: int = 0):
+    """Embeddings of each tile (resize + centre crop, as for probes) and of two random views of it:
+    ((N, E), (N, E), (N, E))."""
+    from torchvision import transforms as T
+
+    from eval.extract import embed
+
+    base_t = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)])
+    view_t = T.Compose([T.RandomResizedCrop(size, scale=(0.4, 1.0), antialias=True), T.RandomHorizontalFlip()])
+    norm = T.Normalize(backbone.mean, backbone.std)
+    model = backbone.model.to(device).eval()
+    outs, batch = ([], [], []), ([], [], [])
+    cuda = torch.device(device).type == "cuda"
+
+    def flush():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            for store, images in zip(outs, batch):
+                store.append(embed(model, torch.stack(images).to(device), how).float().cpu())
+                images.clear()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the random views
+        for tile in tiles:
+            for images, t in zip(batch, (base_t, view_t, view_t)):
+                images.append(norm(t(tile)))
+            if len(batch[0]) == batch_size:
+                flush()
+        if batch[0]:
+            flush()
+    if not outs[0]:
+        raise RuntimeError("no tiles to embed")
+    return tuple(torch.cat(o) for o in outs)
+
+
+def main(argv=None):
+    from eval.common import add_model_args, backbone_from_args, default_out, write_results
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="slide manifest CSV (path[,mpp][,weight][,group]); tiles sampled online")
+    src.add_argument("--images", help="folder of tile images (searched recursively)")
+    p.add_argument("--num-tiles", type=int, default=4096)
+    p.add_argument("--mpp", type=float, default=0.5, help="slide tiles: microns per pixel")
+    p.add_argument("--cache-dir", default=".cache/tissue", help="slide tiles: tissue mask cache")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="results folder (default: <run>/eval/<checkpoint>/unsupervised-<source>)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    source = args.manifest or args.images
+    args.task, args.train, args.embeddings = f"unsupervised-{Path(source.rstrip('/')).stem}", None, None
+    out = Path(args.out) if args.out else default_out(args, "").parent / args.task
+    if (out / "results.json").exists() and not args.overwrite:
+        raise SystemExit(f"{out}/results.json exists; pass --overwrite to replace it or --out to write elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = backbone_from_args(args)
+    tiles = (slide_tiles(args.manifest, args.num_tiles, args.mpp, args.img_size, args.seed, args.cache_dir)
+             if args.manifest else folder_tiles(args.images, args.num_tiles, args.seed))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base, v1, v2 = embed_tiles(backbone, tiles, args.embedding, args.img_size, args.batch_size, device, args.seed)
+    metrics = all_metrics(base, v1, v2)
+    results = {"protocol": "unsupervised", "task": args.task, "source": source, "model": backbone.describe(),
+               "embedding": args.embedding, "metrics": metrics,
+               "headline": {"metric": "rankme", "mean": metrics["rankme"], "stdev": 0.0, "values": [metrics["rankme"]]}}
+    table = "\n".join([f"### label-free metrics, {source}", "", "| metric | value |", "|---|---:|"] +
+                      [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()])
+    write_results(out, results, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""End to end on real tiles through the scripts' command lines, eva's timm loading path, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathfm.export import save_export
+from pathfm.vit import ViTArgs, build_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _export(folder, **kw):
+    torch.manual_seed(0)
+    args = dict(arch="vit_tiny", patch_size=16, img_size=64, layerscale=0.0)  # no LayerScale: random CLS differ
+    save_export(build_vit(ViTArgs(**{**args, **kw})), folder)
+    return folder
+
+
+def _run(*args, ok=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert (p.returncode == 0) == ok, p.stdout + p.stderr
+    return p
+
+
+def test_knn_and_linear_scripts_on_real_crc_tiles(shared_data, tmp_path):
+    tiles = shared_data / "tiles" / "nct_crc_he_100k_sample9"
+    export = _export(tmp_path / "run" / "export")
+    common = ["--img-size", "64", "--num-workers", "0", "--batch-size", "9"]
+    # the run folder stands for its export; train through the CRC adapter, test through the image-folder reader
+    _run("eval/knn.py", "--ckpt", tmp_path / "run", "--train", f"crc:{tiles}:train", "--test", tiles, "--k", "1", "3",
+         *common)
+    out = tmp_path / "run" / "eval" / "run" / "crc" / "knn"
+    r = json.loads((out / "results.json").read_text())
+    assert r["metrics"]["test"]["k1/accuracy"]["mean"] == 1.0  # train == test: each tile is its own neighbour
+    assert r["counts"] == {"train": 9, "test": 9} and r["model"]["name"] == "vit_tiny_patch16_224"
+    assert (out / "results.md").read_text().startswith("### kNN, crc")
+    emb = out.parent / "embeddings"
+    manifest = json.loads((emb / "manifest.json").read_text())
+    assert manifest["train"]["dim"] == 192 and manifest["test"]["dataset"] == str(tiles)
+
+    # reuse the cached embeddings without a model; eva's protocol, 2 runs, short
+    lin = tmp_path / "lin"
+    _run("eval/linear.py", "--embeddings", emb, "--runs", "2", "--max-steps", "20", "--out", lin)
+    r = json.loads((lin / "results.json").read_text())
+    acc = r["metrics"]["test"]["balanced_accuracy"]
+    assert len(acc["values"]) == 2 and set(acc) == {"mean", "stdev", "values"} and r["val_is_test"]
+    p = _run("eval/linear.py", "--embeddings", emb, "--out", lin, ok=False)  # nothing overwritten silently
+    assert "--overwrite" in p.stderr
+
+    _run("eval/report.py", tmp_path / "run" / "eval", lin, "--out", tmp_path / "report")
+    assert "crc (knn)" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "crc_knn.png").stat().st_size > 1000
+
+
+def test_export_loads_the_way_eva_loads_it_and_embeddings_agree(tmp_path):
+    timm = pytest.importorskip("timm")
+    from eval.backbone import load_eval_backbone
+    from eval.extract import embed
+
+    folder = _export(tmp_path / "export", layerscale=1e-5)
+    side = json.loads((folder / "model.json").read_text())
+    pth = str(folder / "model.pth")
+    # eva's TimmModel: pretrained_cfg={"file": checkpoint_path, "num_classes": 0} plus MODEL_EXTRA_KWARGS
+    eva_model = timm.create_model(side["timm_name"], pretrained=True, pretrained_cfg={"file": pth, "num_classes": 0},
+                                  num_classes=0, **side["timm_kwargs"]).eval()
+    overlay = timm.create_model(side["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=pth),
+                                num_classes=0, **side["timm_kwargs"]).eval()
+    ours = load_eval_backbone(ckpt=str(folder)).model
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = embed(ours, x, "cls")
+        assert torch.allclose(eva_model(x), want, atol=1e-5) and torch.allclose(overlay(x), want, atol=1e-5)
+        # eva's concat_mean_patch_tokens is our cls_mean; lastN uses the same blocks in both
+        tokens = eva_model.forward_features(x)
+        eva_cls_mean = torch.cat([tokens[:, 0], tokens[:, eva_model.num_prefix_tokens:].mean(1)], -1)
+        assert torch.allclose(embed(ours, x, "cls_mean"), eva_cls_mean, atol=1e-5)
+        assert torch.allclose(embed(ours, x, "last2"), embed(eva_model, x, "last2"), atol=1e-5)
+
+
+def test_sidecar_that_does_not_match_its_weights_is_an_error(tmp_path):
+    from eval.backbone import load_eval_backbone
+
+    folder = _export(tmp_path / "export")
+    side = json.loads((folder / "model.json").read_text())
+    side["pathfm_args"]["arch"] = "vit_small"
+    (folder / "model.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="model.pth does not match its sidecar"):
+        load_eval_backbone(ckpt=str(folder))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_eval_backbone(ckpt=str(tmp_path / "nope"))
+
+
+def test_unreadable_images_are_counted_then_an_error(tmp_path):
+    from eval.backbone import load_eval_backbone
+    from eval.extract import extract
+    from pathfm.data.folders import image_folder
+
+    bb = load_eval_backbone(ckpt=str(_export(tmp_path / "export")))
+    from PIL import Image
+
+    for i in range(3):
+        (tmp_path / "d" / "c").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (i * 50, 0, 0)).save(tmp_path / "d" / "c" / f"{i}.png")
+    (tmp_path / "d" / "c" / "3.png").write_bytes(b"broken")
+    ds = image_folder(tmp_path / "d")
+    r = extract(bb, ds, img_size=64, max_bad=0.5, progress=False)
+    assert r["embeddings"].shape == (3, 192) and r["skipped"] == [str(tmp_path / "d" / "c" / "3.png")]
+    with pytest.raises(RuntimeError, match="1 unreadable images"):
+        extract(bb, ds, img_size=64, max_bad=0.0, progress=False)
+
+
+def test_cached_embeddings_of_another_model_are_not_reused(shared_data, tmp_path):
+    from eval.backbone import load_eval_backbone
+    from eval.extract import cached_or_extract
+
+    tiles = str(shared_data / "tiles" / "nct_crc_he_100k_sample9")
+    a = load_eval_backbone(ckpt=str(_export(tmp_path / "a")))
+    b = load_eval_backbone(ckpt=str(_export(tmp_path / "b")))
+    kw = dict(img_size=32, progress=False, batch_size=9)
+    first = cached_or_extract(a, tiles, "train", tmp_path / "emb", "cls", **kw)
+    again = cached_or_extract(a, tiles, "train", tmp_path / "emb", "cls", **kw)  # reused
+    assert torch.equal(first["embeddings"], again["embeddings"])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cached_or_extract(b, tiles, "train", tmp_path / "emb", "cls", **kw)
+    cached_or_extract(b, tiles, "train", tmp_path / "emb", "cls", overwrite=True, **kw)
+
+
+def test_unsupervised_on_slides_and_images(shared_data, tmp_path):
+    from eval.backbone import load_eval_backbone
+    from eval.unsupervised import all_metrics, embed_tiles, folder_tiles, slide_tiles
+
+    bb = load_eval_backbone(ckpt=str(_export(tmp_path / "export")))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{shared_data / 'slides' / 'CMU-1-Small-Region.svs'}\n")
+    for tiles in (slide_tiles(manifest, 6, mpp=1.0, tile_size=64, cache_dir=tmp_path / "cache"),
+                  folder_tiles(shared_data / "tiles", 6)):
+        m = all_metrics(*embed_tiles(bb, tiles, size=32, batch_size=6))
+        assert m["n"] == 6 and m["dim"] == 192
+        assert 1.0 <= m["rankme"] <= 6.0 and 1.0 <= m["participation_ratio"] <= 6.0
+        assert m["uniformity"] < 0 and m["alignment"] > 0

@@ -1,0 +1,96 @@
+"""launch/train.py against a real SLURM cluster (../shared/slurm-ci/up.sh: nodes n1, n2 on this host).
+
+Each test submits the smoke config with the cpu-ci profile into its own tmp_path run folder, so
+job ids restarting on a fresh cluster cannot return a stale submitit result.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(shutil.which("sbatch") is None,
+                       reason="sbatch not on PATH: no SLURM cluster here (start one with ../shared/slurm-ci/up.sh)"),
+]
+SMALL = ["data.num_workers=0", "train.rankme_every=0", "train.log_every=1"]
+
+
+def launch(tmp_path, *args):
+    """Run the launcher as a user would; returns (completed process, run folder)."""
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--profile", "cpu-ci", "--config", "configs/smoke.yaml",
+           f"train.output_dir={tmp_path / 'runs'}", *SMALL, *args]
+    # cwd = the checkout: the job shares the synthetic-slide cache (data.cache_dir) with the other tests
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60), tmp_path / "runs" / "smoke"
+
+
+def job_of(proc, run_dir, ntasks):
+    import submitit
+
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split("submitted job ")[1].split(":")[0]
+    return submitit.SlurmJob(folder=run_dir / "slurm", job_id=job_id, tasks=tuple(range(ntasks)))
+
+
+def wait(job, run_dir, timeout_s):
+    deadline = time.time() + timeout_s
+    while not job.done(force_check=True):
+        if time.time() > deadline:
+            subprocess.run(["scancel", job.job_id])
+            logs = "\n".join(p.read_text()[-2000:] for p in sorted((run_dir / "slurm").glob("*_log.err")))
+            pytest.fail(f"job {job.job_id} not done after {timeout_s} s; logs:\n{logs}")
+        time.sleep(2)
+    return job.results()
+
+
+def logged_steps(run_dir):
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss/total"' in line]
+
+
+def test_two_nodes_train_with_world_size_two(tmp_path):
+    proc, run_dir = launch(tmp_path, "--nodes", "2", "--tasks-per-node", "1", "train.steps=4")
+    assert (run_dir / "config.yaml").exists() and (run_dir / "submit.sbatch").exists()  # written before the job ran
+    results = wait(job_of(proc, run_dir, 2), run_dir, 150)
+    assert [r["status"] for r in results] == ["finished", "finished"] and results[0]["step"] == 4
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["world_size"] == 2 and env["launcher"] == "slurm"
+    assert logged_steps(run_dir)[-1] == 4
+    assert (run_dir / "checkpoints" / "last").exists() and (run_dir / "export" / "model.json").exists()
+    assert (run_dir / "tb").is_dir()
+
+
+def test_interrupted_job_requeues_and_resumes(tmp_path):
+    """USR2 (what SLURM sends before the time limit) mid-run: checkpoint, requeue, resume, finish."""
+    steps = 14
+    proc, run_dir = launch(tmp_path, "--nodes", "2", f"train.steps={steps}", "train.ckpt_every=100")
+    job = job_of(proc, run_dir, 2)
+    deadline = time.time() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and logged_steps(run_dir) and logged_steps(run_dir)[-1] >= 2):
+        assert time.time() < deadline, "training did not reach step 2"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    results = wait(job, run_dir, 180)
+
+    assert [r["status"] for r in results] == ["finished", "finished"] and results[0]["step"] == steps
+    err = (run_dir / "slurm" / f"{job.job_id}_0_log.err").read_text()
+    saved = int(err.split("checkpoint saved at step ")[1].split()[0])
+    resumed = int(err.split("resuming from ")[1].split(" at step ")[1].split()[0])
+    assert 2 <= saved < steps and resumed == saved  # checkpoint_every=100: only the interrupt saved one
+    steps_logged = logged_steps(run_dir)
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == steps  # continues, never restarts
+    assert steps_logged.count(1) == 1 and saved + 1 in steps_logged
+    states = subprocess.run(["sacct", "-D", "-X", "-n", "-o", "State", "-j", job.job_id], capture_output=True, text=True).stdout
+    assert "REQUEUED" in states and "COMPLETED" in states, states
+
+
+def test_rejected_partition_shows_slurm_error_and_leaves_nothing(tmp_path):
+    proc, run_dir = launch(tmp_path, "--partition", "nosuchpartition", "train.steps=2")
+    assert proc.returncode != 0
+    assert "invalid partition" in proc.stderr.lower(), proc.stderr  # sbatch's own words
+    assert not run_dir.exists() and not (tmp_path / "runs" / "smoke").exists()

@@ -1,0 +1,193 @@
+"""The main job: README command, run folder, exact resume, non-finite losses, atomic checkpoints, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathfm import checkpoint as ckpt
+from pathfm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke(tmp_path, *overrides):
+    # a shared synthetic-slide cache keeps every test from regenerating slides
+    cache = ROOT / ".cache" / "pathfm-tests"
+    return load_config("smoke", [f"train.output_dir={tmp_path}", f"data.cache_dir={cache}", "train.name=run",
+                                 "train.log_every=1", "data.num_workers=0", *overrides])
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+
+def run(cfg):
+    from pathfm.train import main
+
+    return main(cfg)
+
+
+def test_readme_first_command_leaves_a_complete_run_folder(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/smoke.yaml", "--local"]
+    # the README runs it from the checkout; here the run folder goes to tmp_path, the slide cache is shared
+    cmd += [f"train.output_dir={tmp_path}", f"data.cache_dir={ROOT / '.cache' / 'pathfm-tests'}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "img/s" in p.stderr and "eta" in p.stderr  # the progress line
+    run_dir = tmp_path / "smoke"
+    assert load_config(run_dir / "config.yaml").train.steps == 12
+    env_json = json.loads((run_dir / "env.json").read_text())
+    assert env_json["torch"] == torch.__version__ and env_json["world_size"] == 1 and "git_revision" in env_json
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss/total" in r][-1]
+    for key in ("loss/dino", "loss/ibot", "loss/koleo", "lr", "weight_decay", "teacher_momentum", "teacher_temp",
+                "grad_norm", "images_per_s", "data_time_s", "memory_gib", "skipped_slides"):
+        assert key in last, key
+    assert last["step"] == 12
+    assert any("rankme/teacher_cls" in r for r in rows)
+    tb = list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert tb
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb[0])).Reload()
+    assert "crops/first_batch" in acc.Tags()["images"]
+    assert "loss/total" in acc.Tags()["scalars"]
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "step_0000012"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last", "step_0000006", "step_0000012"]
+
+    # the export loads strictly in timm and computes what the checkpoint's teacher computes
+    import timm
+
+    side = json.loads((run_dir / "export" / "model.json").read_text())
+    model = timm.create_model(side["timm_name"], num_classes=0, **side["timm_kwargs"]).eval()
+    model.load_state_dict(torch.load(run_dir / "export" / "model.pth"), strict=True)
+    teacher, meta = ckpt.load_teacher_backbone(run_dir)
+    assert meta["step"] == 12
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - teacher(x)).abs().max() < 1e-5
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run(smoke(tmp_path / "a", "train.steps=6", "train.ckpt_every=100"))
+    first = run(smoke(tmp_path / "b", "train.steps=6", "train.stop_after=3"))
+    assert first["status"] == "interrupted" and first["step"] == 3
+    second = run(smoke(tmp_path / "b", "train.steps=6"))  # same folder: resumes automatically
+    assert second["status"] == "finished" and second["step"] == 6
+    a, b = losses(full["run_dir"]), losses(second["run_dir"])
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]  # the step count continued, it did not restart
+    for step in range(1, 7):
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import pathfm.train as train
+
+    real = train.dino_loss
+    calls = {"n": 0}
+
+    def dino_nan_from_step_5(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] >= 5 else value
+
+    monkeypatch.setattr(train, "dino_loss", dino_nan_from_step_5)
+    cfg = smoke(tmp_path, "train.steps=12", "train.ckpt_every=3", "train.max_nonfinite=3", "train.rankme_every=0")
+    ckpts = Path(cfg.train.output_dir) / "run" / "checkpoints"
+    with pytest.raises(FloatingPointError, match=r"step 6: 3 consecutive non-finite losses \(last: dino\)"):
+        run(cfg)
+    # steps 1-4 trained and checkpointed at 3; 5, 6, 7 (index 4-6) skipped; nothing saved after the failure
+    assert (ckpts / "last").read_text().strip() == "step_0000003"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000003"]
+    teacher, meta = ckpt.load_teacher_backbone(ckpts / "last")
+    assert meta["step"] == 3
+    rows = [json.loads(line) for line in (ckpts.parent / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("nonfinite_steps", 0) for r in rows) == 3
+
+
+def test_a_single_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
+    import pathfm.train as train
+
+    real = train.koleo_loss
+    calls = {"n": 0}
+
+    def koleo_nan_once(x, *a, **k):
+        calls["n"] += 1  # two calls per step (one per global crop)
+        v = real(x, *a, **k)
+        return v * float("nan") if calls["n"] in (3, 4) else v
+
+    monkeypatch.setattr(train, "koleo_loss", koleo_nan_once)
+    result = run(smoke(tmp_path, "train.steps=3", "train.rankme_every=0"))
+    assert result["status"] == "finished"
+    rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["nonfinite_steps"] == 1
+    assert all(r["step"] != 2 or "loss/total" not in r for r in rows)  # step 2 was skipped, not logged as trained
+
+
+def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path, monkeypatch):
+    cfg = smoke(tmp_path, "train.steps=6", "train.ckpt_every=3", "train.rankme_every=0")
+    import torch.distributed.checkpoint as dcp
+
+    real_save = dcp.save
+    calls = {"n": 0}
+
+    def dies_on_second_save(state, checkpoint_id):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_save({"student": state["student"]}, checkpoint_id=checkpoint_id)  # part of the shards
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(ckpt.dcp, "save", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    folder = Path(cfg.train.output_dir) / "run" / "checkpoints"
+    assert (folder / "step_0000006.tmp").is_dir() and not (folder / "step_0000006").exists()
+    assert ckpt.latest_checkpoint(folder).name == "step_0000003"
+    monkeypatch.setattr(ckpt.dcp, "save", real_save)
+    result = run(cfg)  # resumes from step 3, rewrites step 6 cleanly
+    assert result["step"] == 6 and ckpt.latest_checkpoint(folder).name == "step_0000006"
+    assert not (folder / "step_0000006.tmp").exists()
+
+
+def test_missing_manifest_fails_before_any_folder_is_made(tmp_path):
+    cfg = smoke(tmp_path, "data.source=manifest", f"data.manifest={tmp_path / 'nope.csv'}")
+    with pytest.raises(SystemExit, match=r"'data.manifest'.*nope.csv.*does not exist"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"cannot create run folder"):
+        run(smoke(tmp_path, f"train.output_dir={blocker}"))
+
+
+def test_resume_folder_of_another_architecture_is_refused_and_kept(tmp_path):
+    run(smoke(tmp_path, "train.steps=2", "train.rankme_every=0"))
+    folder = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"another model \(patch_size: 16 -> 8\)"):
+        run(smoke(tmp_path, "train.steps=4", "model.patch_size=8"))
+    after = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p.name != "env.json"} == {p: t for p, t in before.items() if p.name != "env.json"}
+
+
+def test_high_resolution_post_training_starts_from_a_checkpoint(tmp_path):
+    base = run(smoke(tmp_path / "base", "train.steps=2", "train.rankme_every=0"))
+    # larger crops from larger tiles, weights from the base run; lr 0 and momentum 1 keep the teacher as loaded
+    post = run(smoke(tmp_path / "post", "train.steps=1", "train.rankme_every=0", "crops.global_size=96",
+                     "crops.local_size=48", "data.tile_size=128", "optim.base_lr=0.0", "optim.min_lr=0.0",
+                     "ssl.momentum_teacher=1.0", f"train.init_checkpoint={base['run_dir']}/checkpoints/last"))
+    a, _ = ckpt.load_teacher_backbone(base["run_dir"])
+    b, _ = ckpt.load_teacher_backbone(Path(post["run_dir"]) / "export")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
