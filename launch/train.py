@@ -121,7 +121,12 @@ def run_slurm(args, cfg, name):
         old = yaml.safe_load(config_path.read_text()) or {}
         if old.get("model") != yaml.safe_load(to_yaml(cfg))["model"]:
             raise slurm.LaunchError(f"run folder '{run_dir}' holds a run of another model; pick a new --name")
-    created = [p for p in (run_dir, run_dir / "slurm") if not p.exists()]  # removed again if submission fails
+    # what submission failure must undo: the highest folder this launch creates, or, in an existing
+    # run folder (a resume), the two files it rewrites
+    top = run_dir / "slurm"
+    while not top.parent.exists():
+        top = top.parent
+    top = None if top.exists() else top
     old_files = {p: p.read_bytes() for p in (config_path, run_dir / "submit.sbatch") if p.exists()}
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     config_path.write_text(to_yaml(cfg))
@@ -129,9 +134,9 @@ def run_slurm(args, cfg, name):
     try:
         job = slurm.submit(slurm.TrainJob(str(config_path), res.max_requeues), res, job_name, run_dir / "slurm")
     except slurm.LaunchError:
-        if created:
-            shutil.rmtree(created[0])
-        else:
+        if top is not None:
+            shutil.rmtree(top)
+        if run_dir.exists():  # it was there before: put its files back as they were
             for p in (config_path, run_dir / "submit.sbatch"):
                 p.write_bytes(old_files[p]) if p in old_files else p.unlink()
         raise

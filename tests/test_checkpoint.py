@@ -1,0 +1,132 @@
+"""Checkpoints in one process: round trip, atomic writes, the `last` pointer, export.
+
+Saving on N ranks and loading on M is tested with real gloo process groups in test_fsdp.py.
+"""
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from pathfm import checkpoint as ckpt
+from pathfm.export import main as export_main
+from pathfm.losses import Centering
+from pathfm.vit import ViTArgs, build_vit
+
+VIT = ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, layerscale=1e-5)
+
+
+def make_state(seed: int):
+    """Student (backbone + head), teacher, AdamW with state, loss centre: what train.py checkpoints."""
+    torch.manual_seed(seed)
+    student = nn.ModuleDict({"backbone": build_vit(VIT), "dino_head": nn.Linear(192, 16)})
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    loss = student.dino_head(student.backbone(torch.randn(2, 3, 32, 32))).square().mean()
+    loss.backward()
+    optimizer.step()  # Adam moments exist, so the optimizer state is not trivially empty
+    loss_state = nn.ModuleDict({"dino_center": Centering(16)})
+    loss_state.dino_center.center.normal_()
+    return dict(student=student, teacher=teacher, optimizer=optimizer, loss_state=loss_state)
+
+
+META = {"vit_args": vars(VIT), "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def save(folder, step, state, **kw):
+    return ckpt.save_checkpoint(folder, step, meta=META, **state, **kw)
+
+
+def flat(state) -> dict:
+    """Every tensor of a training state, by name, for equality checks."""
+    out = {f"student.{k}": v for k, v in state["student"].state_dict().items()}
+    out.update({f"teacher.{k}": v for k, v in state["teacher"].state_dict().items()})
+    out.update({f"loss.{k}": v for k, v in state["loss_state"].state_dict().items()})
+    for i, s in state["optimizer"].state_dict()["state"].items():
+        out.update({f"optim.{i}.{k}": v for k, v in s.items()})
+    return out
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+
+
+def test_round_trip_restores_everything(tmp_path):
+    saved = make_state(0)
+    folder = save(tmp_path, 5, saved)
+    assert folder.name == "step_0000005" and (folder / ".metadata").is_file()
+    assert (tmp_path / "last").read_text().strip() == "step_0000005"
+    after_save = torch.rand(3)  # what the RNG gives next in the saved run
+
+    restored = make_state(1)  # different weights, moments, centre and RNG state
+    meta = ckpt.load_checkpoint(folder, **restored)
+    assert_same(flat(saved), flat(restored))
+    assert meta["step"] == 5 and meta["world_size"] == 1 and meta["vit_args"]["arch"] == "vit_tiny"
+    assert torch.equal(torch.rand(3), after_save)  # the resumed run continues the same random stream
+
+
+def test_killed_write_is_ignored_then_cleaned(tmp_path):
+    state = make_state(0)
+    save(tmp_path, 2, state)
+    # a write killed after rank 0 wrote meta.json but before the rename: still not a checkpoint
+    killed = tmp_path / "step_0000004.tmp"
+    killed.mkdir()
+    (killed / "meta.json").write_text(json.dumps({"step": 4}))
+    (tmp_path / "last").unlink()  # also without the pointer, the fallback scan must skip it
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_0000002"
+    assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "step_0000002"
+
+    save(tmp_path, 3, state)  # the next save (another step) removes the leftover
+    assert not killed.exists()
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_0000003"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "step_0000002", "step_0000003"]
+
+
+def test_existing_step_folder_is_never_overwritten(tmp_path):
+    first = make_state(0)
+    save(tmp_path, 6, first)
+    second = make_state(1)
+    save(tmp_path, 6, second)  # e.g. a stop signal right after the periodic save
+    restored = make_state(2)
+    ckpt.load_checkpoint(tmp_path / "step_0000006", **restored)
+    assert_same(flat(first), flat(restored))
+
+
+def test_keep_last_and_pointer(tmp_path):
+    state = make_state(0)
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, state, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003", "step_0000004"]
+    assert ckpt.resolve_checkpoint(tmp_path / "last") == tmp_path / "step_0000004"
+    assert ckpt.resolve_checkpoint(tmp_path.parent / tmp_path.name) == tmp_path / "step_0000004"
+
+
+def test_missing_checkpoint_error_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no complete pathfm checkpoint at '{tmp_path}'"):
+        ckpt.resolve_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match="no complete pathfm checkpoint"):
+        export_main([str(tmp_path), "-o", str(tmp_path / "out")])
+
+
+def test_export_command_writes_the_teacher_for_timm(tmp_path):
+    state = make_state(0)
+    with torch.no_grad():  # teacher != student, so exporting the wrong one would show
+        for p in state["teacher"].parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save(tmp_path / "checkpoints", 7, state)
+    out = export_main([str(tmp_path / "checkpoints" / "last"), "-o", str(tmp_path / "export")])
+    side = json.loads((out.parent / "model.json").read_text())
+    assert side["step"] == 7 and side["timm_name"] == "vit_tiny_patch16_224" and side["mean"] == [0.5] * 3
+
+    model = timm.create_model(side["timm_name"], pretrained=False, num_classes=0, **side["timm_kwargs"]).eval()
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    teacher = state["teacher"].backbone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), teacher(x), atol=1e-5, rtol=1e-5)
+        assert (model(x) - state["student"].backbone.eval()(x)).abs().max() > 1e-3
