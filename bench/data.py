@@ -8,7 +8,7 @@ Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread
   openslide 224/256  OpenSlide read_region of random tissue regions at level 0
   pathfm tiles    SlideTileDataset batches, JPEG fast path, grid-aligned, 224 px at 0.5 µm/px
   pathfm tiles mix   the same, magnification mix 0.5/1/2 µm/px, unaligned (auto reader)
-  full samples    pathfm tiles (mix) + MultiCrop (2 x 224 + 8 x 96) [+ iBOT masks]
+  full samples    pathfm tiles (mix) + MultiCrop (2 x 224 + 8 x 96) + iBOT masks (pathfm.data.loader.Views)
   baseline        OpenSlide read + torchvision/PIL DINOv2-style multi-crop, one sample at a time
 The slide is written once to .cache/pathfm/bench and reused.
 """
@@ -85,20 +85,11 @@ def bench_pathfm(**kw):
 
 
 def multicrop_transform():
-    from pathfm.data.augment import MultiCrop
-    crops = MultiCrop()
-    try:
-        from pathfm.data.masking import MaskGenerator  # iBOT masks, when the module exists
-        masks = MaskGenerator()
-    except ImportError:
-        masks = None
+    """The trainer's own views: DINOv2 multi-crop (2 x 224 + 8 x 96) and iBOT masks for the global crops."""
+    from pathfm.config import Config
+    from pathfm.data.loader import Views
 
-    def transform(tiles, generator):
-        out = crops(tiles, generator)
-        if masks is not None:
-            out["masks"] = masks(len(out["global_crops"]), generator)
-        return out
-    return transform
+    return Views(Config(), patch_size=14, ibot=True)
 
 
 def bench_full(seconds):

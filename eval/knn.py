@@ -28,7 +28,6 @@ def knn_topk(train_x, test_x, k: int, test_chunk: int = 512, train_chunk: int = 
     import torch
     import torch.nn.functional as F
 
-    train_x = F.normalize(train_x.float(), dim=1)  # (N, D)
     test_x = F.normalize(test_x.float(), dim=1)  # (M, D)
     k = min(k, len(train_x))
     sims, idx = [], []
@@ -36,7 +35,8 @@ def knn_topk(train_x, test_x, k: int, test_chunk: int = 512, train_chunk: int = 
         best_s = torch.full((len(q), 0), float("-inf"))
         best_i = torch.zeros((len(q), 0), dtype=torch.long)
         for start in range(0, len(train_x), train_chunk):
-            s = q @ train_x[start:start + train_chunk].T  # (m, c)
+            # train rows are normalised chunk by chunk: no second (N, D) copy; the cost is N*D per test chunk
+            s = q @ F.normalize(train_x[start:start + train_chunk].float(), dim=1).T  # (m, c)
             cand_s = torch.cat([best_s, s], dim=1)  # (m, k + c): previous best plus this chunk
             cand_i = torch.cat([best_i, torch.arange(start, start + s.shape[1]).expand(len(q), -1)], dim=1)
             best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)

@@ -111,7 +111,10 @@ class LinearGrid:
         self.buffers = [torch.zeros_like(self.weight), torch.zeros_like(self.bias)]
 
     def logits(self, x):
-        return x @ self.weight + self.bias[:, None]  # (B, D) @ (G, D, C) -> (G, B, C)
+        G, D, C = self.weight.shape
+        # one (B, D) @ (D, G*C) matmul for all heads (a batched (G, D, C) matmul would copy x G times)
+        out = (x @ self.weight.permute(1, 0, 2).reshape(D, G * C)).view(len(x), G, C)
+        return out.transpose(0, 1) + self.bias[:, None]  # (G, B, C)
 
     def step(self, x, y, lr_scale: float) -> None:
         import torch
@@ -194,8 +197,6 @@ def run_probe(data: dict, *, grid: bool = False, runs: int = 5, monitor: str | N
 
 
 def main(argv=None):
-    import torch
-
     from eval.common import (add_data_args, add_model_args, embeddings_for, markdown_table, prepare_out, provenance,
                              task_name, write_results)
 
@@ -216,6 +217,8 @@ def main(argv=None):
     data = embeddings_for(args, {"train": args.train, "val": args.val, "test": args.test}, out.parent / "embeddings")
     if "test" not in data:
         raise SystemExit("--test DATASET is needed")
+    import torch
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     hparams = dict(batch_size=args.probe_batch_size, max_steps=args.max_steps)
     if not args.grid:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -111,10 +112,16 @@ def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     state = _app_state(student, teacher, optimizer, loss_state)
+    # A parameter that never had a gradient (the iBOT mask token in a DINO run) has no AdamW state in
+    # the checkpoint, while a fresh optimizer offers one for every parameter: leave it without, as in
+    # the run that saved it.
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state["optimizer"]["state"] = {fqn: s for fqn, s in state["optimizer"]["state"].items()
+                                   if all(f"optimizer.state.{fqn}.{k}" in saved for k in s)}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
-    set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     loss_state.load_state_dict(state["loss"])
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():

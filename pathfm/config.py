@@ -135,6 +135,7 @@ class TrainConfig:
     rankme_batch: int = 256
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     precision: str = "fp32"  # fp32 | bf16 (CUDA)
+    sync_timing: bool = False  # wait for the GPU at each phase so time/* metrics are exact (benchmarks)
     init_checkpoint: str = ""  # start from a pathfm checkpoint (weights only), e.g. high-res post-training
 
 

@@ -27,6 +27,31 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+class StepTimer:
+    """Wall time per phase of a step (data, forward, backward, optimizer).
+
+    With sync=True each lap waits for the GPU, so its work is counted in the phase that queued it;
+    that costs a little overlap, so it is for benchmarks (train.sync_timing), not production runs.
+    """
+
+    def __init__(self, device: torch.device, sync: bool = False):
+        self.sync = sync and device.type == "cuda"
+        self.start()
+
+    def start(self) -> None:
+        self.t, self.laps = time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.laps[name] = now - self.t
+        self.t = now
+
+    def total(self) -> float:
+        return sum(self.laps.values())
+
+
 class Logger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 

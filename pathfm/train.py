@@ -32,7 +32,7 @@ from pathfm.data.loader import Views, build_loader, prepare, views_generator
 from pathfm.export import load_backbone, save_export
 from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
-from pathfm.metrics import Logger, peak_memory_gib, rankme
+from pathfm.metrics import Logger, StepTimer, peak_memory_gib, rankme
 from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
 from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
 
@@ -190,7 +190,7 @@ def main(cfg: Config) -> dict:
     logger = Logger(run_dir, t.steps, enabled=env.is_main)
     stop = StopSignal()
     nonfinite_run, status, step = 0, "finished", start_step
-    t_data = time.perf_counter()
+    timer = StepTimer(device, sync=t.sync_timing)
 
     def save(step_done):
         meta = {**meta_common, "nonfinite_total": nonfinite_total}
@@ -208,7 +208,7 @@ def main(cfg: Config) -> dict:
         global_crops = crops["global_crops"].to(device, non_blocking=True)  # (2B, 3, G, G), crop-major
         local_crops = crops["local_crops"].to(device, non_blocking=True)  # (n_local*B, 3, L, L)
         masks = crops["masks"].to(device, non_blocking=True)  # (2B, N) bool, True = masked patch
-        data_time = time.perf_counter() - t_data
+        timer.lap("data")
         B = global_crops.shape[0] // 2
         n_crops = 2 + local_crops.shape[0] // B
         if step == start_step and env.is_main:
@@ -251,6 +251,7 @@ def main(cfg: Config) -> dict:
                 losses["kde"] = sum(kde_loss(c, s.kde_bandwidth) for c in s_global[:, 0].chunk(2))
         weights = {"dino": s.dino_weight, "ibot": s.ibot_weight, "koleo": s.koleo_weight, "kde": s.kde_weight}
         loss = sum(weights[k] * v for k, v in losses.items())
+        timer.lap("forward")
 
         # a non-finite loss on any rank: skip the update everywhere, stop after max_nonfinite in a row
         bad = [k for k, v in losses.items() if not torch.isfinite(v)]
@@ -262,11 +263,12 @@ def main(cfg: Config) -> dict:
             if nonfinite_run >= t.max_nonfinite:
                 raise FloatingPointError(f"stopping at step {step}: {nonfinite_run} consecutive non-finite losses "
                                          f"(last: {', '.join(bad) or 'on another rank'}); the last good checkpoint is untouched")
-            t_data = time.perf_counter()
+            timer.start()
             continue
         nonfinite_run = 0
 
         loss.backward()
+        timer.lap("backward")
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), o.clip_grad if o.clip_grad > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -279,16 +281,16 @@ def main(cfg: Config) -> dict:
                 loss_state.dino_center.update(t_cls_logits)
                 if ibot:
                     loss_state.ibot_center.update(t_patch_logits)
+        timer.lap("optimizer")
 
         step_done = step + 1
         if step_done % t.log_every == 0 or step_done == t.steps or step == start_step:
-            elapsed = time.perf_counter() - t_data
             values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}}, env)
             values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
-                           "teacher_temp": teacher_temp, "grad_norm": float(grad_norm), "data_time_s": data_time,
-                           "images_per_s": global_batch / max(elapsed, 1e-9), "memory_gib": peak_memory_gib(device),
+                           "teacher_temp": teacher_temp, "grad_norm": float(grad_norm),
+                           "images_per_s": global_batch / max(timer.total(), 1e-9), "memory_gib": peak_memory_gib(device),
                            "skipped_slides": len(skipped_slides), "skipped_reads": batch["skipped"],
-                           "nonfinite_steps": nonfinite_total})
+                           "nonfinite_steps": nonfinite_total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
             logger.log(step_done, values)
             logger.progress(step_done, values)
         if heldout is not None and step_done % t.rankme_every == 0:
@@ -305,7 +307,7 @@ def main(cfg: Config) -> dict:
             break
         if step_done % t.ckpt_every == 0 or step_done == t.steps:
             save(step_done)
-        t_data = time.perf_counter()
+        timer.start()
         step = step_done
 
     if status == "finished" and env.is_main:

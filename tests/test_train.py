@@ -48,7 +48,7 @@ def test_readme_first_command_leaves_a_complete_run_folder(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss/total" in r][-1]
     for key in ("loss/dino", "loss/ibot", "loss/koleo", "lr", "weight_decay", "teacher_momentum", "teacher_temp",
-                "grad_norm", "images_per_s", "data_time_s", "memory_gib", "skipped_slides"):
+                "grad_norm", "images_per_s", "time/data_s", "time/forward_s", "time/backward_s", "time/optimizer_s", "memory_gib", "skipped_slides"):
         assert key in last, key
     assert last["step"] == 12
     assert any("rankme/teacher_cls" in r for r in rows)
