@@ -134,8 +134,9 @@ def _ema_worker(rank: int, world: int, port: int) -> None:
     qkv = student.backbone.blocks[0].attn.qkv.weight
     assert isinstance(qkv, DTensor) and qkv.to_local().shape[0] == qkv.shape[0] // world  # sharded on dim 0
     assert [n for n, _ in teacher.named_parameters()] == [n for n, _ in student.named_parameters()]  # zip aligns
+    start = full(student)  # every rank gathers (collective); rank 0 knows what it should be
     if rank == 0:
-        for n, t in full(student).items():
+        for n, t in start.items():
             assert torch.equal(t, rank0_init[n]), n
 
     # one optimizer step, so student and teacher differ everywhere

@@ -191,3 +191,27 @@ def test_high_resolution_post_training_starts_from_a_checkpoint(tmp_path):
     b, _ = ckpt.load_teacher_backbone(Path(post["run_dir"]) / "export")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_a_checkpoint_and_stops(tmp_path, sig):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/smoke.yaml", "--local",
+           f"train.output_dir={tmp_path}", f"data.cache_dir={ROOT / '.cache' / 'pathfm-tests'}", "train.steps=10000",
+           "train.log_every=1", "train.rankme_every=0", "data.num_workers=0"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "smoke" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(getattr(signal, sig))
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-2000:]
+    assert f"stopping on {sig}" in err
+    last = ckpt.latest_checkpoint(tmp_path / "smoke" / "checkpoints")
+    step = json.loads((last / "meta.json").read_text())["step"]
+    assert 2 <= step < 10000
+    assert not (tmp_path / "smoke" / "export").exists()  # interrupted, not finished: no export yet
