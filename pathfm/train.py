@@ -18,7 +18,6 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -311,7 +310,9 @@ def main(cfg: Config) -> dict:
         step = step_done
 
     if status == "finished" and env.is_main:
-        save_export(teacher.backbone, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step})
+        # from the final checkpoint, so a sharded (FSDP) teacher exports the same way as a plain one
+        vit, _ = ckpt.load_teacher_backbone(run_dir / "checkpoints")
+        save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step})
     logger.close()
     pdist.teardown()
     return {"run_dir": str(run_dir), "step": step, "status": status}
