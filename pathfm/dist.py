@@ -4,7 +4,9 @@
     student = wrap_model(student, env, fsdp=True, ac="none", compile=False, precision="bf16")
 
 Order inside `wrap_model` (as torchtitan): activation checkpointing, then torch.compile, then FSDP2
-`fully_shard` per transformer block and at the root. The model code itself holds no distributed code.
+`fully_shard` per transformer block and at the root(s). The model code itself holds no distributed code.
+Parameters stay fp32 shards (DTensors) between steps, so the optimizer and the teacher EMA
+(`p_t.lerp_(p_s, 1 - m)` over matching shards) work on each rank's slice without communication.
 """
 
 from __future__ import annotations
@@ -172,18 +174,21 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "
         raise ValueError(f"train.precision=bf16 needs CUDA but the device is {env.device}; use train.precision=fp32 on CPU")
     if ac not in ("none", "full", "selective"):
         raise ValueError(f"dist.activation_checkpointing={ac!r} is not one of none, full, selective")
+    if not fsdp and env.world_size > 1:
+        raise ValueError(f"dist.fsdp=false on {env.world_size} ranks would train {env.world_size} unsynchronised models "
+                         "(there is no DDP path); set dist.fsdp=true, or run one process")
     vit = model.backbone if hasattr(model, "backbone") else model
     if ac != "none":
         vit.set_grad_checkpointing(1 if ac == "full" else 2)  # torch.utils.checkpoint per block
     if compile:
         for blk in vit.blocks:
             blk.compile()
-    if fsdp and env.world_size > 1:
+    if env.world_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         # bf16: blocks compute with bf16 copies of the fp32 shards; gradients are reduce-scattered in fp32
         # so the sum over ranks keeps full precision. The optimizer and the teacher EMA see fp32 shards.
-        pass  # MUTATION
+        broadcast_from_rank0(model)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
         for blk in vit.blocks:  # one all-gather per block: peak memory is one unsharded block, not the model
             fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward)

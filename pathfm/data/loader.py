@@ -9,20 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pathfm.data.augment import MultiCrop
 from pathfm.data.masking import block_masks
-from pathfm.data.sampler import SlideTileDataset, prepare_slides
+from pathfm.data.sampler import SlideTileDataset, prepare_slides, views_generator
 from pathfm.data.slides import SlideEntry, read_manifest
 from pathfm.data.synthetic import ensure_synthetic_slides
-
-
-def views_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The augmentation generator of a step: a pure function of (seed, rank, step)."""
-    state = np.random.SeedSequence([seed, rank, step, 1]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 class Views:

@@ -21,7 +21,6 @@ loop: the valid positions are listed once per (slide, mpp) in each worker.
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -193,6 +192,13 @@ class TileReader:
         return region
 
 
+def views_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The augmentation generator of a step: a pure function of (seed, rank, step), so workers and the
+    training device (data.device_augment) draw the same crop parameters for the same step."""
+    state = np.random.SeedSequence([seed, rank, step, 1]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 class SlideTileDataset(torch.utils.data.IterableDataset):
     """Yields {"step", "tiles": uint8 (B, 3, T, T) (channels_last strides) or transform(tiles, generator),
     "skipped": read failures so far in this worker,
@@ -259,9 +265,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         # (B, 3, T, T) as a view of (B, T, T, 3): torch's channels_last layout, no transposing copy
         batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
         if self.transform is not None:
-            generator = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([self.seed, self.rank, step, 1]).generate_state(1, np.uint64)[0]))
-            batch = self.transform(batch, generator)
+            batch = self.transform(batch, views_generator(self.seed, self.rank, step))
         return {"step": step, "tiles": batch, "skipped": self.skipped, "locations": locations}
 
     def _failed(self, index: int, error: Exception) -> None:
