@@ -88,9 +88,12 @@ def load_eval_backbone(ckpt: str | None = None, timm_name: str | None = None, we
     except ImportError:
         load_teacher_backbone = None
     if load_teacher_backbone is not None and export is None:
+        from pathfm.export import timm_name
+
         model, meta = load_teacher_backbone(str(path))
+        a = model.args
         return EvalBackbone(model.eval(), tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3)),
-                            str(path), meta.get("timm_name", getattr(model.args, "arch", "?")), meta.get("step"))
+                            str(path), timm_name(a.arch, a.patch_size, a.num_registers), meta.get("step"))
     if export is None:
         raise FileNotFoundError(f"'{ckpt}' is not an export folder (model.pth + model.json) and this pathfm has no "
                                 "pathfm.checkpoint.load_teacher_backbone to read checkpoints; use runs/<name>/export")

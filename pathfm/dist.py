@@ -186,9 +186,9 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "
     if env.world_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+        broadcast_from_rank0(model)
         # bf16: blocks compute with bf16 copies of the fp32 shards; gradients are reduce-scattered in fp32
         # so the sum over ranks keeps full precision. The optimizer and the teacher EMA see fp32 shards.
-        broadcast_from_rank0(model)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
         for blk in vit.blocks:  # one all-gather per block: peak memory is one unsharded block, not the model
             fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward)

@@ -130,3 +130,6 @@ def test_wrap_model_refuses_bf16_on_cpu():
     with pytest.raises(ValueError, match="dist.activation_checkpointing='half'"):
         wrap_model(vit, cpu, ac="half")
     assert wrap_model(vit, cpu) is vit  # one process: nothing to shard
+    two = DistEnv(0, 2, 0, torch.device("cpu"), "torchrun")
+    with pytest.raises(ValueError, match="dist.fsdp=false on 2 ranks"):
+        wrap_model(vit, two, fsdp=False)  # checked before any collective, so no process group is needed

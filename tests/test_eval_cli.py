@@ -145,3 +145,36 @@ def test_unsupervised_on_slides_and_images(shared_data, tmp_path):
         assert m["n"] == 6 and m["dim"] == 192
         assert 1.0 <= m["rankme"] <= 6.0 and 1.0 <= m["participation_ratio"] <= 6.0
         assert m["uniformity"] < 0 and m["alignment"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 extraction path runs on CUDA only")
+def test_cuda_bf16_embeddings_match_cpu_float32(shared_data, tmp_path):
+    from eval.backbone import load_eval_backbone
+    from eval.extract import extract
+    from pathfm.data.folders import image_folder
+
+    ds = image_folder(shared_data / "tiles" / "nct_crc_he_100k_sample9")
+    cpu = extract(load_eval_backbone(ckpt=str(_export(tmp_path / "e"))), ds, progress=False)["embeddings"]
+    gpu = extract(load_eval_backbone(ckpt=str(tmp_path / "e")), ds, device="cuda", progress=False)["embeddings"]
+    assert torch.nn.functional.cosine_similarity(cpu, gpu).min() > 0.99  # bf16 autocast vs float32
+
+
+def test_training_checkpoint_last_pointer_is_evaluated_as_its_teacher(tmp_path):
+    ckpt = pytest.importorskip("pathfm.checkpoint")
+    if not hasattr(ckpt, "load_teacher_backbone"):
+        pytest.skip("pathfm.checkpoint.load_teacher_backbone not available yet")
+    from eval.backbone import load_eval_backbone
+    from eval.extract import embed
+
+    args = ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, layerscale=0.0)
+    torch.manual_seed(0)
+    student = torch.nn.ModuleDict({"dino_head": torch.nn.Linear(2, 2)})  # only the teacher is read back
+    teacher = torch.nn.ModuleDict({"backbone": build_vit(args), "dino_head": torch.nn.Linear(192, 8)})
+    ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 12, student=student, teacher=teacher,
+                         optimizer=torch.optim.AdamW(student.parameters()), loss_state=torch.nn.ModuleDict(),
+                         meta={"vit_args": vars(args), "mean": [0.5] * 3, "std": [0.5] * 3})
+    bb = load_eval_backbone(ckpt=str(tmp_path / "run" / "checkpoints" / "last"))
+    assert bb.step == 12 and bb.name == "vit_tiny_patch16_224" and bb.mean == (0.5, 0.5, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(embed(bb.model, x), embed(teacher.backbone.eval(), x), atol=1e-6)
