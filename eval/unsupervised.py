@@ -28,12 +28,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as `python eval/unsupervised.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
-    """RankMe of (N, D) embeddings: exp(-sum p_k log p_k), p_k = sigma_k / sum(sigma) + eps."""
-    s = torch.linalg.svdvals(embeddings.double())  # (min(N, D),)
-    p = s / s.sum() + eps
-    return torch.exp(-(p * p.log()).sum()).item()
+from pathfm.metrics import rankme  # noqa: E402  (the trainer logs the same RankMe)
 
 
 def participation_ratio(embeddings: torch.Tensor) -> float:

@@ -33,7 +33,9 @@ class ModelConfig:
     ffn: str = "mlp"  # mlp | swiglu
     layerscale: float = 1e-5  # LayerScale init; 0 disables LayerScale
     drop_path: float = 0.0  # stochastic depth rate of the last block (linear from 0)
+    drop_path_mode: str = "mask"  # mask | subset (DINOv2: residual branches run only on the kept images, saving FLOPs)
     attn_backend: str = "auto"  # auto | sdpa | xformers (auto: xformers when it works here)
+    sdpa_kernels: list[str] = field(default_factory=list)  # flash | efficient | cudnn | math; [] = PyTorch chooses
     init_weights: str = ""  # timm / DINOv2 backbone file to start from ("" = random init)
 
 
@@ -282,6 +284,7 @@ def validate(cfg: Config) -> None:
     from_choices = {
         "model.ffn": ("mlp", "swiglu"),
         "model.attn_backend": ("auto", "sdpa", "xformers"),
+        "model.drop_path_mode": ("mask", "subset"),
         "ssl.objective": ("dino", "dinov2"),
         "ssl.centering": ("centering", "sinkhorn_knopp"),
         "data.source": ("synthetic", "manifest", "random"),
@@ -295,6 +298,9 @@ def validate(cfg: Config) -> None:
         v = getattr(getattr(cfg, sec), name)
         if v not in choices:
             raise ConfigError(f"config key '{key}' is {v!r}; expected one of {', '.join(choices)}")
+    for i, name in enumerate(cfg.model.sdpa_kernels):
+        if name not in ("flash", "efficient", "cudnn", "math"):
+            raise ConfigError(f"config key 'model.sdpa_kernels[{i}]' is {name!r}; expected some of flash, efficient, cudnn, math")
     if cfg.data.source == "manifest" and not cfg.data.manifest:
         raise ConfigError("config key 'data.manifest' is empty but data.source is 'manifest'; give a CSV path")
     if not 0.0 <= cfg.data.tissue_threshold <= 1.0:

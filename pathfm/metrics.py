@@ -16,8 +16,8 @@ def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
 
     embeddings: (N, D). Ranges from 1 (collapsed) to min(N, D) (full rank, flat spectrum).
     """
-    s = torch.linalg.svdvals(embeddings.float())
-    p = s / (s.sum() + eps) + eps
+    s = torch.linalg.svdvals(embeddings.double())  # (min(N, D),)
+    p = s / s.sum() + eps
     return float(torch.exp(-(p * p.log()).sum()))
 
 
