@@ -65,7 +65,12 @@ def parse_args(argv=None):
     s.add_argument("--qos")
     s.add_argument("--constraint")
     p.add_argument("overrides", nargs="*", help="dotted config overrides: optim.batch_size=32 dist.compile=true")
-    return p.parse_args(argv)
+    # overrides may come between options (as with launch/train.py): collect the ones argparse left over
+    args, rest = p.parse_known_args(argv)
+    if [r for r in rest if r.startswith("-")]:
+        p.error(f"unrecognized arguments: {' '.join(r for r in rest if r.startswith('-'))}")
+    args.overrides += rest
+    return args
 
 
 def parse_counts(text: str, flag: str) -> list[int]:

@@ -151,7 +151,9 @@ def run_point(point_dir: str | os.PathLike, *, warmup: int, measure: int, data: 
     point_dir = Path(point_dir)
     cfg = load_config(point_dir / "config.yaml")
     env = pdist.init_distributed()
-    rec = {"rank": env.rank, "world_size": env.world_size, "host": socket.gethostname(), "device": str(env.device),
+    # SLURM's node name: the CI cluster's nodes share one host name
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    rec = {"rank": env.rank, "world_size": env.world_size, "host": host, "device": str(env.device),
            "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
            "status": "ok", "error": ""}
     try:
@@ -165,9 +167,9 @@ def run_point(point_dir: str | os.PathLike, *, warmup: int, measure: int, data: 
             rec["device_memory_gib"] = memory_gib or device_memory_gib(env.device)
             if rec["estimate_gib"] > rec["device_memory_gib"]:  # every rank decides the same: no collective needed
                 rec["status"] = "too_large"
-                rec["error"] = (f"parameters + optimizer need {rec['estimate_gib']:.1f} GiB per device "
+                rec["error"] = (f"parameters + optimizer need {rec['estimate_gib']:.3g} GiB per device "
                                 f"({n_params / 1e6:.0f}M params x {BYTES_PER_PARAM} B / {env.world_size if fsdp else 1} "
-                                f"shard(s)), the device has {rec['device_memory_gib']:.1f} GiB")
+                                f"shard(s)), the device has {rec['device_memory_gib']:.3g} GiB")
             else:
                 if env.world_size > 1:
                     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -183,7 +185,9 @@ def run_point(point_dir: str | os.PathLike, *, warmup: int, measure: int, data: 
                     rec.update(flops_and_peak(cfg, env.device))
     except (Exception, SystemExit) as e:  # recorded as this point's result; the launcher ends the job's other ranks
         rec["status"] = "oom" if is_oom(e) else "error"
-        rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+        # the line that says what failed: a DataLoader worker's error ends with the original exception
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        rec["error"] = f"{type(e).__name__}: {lines[-1]}"[:300]
         if rec["status"] == "oom":
             rec["memory_gib"] = peak_memory_gib(env.device)
     (point_dir / "ranks").mkdir(exist_ok=True)

@@ -172,7 +172,8 @@ def main(argv=None) -> Path:
     p.add_argument("checkpoint", help="a step folder, a checkpoints/last pointer, a checkpoints folder or a run folder")
     p.add_argument("-o", "--out", required=True, help="output folder (created)")
     a = p.parse_args(argv)
-    from pathfm.checkpoint import export_checkpoint  # lazy: torch.distributed.checkpoint is slow to import
+    # lazy: torch.distributed.checkpoint is slow to import, and --help should not wait for it
+    from pathfm.checkpoint import export_checkpoint
 
     try:
         out = export_checkpoint(a.checkpoint, a.out)

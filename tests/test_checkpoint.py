@@ -65,8 +65,8 @@ def flat(state) -> dict:
 
 def assert_same(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+    for k, v in a.items():
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[k])), k
 
 
 def test_round_trip_restores_everything(tmp_path):

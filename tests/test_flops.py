@@ -15,9 +15,9 @@ def meta_vit(args: ViTArgs):
 
 def test_vit_small_forward_flops_by_hand():
     # ViT-S/16 at 224: D = 384, 196 patches + CLS = 197 tokens, 12 blocks, MLP 4D.
-    # per block: 197 * 2 * (3D^2 + D^2 + 8D^2) + 2 * 2 * 197^2 * D = 697,004,544 + 59,609,856
+    # per block: 197 * 2 * (3D^2 + D^2 + 8D^2) + 2 * 2 * 197^2 * D = 697,171,968 + 59,610,624
     # patch embedding: 2 * 196 * (3 * 16 * 16) * 384 = 115,605,504
-    by_hand = 12 * (697_004_544 + 59_609_856) + 115_605_504  # 9.197 GFLOPs = 4.6 GMACs, the published figure
+    by_hand = 12 * (697_171_968 + 59_610_624) + 115_605_504  # 9.197 GFLOPs = 4.6 GMACs, the published figure
     args = ViTArgs(arch="vit_small", patch_size=16, img_size=224)
     assert analytic_vit_flops(args, 197, 1) == by_hand
     with torch.device("meta"):
@@ -65,9 +65,9 @@ def test_subset_stochastic_depth_saves_the_dropped_share():
     # the model's own linear rates 0 .. 0.5, counted and analytic
     linear = meta_vit(args).train()
     assert count_flops(linear.forward_features, x) == analytic_vit_flops(args, 17, 8, training=True)
-    kept = sum(kept_count(8, 0.5 * i / 11) for i in range(12))  # 8+8+7+7+7+7+6+6+6+5+5+4 images over 12 blocks
-    assert kept == 76
-    assert analytic_vit_flops(args, 17, 8, training=True) - embed == pytest.approx((dense - embed) * 76 / 96)
+    kept = sum(kept_count(8, 0.5 * i / 11) for i in range(12))  # 8+8+7+7+7+6+6+5+5+5+4+4 images over 12 blocks
+    assert kept == 72
+    assert analytic_vit_flops(args, 17, 8, training=True) - embed == pytest.approx((dense - embed) * 72 / 96)
     # mask mode computes every branch: no saving
     masked = meta_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=64, drop_path=0.5)).train()
     assert count_flops(masked.forward_features, x) == dense

@@ -215,3 +215,14 @@ def test_signal_saves_a_checkpoint_and_stops(tmp_path, sig):
     step = json.loads((last / "meta.json").read_text())["step"]
     assert 2 <= step < 10000
     assert not (tmp_path / "smoke" / "export").exists()  # interrupted, not finished: no export yet
+
+
+def test_device_side_augmentation_trains_on_the_same_views(tmp_path):
+    # workers only read tiles; the crops, colour ops and masks run in the training process, drawn from
+    # the same per-step generator, so the losses are those of the CPU-worker mode
+    args = ("train.steps=2", "train.rankme_every=0", "train.ckpt_every=100")
+    cpu = run(smoke(tmp_path / "cpu", *args))
+    dev = run(smoke(tmp_path / "dev", *args, "data.device_augment=true"))
+    a, b = losses(cpu["run_dir"]), losses(dev["run_dir"])
+    assert a.keys() == b.keys() == {1, 2}
+    assert all(abs(a[k] - b[k]) < 1e-6 for k in a)
