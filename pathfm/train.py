@@ -130,7 +130,6 @@ def main(cfg: Config) -> dict:
     env = pdist.init_distributed()
     device = env.device
     run_dir = prepare_run_folder(cfg, env)
-    torch.manual_seed(cfg.train.seed + env.rank)
     s, o, t = cfg.ssl, cfg.optim, cfg.train
     ibot = s.objective == "dinov2"
 
@@ -141,7 +140,8 @@ def main(cfg: Config) -> dict:
     if not env.is_main:
         slides, skipped_slides = prepare(cfg)
 
-    # --- models: student and teacher start equal; the teacher never gets gradients
+    # --- models: student and teacher start equal (and equal on every rank); the teacher never gets gradients
+    torch.manual_seed(cfg.train.seed)
     student = build_student(cfg).to(device)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
@@ -150,6 +150,7 @@ def main(cfg: Config) -> dict:
         m.backbone.set_attn_backend(backend)
         pdist.wrap_model(m, env, fsdp=cfg.dist.fsdp, ac=cfg.dist.activation_checkpointing if m is student else "none",
                          compile=cfg.dist.compile, precision=t.precision, reshard_after_forward=cfg.dist.reshard_after_forward)
+    torch.manual_seed(cfg.train.seed + env.rank)  # per-rank randomness from here on (stochastic depth)
     n_prefix = student.backbone.num_prefix_tokens
     loss_state = nn.ModuleDict({"dino_center": Centering(s.prototypes, s.center_momentum)})
     if ibot:
