@@ -21,9 +21,10 @@ setup(
         "simplejpeg",
         "fvcore",
         "matplotlib",
+        "h5py",  # PCam's HDF5 files (eval)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "h5py"],
+        "dev": ["pytest>=8", "pytest-timeout"],
         "xformers": ["xformers"],
     },
 )
