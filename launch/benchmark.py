@@ -308,7 +308,8 @@ def plot_scaling(results: dict, path: Path) -> None:
     ax1.set(xlabel="devices (ranks)", ylabel=unit, title="throughput per device", ylim=(0, None))
     ax2.plot(x, [100 * p["scaling_efficiency"] for p in points], "o-", label="measured")
     ax2.axhline(90, color="gray", ls="--", label="90% target")
-    ax2.set(xlabel="devices (ranks)", ylabel="% of the smallest point's rate", title="weak scaling efficiency", ylim=(0, 110))
+    top = max([110] + [100 * p["scaling_efficiency"] + 10 for p in points])  # a noisy CPU run can exceed 100%
+    ax2.set(xlabel="devices (ranks)", ylabel="% of the smallest point's rate", title="weak scaling efficiency", ylim=(0, top))
     ax2.legend()
     for ax in (ax1, ax2):
         if x:

@@ -119,7 +119,8 @@ def flops_and_peak(cfg, device) -> dict:
 
 
 def data_only(cfg, env, warmup: int, measure: int) -> dict:
-    """The config's real DataLoader, no model: seconds per batch of the measured batches on this rank."""
+    """The config's real DataLoader, no model: seconds per batch of the measured batches on this rank.
+    With data.device_augment the workers only read tiles; the views made on the device are not timed."""
     from pathfm import dist as pdist
     from pathfm.data.loader import Views, build_loader, prepare
 

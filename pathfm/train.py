@@ -29,6 +29,7 @@ from pathfm import dist as pdist
 from pathfm.config import Config, load_config, to_dict, to_yaml
 from pathfm.data.loader import Views, build_loader, prepare, views_generator
 from pathfm.export import load_backbone, save_export
+from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
 from pathfm.metrics import Logger, StepTimer, peak_memory_gib, rankme
@@ -39,7 +40,7 @@ from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
 def vit_args(cfg: Config) -> ViTArgs:
     m = cfg.model
     return ViTArgs(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, num_registers=m.num_registers,
-                   ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path)
+                   ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path, drop_path_mode=m.drop_path_mode)
 
 
 def build_student(cfg: Config) -> nn.ModuleDict:
@@ -145,9 +146,11 @@ def main(cfg: Config) -> dict:
     student = build_student(cfg).to(device)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
+    teacher.train(False)  # no stochastic depth in the teacher
     backend = resolve_attn_backend(cfg.model.attn_backend, device)
     for m in (student, teacher):
         m.backbone.set_attn_backend(backend)
+        m.backbone.set_sdpa_kernels(cfg.model.sdpa_kernels)
         pdist.wrap_model(m, env, fsdp=cfg.dist.fsdp, ac=cfg.dist.activation_checkpointing if m is student else "none",
                          compile=cfg.dist.compile, precision=t.precision, reshard_after_forward=cfg.dist.reshard_after_forward)
     torch.manual_seed(cfg.train.seed + env.rank)  # per-rank randomness from here on (stochastic depth)
@@ -191,6 +194,7 @@ def main(cfg: Config) -> dict:
     stop = StopSignal()
     nonfinite_run, status, step = 0, "finished", start_step
     timer = StepTimer(device, sync=t.sync_timing)
+    flops_per_step, peak = step_flops(cfg)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
 
     def save(step_done):
         meta = {**meta_common, "nonfinite_total": nonfinite_total}
@@ -291,6 +295,8 @@ def main(cfg: Config) -> dict:
                            "images_per_s": global_batch / max(timer.total(), 1e-9), "memory_gib": peak_memory_gib(device),
                            "skipped_slides": len(skipped_slides), "skipped_reads": batch["skipped"],
                            "nonfinite_steps": nonfinite_total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
+            if peak:
+                values["mfu"] = mfu(flops_per_step, timer.total(), peak)
             logger.log(step_done, values)
             logger.progress(step_done, values)
         if heldout is not None and step_done % t.rankme_every == 0:
