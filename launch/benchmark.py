@@ -87,7 +87,7 @@ def parse_counts(text: str, flag: str) -> list[int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pathfm.benchmark import benchmark_overrides
-    from pathfm.config import ConfigError, load_config, to_dict
+    from pathfm.config import ConfigError, load_config, to_dict, to_yaml
 
     if args.synthetic_data and args.data_only:
         raise SystemExit("error: --data-only measures the data loader; --synthetic-data removes it. Pick one")
@@ -130,8 +130,6 @@ def main(argv=None) -> int:
             shutil.rmtree(point_dir)
         point_dir.mkdir(parents=True)
         cfg.train.name = key
-        from pathfm.config import to_yaml
-
         (point_dir / "config.yaml").write_text(to_yaml(cfg))
         job_args = dict(warmup=args.warmup, measure=args.measure, data=args.data_only, memory_gib=args.memory_gib)
         t0 = time.time()
