@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         point_dir.mkdir(parents=True)
         cfg.train.name = key
         (point_dir / "config.yaml").write_text(to_yaml(cfg))
-        job_args = dict(warmup=args.warmup, measure=args.measure, data=args.data_only, memory_gib=args.memory_gib)
+        job_args = {"warmup": args.warmup, "measure": args.measure, "data": args.data_only, "memory_gib": args.memory_gib}
         t0 = time.time()
         print(f"{key}: running ({'local' if args.local else 'SLURM'}) ...", flush=True)
         failure = run_local(point_dir, how, job_args, args.point_timeout) if args.local else \
@@ -276,9 +276,9 @@ def markdown_table(results: dict) -> str:
                          f"{fmt(p.get('samples_per_s_per_node'))} | {fmt(per_device_rate(p))} | "
                          f"{fmt(p['scaling_efficiency'], '.0%')} | {p.get('error', '')} |")
         return head + "\n".join(lines) + "\n"
-    lines = ["| point | nodes | devices | status | img/s | img/s per device | step s | data s | forward s | backward s "
-             "| optimizer s | comm s (alone) | peak GiB | TFLOP/s per device | MFU | weak scaling | note |",
-             "|" + "---|" * 17]
+    columns = ["point", "nodes", "devices", "status", "img/s", "img/s per device", "step s", "data s", "forward s",
+               "backward s", "optimizer s", "comm s (alone)", "peak GiB", "TFLOP/s per device", "MFU", "weak scaling", "note"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for p in points:
         t = p.get("time_s", {})
         note = p.get("error") or p.get("note", "")

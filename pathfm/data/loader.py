@@ -46,28 +46,24 @@ class Views:
 
 class RandomViews(torch.utils.data.IterableDataset):
     """data.source=random: views of random pixels, no slides and no I/O (compute benchmarks, equivalence
-    tests). Step s holds a global batch drawn from (seed, s); rank r takes images [r*B, (r+1)*B), so the
-    stream is the same whatever the number of ranks."""
+    tests). Image i of step s (i counted over the global batch) is drawn from (seed, i, s) alone, and rank
+    r makes images [r*B, (r+1)*B): the stream is the same whatever the number of ranks."""
 
     def __init__(self, cfg, views: Views, *, rank: int, world_size: int, start_step: int):
-        self.cfg, self.views, self.rank, self.world, self.start = cfg, views, rank, world_size, start_step
+        self.cfg, self.views, self.rank, self.start = cfg, views, rank, start_step
 
     def batch(self, step: int) -> dict:
-        c, B = self.cfg.crops, self.cfg.optim.batch_size
-        g = views_generator(self.cfg.train.seed, 0, step)
-        n = B * self.world
-        out = {
-            "global_crops": torch.randn(2, n, 3, c.global_size, c.global_size, generator=g),
-            "local_crops": torch.randn(c.n_local, n, 3, c.local_size, c.local_size, generator=g),
-        }
-        grid = self.views.grid
-        if self.views.ibot:
-            masks = block_masks(2 * n, grid, *self.views.mask_args, g)
-        else:
-            masks = torch.zeros(2 * n, grid * grid, dtype=torch.bool)
-        out["masks"] = masks.view(2, n, -1)
-        mine = slice(self.rank * B, (self.rank + 1) * B)  # this rank's images, in every crop
-        crops = {k: v[:, mine].flatten(0, 1) for k, v in out.items()}  # crop-major, as Views returns
+        c, B, grid = self.cfg.crops, self.cfg.optim.batch_size, self.views.grid
+        g_crops, l_crops, masks = [], [], []
+        for i in range(self.rank * B, (self.rank + 1) * B):
+            g = views_generator(self.cfg.train.seed, i, step)
+            g_crops.append(torch.randn(2, 3, c.global_size, c.global_size, generator=g))
+            l_crops.append(torch.randn(c.n_local, 3, c.local_size, c.local_size, generator=g))
+            ibot = self.views.ibot
+            masks.append(block_masks(2, grid, *self.views.mask_args, g) if ibot else torch.zeros(2, grid * grid, dtype=torch.bool))
+        # (crops, B, ...) -> crop-major (crops * B, ...), as Views returns
+        crops = {k: torch.stack(v, 1).flatten(0, 1) for k, v in
+                 (("global_crops", g_crops), ("local_crops", l_crops), ("masks", masks))}
         return {"step": step, "tiles": crops, "skipped": 0}
 
     def __iter__(self):
