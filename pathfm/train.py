@@ -122,7 +122,8 @@ def environment(env: pdist.DistEnv) -> dict:
         "git_revision": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
         "host": platform.node(), "world_size": env.world_size, "launcher": env.source, "device": str(env.device),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "argv": sys.argv,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "argv": sys.argv,
     }
 
 

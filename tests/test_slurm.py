@@ -85,8 +85,11 @@ def test_interrupted_job_requeues_and_resumes(tmp_path):
     steps_logged = logged_steps(run_dir)
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == steps  # continues, never restarts
     assert steps_logged.count(1) == 1 and saved + 1 in steps_logged
+    # the same job id ran again: SLURM counted a restart (written into env.json by the resumed run)
+    assert json.loads((run_dir / "env.json").read_text())["slurm_restart_count"] >= 1
     states = subprocess.run(["sacct", "-D", "-X", "-n", "-o", "State", "-j", job.job_id], capture_output=True, text=True).stdout
-    assert "REQUEUED" in states, states  # (the results are written before the job itself ends)
+    if states.strip():  # sacct's database is sometimes slow to answer on this one-machine cluster
+        assert "REQUEUED" in states, states
 
 
 def test_rejected_partition_shows_slurm_error_and_leaves_nothing(tmp_path):
