@@ -40,6 +40,8 @@ FAILED_RANK_GRACE_S = 20  # after one rank recorded a failure, how long the othe
 
 
 def parse_args(argv=None):
+    from launch import slurm  # no torch: --help stays fast
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file, or a bare name resolved in configs/")
     p.add_argument("--out", help="results folder; default runs/benchmark/<config stem>[-synthetic|-data]")
@@ -54,16 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--nproc", default="1", help="with --local: process counts, e.g. 1,2")
     s = p.add_argument_group("SLURM (flags override the profile)")
     s.add_argument("--nodes", default="1", help="node counts, e.g. 1,2,4,8")
-    s.add_argument("--profile", help="cluster profile: slurm/profiles/NAME.yaml, or a path")
-    s.add_argument("--gpus-per-node", type=int)
-    s.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 on CPU-only nodes)")
-    s.add_argument("--cpus-per-task", type=int)
-    s.add_argument("--mem", help="SLURM syntax: 0 (whole node), 64G")
-    s.add_argument("--time", help="SLURM syntax: minutes, H:MM:SS, D-HH:MM:SS")
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--qos")
-    s.add_argument("--constraint")
+    slurm.add_resource_flags(s)
     p.add_argument("overrides", nargs="*", help="dotted config overrides: optim.batch_size=32 dist.compile=true")
     # overrides may come between options (as with launch/train.py): collect the ones argparse left over
     args, rest = p.parse_known_args(argv)

@@ -28,6 +28,18 @@ TEMPLATE = ROOT / "slurm" / "train.sbatch"
 BODY_MARKER = "# ---- job body"  # in TEMPLATE: everything below it is reused by the generated scripts
 
 
+
+def add_resource_flags(group) -> None:
+    """The SLURM flags both launchers take (each adds its own --nodes); they override the profile."""
+    group.add_argument("--profile", help="cluster profile: slurm/profiles/NAME.yaml, or a path")
+    group.add_argument("--gpus-per-node", type=int)
+    group.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 on CPU-only nodes)")
+    group.add_argument("--cpus-per-task", type=int)
+    group.add_argument("--mem", help="SLURM syntax: 0 (whole node), 64G")
+    group.add_argument("--time", help="SLURM syntax: minutes, H:MM:SS, D-HH:MM:SS")
+    for flag in ("--partition", "--account", "--qos", "--constraint"):
+        group.add_argument(flag)
+
 class LaunchError(ValueError):
     """Bad launcher input or a refused submission; the message says what to change."""
 

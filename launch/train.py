@@ -28,23 +28,16 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
 def parse_args(argv=None):
+    from launch import slurm  # no torch: --help stays fast
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file, or a bare name resolved in configs/")
     p.add_argument("--name", default="", help="run name (folder under train.output_dir); default: config stem")
     p.add_argument("--local", action="store_true", help="run on this machine, no SLURM")
     p.add_argument("--nproc", type=int, default=1, help="with --local: processes (torchrun, gloo on CPU)")
     s = p.add_argument_group("SLURM (flags override the profile)")
-    s.add_argument("--profile", help="cluster profile: slurm/profiles/NAME.yaml, or a path")
     s.add_argument("--nodes", type=int)
-    s.add_argument("--gpus-per-node", type=int)
-    s.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 on CPU-only nodes)")
-    s.add_argument("--cpus-per-task", type=int)
-    s.add_argument("--mem", help="SLURM syntax: 0 (whole node), 64G")
-    s.add_argument("--time", help="SLURM syntax: minutes, H:MM:SS, D-HH:MM:SS")
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--qos")
-    s.add_argument("--constraint")
+    slurm.add_resource_flags(s)
     s.add_argument("--global-batch", type=int, help="images per step over all tasks; sets optim.batch_size")
     s.add_argument("--dry-run", action="store_true", help="print the job (executor parameters, sbatch script); submit nothing")
     p.add_argument("overrides", nargs="*", help="dotted config overrides: optim.base_lr=1e-3 train.steps=100")
