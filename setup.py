@@ -19,6 +19,7 @@ setup(
         "openslide-bin>=4.0",
         "tifffile",
         "simplejpeg",
+        "imagecodecs",  # tifffile writes the JPEG tiles of synthetic slides with it
         "fvcore",
         "matplotlib",
         "h5py",  # PCam's HDF5 files (eval)
