@@ -186,6 +186,7 @@ def main(cfg: Config) -> dict:
     if start_step >= t.steps:
         if env.is_main:
             print(f"run already finished ({start_step} >= train.steps={t.steps}); nothing to do", file=sys.stderr)
+        pdist.teardown()
         return {"run_dir": str(run_dir), "step": start_step, "status": "finished"}
 
     views = Views(cfg, cfg.model.patch_size, ibot)
