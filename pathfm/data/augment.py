@@ -147,7 +147,7 @@ def resized_crops(tiles: torch.Tensor, tiles_t: torch.Tensor, src: torch.Tensor,
     the swapped box: that gives the transposed crop at no extra cost. Crops differ in size, so each
     is resized by its own call. On the CPU, torch's fast uint8 kernel wants channels-last tiles (3x
     faster than NCHW); other devices resize in float32 and round back to uint8, so both give the
-    same values up to rounding.
+    same values up to rounding. The result is channels-last on the CPU.
     """
     on_cpu = tiles.device.type == "cpu"
     crops = []
@@ -158,7 +158,7 @@ def resized_crops(tiles: torch.Tensor, tiles_t: torch.Tensor, src: torch.Tensor,
             crop = tiles[i : i + 1, :, top : top + h, left : left + w]  # (1, 3, h, w) view
         crop = crop if on_cpu else crop.float()
         crops.append(F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
-    x = torch.cat(crops).contiguous()  # NCHW again, for the colour ops
+    x = torch.cat(crops)  # channels-last on the CPU: render's float conversion makes it NCHW
     return x if on_cpu else x.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -179,22 +179,34 @@ def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *params: torch.Tensor) -
     return x.index_copy_(0, idx_dev, fn(x.index_select(0, idx_dev), *(p[idx].to(x.device) for p in params)))
 
 
+def _group_by_ops(params: CropParams) -> torch.Tensor:
+    """(n,) int64 order of the crops that puts crops taking the same optional ops next to each other.
+
+    Every op acts on each crop alone, so crops can be augmented in any order. In this order almost
+    every chunk is uniform in each of jitter, grayscale, blur and solarisation, so _on_subset runs
+    the op on the whole chunk instead of copying a subset out and back (5% of MultiCrop's time).
+    """
+    key = params.jitter.long() * 8 + params.blur.long() * 4 + params.gray.long() * 2 + params.solarize.long()
+    return torch.sort(key, stable=True).indices
+
+
 def flips(x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right where hflip (n,), top-bottom where vflip (n,); x (n, C, H, W)."""
-    x = _on_subset(x, hflip, lambda y: y.flip(-1))
-    return _on_subset(x, vflip, lambda y: y.flip(-2))
+    """Mirror left-right where hflip (n,), top-bottom where vflip (n,); x (n, C, H, W), in place.
+
+    One crop at a time, both flips in one pass: on the CPU, flipping a copied-out subset of a
+    (8, 3, 224, 224) uint8 chunk takes ~30x longer than flipping its crops one by one.
+    """
+    for i, (h, v) in enumerate(zip(hflip.tolist(), vflip.tolist())):
+        dims = [d for d, on in ((-1, h), (-2, v)) if on]
+        if dims:
+            x[i] = x[i].flip(dims)
+    return x
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(n, 3, H, W) -> (n, 1, H, W) luma."""
     r, g, b = x.unbind(1)
-    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
-    """factor * x + (1 - factor) * other, clamped to [0, 1]; factor (n,), in place on x."""
-    f = factor.view(-1, 1, 1, 1)
-    return x.mul_(f).add_(other * (1 - f)).clamp_(0, 1)
+    return (r * GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -202,13 +214,15 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend towards the image's mean luma (one number per image)."""
-    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    """Blend towards the image's mean luma (one number per image), in place."""
+    f = factor.view(-1, 1, 1, 1)
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (n, 1, 1, 1)
+    return x.mul_(f).add_(mean * (1 - f)).clamp_(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend towards the per-pixel luma."""
-    return _blend(x, grayscale(x), factor)
+    """Blend towards the per-pixel luma, in place: lerp(luma, x, factor) is one pass over x."""
+    return torch.lerp(grayscale(x), x, factor.view(-1, 1, 1, 1), out=x).clamp_(0, 1)
 
 
 def _step(x: torch.Tensor) -> torch.Tensor:
@@ -221,26 +235,29 @@ def _step(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue by shift (n,) turns; value (max) and chroma (max - min) are kept.
+    """Rotate the HSV hue by shift (n,) turns, in place; value (max) and chroma (max - min) are kept.
 
-    Uses the closed-form HSV -> RGB: channel = max - chroma * clamp(min(k, 4 - k), 0, 1), with
-    k = (n + 6 * hue) mod 6 and n = 5, 3, 1 for R, G, B.
+    Channel c of a pixel with value v, chroma C and hue h (in sixths of a turn) is
+    v - C * clamp(d - 1, 0, 1), d the circular distance from h to the channel's own hue (0, 2, 4
+    for R, G, B); with y = 3 - d that is (v - 2C) + C * clamp(y, 1, 2). Written with (n, H, W)
+    planes only, lerp for the case split: a third fewer passes than a (n, 3, H, W) form, 1.5-2x faster.
     """
     r, g, b = x.unbind(1)  # each (n, H, W)
-    maxc = x.amax(dim=1)
-    chroma = maxc - x.amin(dim=1)
-    # which channel holds the max, with torchvision's tie order (red, then green, then blue)
-    is_r = _step(r - maxc)
-    is_g = _step(g - maxc).mul_(1 - is_r)
-    is_b = 1 - is_r - is_g
-    # hue in sixths of a turn, times chroma; grey pixels (chroma 0) get hue 0, any hue gives them back
-    h6 = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
-    h6 = h6.div_(chroma.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1)).unsqueeze(1)  # (n, 1, H, W)
-    n_rgb = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-    k = h6 + n_rgb  # (n, 3, H, W)
-    k = k.sub_(k.div(6).floor_().mul_(6))  # mod 6, without the slow torch.remainder
-    t = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), t, value=-1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    chroma = maxc - minc
+    # hue times chroma, from the channel that holds the max (red wins ties, then green, as in
+    # torchvision); ceil(max - channel) is 0 on that channel and 1 elsewhere: a branch-free
+    # select, as comparisons and torch.where run 10-50x slower than float arithmetic on the CPU
+    h6 = torch.lerp(torch.add(b - r, chroma, alpha=2), torch.add(r - g, chroma, alpha=4), (maxc - g).ceil_())
+    h6 = torch.lerp(g - b, h6, (maxc - r).ceil_())
+    # shifted hue, grey pixels (chroma 0) get hue 0: any hue gives them back
+    h6 = torch.addcdiv((6 * shift).view(-1, 1, 1), h6, chroma.clamp(min=1e-12))
+    h6 = h6.sub_(h6.div(6).floor_(), alpha=6)  # mod 6, into [0, 6), without the slow torch.remainder
+    base = torch.add(maxc, chroma, alpha=-2)
+    for channel, centre in ((r, 0.0), (g, 2.0), (b, 4.0)):
+        y = (h6 - centre).abs_().sub_(3).abs_()  # 3 - circular distance to the channel's hue
+        torch.addcmul(base, chroma, y.clamp_(1, 2), out=channel)  # r, g, b are no longer read
+    return x
 
 
 def color_jitter(x, brightness, contrast, saturation, hue):
@@ -252,17 +269,26 @@ def color_jitter(x, brightness, contrast, saturation, hue):
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per image (n,), reflect padding, as torchvision's."""
+    """Separable Gaussian blur with one sigma per image (n,), reflect padding, as torchvision's.
+
+    Each pass is a sum of kernel_size shifted slices weighted per image: on the CPU that is ~4x
+    faster than a grouped conv2d (one group per image and channel) on 224 px crops, and the same
+    at 96 px.
+    """
     n, c, h, w = x.shape
     r = kernel_size // 2
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, K)
-    # every (image, channel) plane is its own conv group, so each image gets its own kernel
-    y = F.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
-    y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
-    return y.view(n, c, h, w)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).view(n, kernel_size, 1, 1, 1)  # (n, K, 1, 1, 1)
+    x = F.pad(x, (r, r, 0, 0), mode="reflect")  # (n, c, h, w + 2r)
+    y = x[..., :w] * kernel[:, 0]
+    for j in range(1, kernel_size):
+        y.addcmul_(x[..., j : j + w], kernel[:, j])
+    y = F.pad(y, (0, 0, r, r), mode="reflect")  # (n, c, h + 2r, w)
+    x = y[:, :, :h] * kernel[:, 0]
+    for j in range(1, kernel_size):
+        x.addcmul_(y[:, :, j : j + h], kernel[:, j])
+    return x
 
 
 def solarize(x: torch.Tensor) -> torch.Tensor:
@@ -336,20 +362,29 @@ class MultiCrop:
         """Apply params to tiles (and their transposes tiles_t): (n, 3, size, size) float32, normalised."""
         out = torch.empty(len(params), 3, size, size, device=tiles.device)
         chunk = CPU_CHUNK if tiles.device.type == "cpu" else max(len(params), 1)
-        mean = torch.tensor(self.mean, device=tiles.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=tiles.device).view(1, 3, 1, 1)
+        # (x - mean) / std as one multiply-add: x * scale + offset
+        scale = 1 / torch.tensor(self.std, device=tiles.device).view(3, 1, 1)
+        offset = -torch.tensor(self.mean, device=tiles.device).view(3, 1, 1) * scale
+        order = _group_by_ops(params)
         for start in range(0, len(params), chunk):
-            p = params[start : start + chunk]
+            idx = order[start : start + chunk]
+            p = params[idx]
             x = resized_crops(tiles, tiles_t, p.src, p.box, p.transpose, size)  # (c, 3, S, S) uint8
             x = flips(x, p.hflip, p.vflip)
-            x = x.float().div_(255)
+            # one copy makes it float32 and NCHW (the colour ops work on channel planes): on the CPU
+            # 1.5x faster than changing the uint8 layout first
+            x = torch.empty(x.shape, device=x.device).copy_(x).div_(255)
             if self.hed_jitter > 0:
                 x = hed_jitter(x, p.hed_scale.to(x.device), p.hed_shift.to(x.device))
             x = _on_subset(x, p.jitter, color_jitter, p.brightness, p.contrast, p.saturation, p.hue)
-            x = _on_subset(x, p.gray, lambda y: grayscale(y).repeat(1, 3, 1, 1))
+            x = _on_subset(x, p.gray, lambda y: y.copy_(grayscale(y).expand_as(y)))
             x = _on_subset(x, p.blur, gaussian_blur, p.sigma)
             x = _on_subset(x, p.solarize, solarize)
-            out[start : start + len(p)] = x.sub_(mean).div_(std)
+            if tiles.device.type == "cpu":  # row by row: 2.5x faster than index_copy_ on the CPU
+                for j, i in enumerate(idx.tolist()):
+                    torch.addcmul(offset, x[j], scale, out=out[i])
+            else:
+                out.index_copy_(0, idx.to(out.device), torch.addcmul(offset, x, scale))
         return out
 
     def apply(self, tiles: torch.Tensor, params: tuple[CropParams, CropParams]) -> dict:
