@@ -6,7 +6,9 @@ from pathfm.vit import ARCHS, ViTArgs, build_vit, resolve_attn_backend, xformers
 
 def tiny(**kw):
     torch.manual_seed(0)
-    args = dict(arch="vit_tiny", patch_size=16, img_size=64, drop_path=0.0)
+    # LayerScale 1 (not DINOv2's 1e-5): with 1e-5 every residual branch is nearly invisible and an
+    # equivalence test would pass even with a broken attention or MLP
+    args = dict(arch="vit_tiny", patch_size=16, img_size=64, drop_path=0.0, layerscale=1.0)
     args.update(kw)
     return build_vit(ViTArgs(**args)).eval()
 
