@@ -4,18 +4,20 @@
     bb = load_eval_backbone(timm_name="vit_small_patch16_224")  # random init: the lower bound
     bb.model, bb.mean, bb.std, bb.describe()
 
-Checkpoints (step folders, `checkpoints/last`, run folders) go through the trainer's
-`pathfm.checkpoint.load_teacher_backbone` when it is importable; export folders (model.pth + model.json)
-are also read here directly, so evaluation does not depend on the training code.
+Export folders (model.pth + model.json, or a run's export/) load with `pathfm.export.load_export`;
+checkpoints (step folders, `checkpoints/last`) with `pathfm.checkpoint.load_teacher_backbone`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from pathfm.checkpoint import load_teacher_backbone
+from pathfm.export import load_export
+from pathfm.export import timm_name as timm_arch_name
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -43,36 +45,6 @@ def _export_folder(path: Path) -> Path | None:
     return None
 
 
-def load_export(folder) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a pathfm ViT from an export sidecar and load its weights strictly.
-
-    A sidecar that disagrees with its weights (another architecture, patch size, width) is an error
-    that names both, never a silent partial load.
-    """
-    from pathfm.export import load_backbone
-    from pathfm.vit import ViTArgs, build_vit
-
-    folder = Path(folder)
-    sidecar_path = folder / "model.json"
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-        args = ViTArgs(**sidecar["pathfm_args"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{sidecar_path}: not a pathfm export sidecar ({e}); expected the model.json written by "
-                         "pathfm.export.save_export, with 'pathfm_args'") from None
-    with torch.device("meta"):  # no random init of weights we are about to overwrite
-        model = build_vit(args)
-    model = model.to_empty(device="cpu")
-    try:
-        load_backbone(model, folder / "model.pth")
-    except ValueError as e:
-        raise ValueError(f"{folder}: model.pth does not match its sidecar model.json ({sidecar.get('timm_name')}):\n{e}") from None
-    if sidecar.get("embed_dim", model.embed_dim) != model.embed_dim:
-        raise ValueError(f"{sidecar_path}: embed_dim {sidecar['embed_dim']} disagrees with {args.arch} ({model.embed_dim})")
-    model.mask_token.data.zero_()  # not in exports; unused at inference
-    return model.eval(), sidecar
-
-
 def load_eval_backbone(ckpt: str | None = None, timm_name: str | None = None, weights: str | None = None,
                        img_size: int | None = None) -> EvalBackbone:
     if (ckpt is None) == (timm_name is None):
@@ -83,23 +55,14 @@ def load_eval_backbone(ckpt: str | None = None, timm_name: str | None = None, we
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{ckpt}' does not exist")
     export = _export_folder(path)
-    try:
-        from pathfm.checkpoint import load_teacher_backbone  # the trainer's loader: step folders, `last`, runs
-    except ImportError:
-        load_teacher_backbone = None
-    if load_teacher_backbone is not None and export is None:
-        from pathfm.export import timm_name
-
-        model, meta = load_teacher_backbone(str(path))
-        a = model.args
-        return EvalBackbone(model.eval(), tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3)),
-                            str(path), timm_name(a.arch, a.patch_size, a.num_registers), meta.get("step"))
-    if export is None:
-        raise FileNotFoundError(f"'{ckpt}' is not an export folder (model.pth + model.json) and this pathfm has no "
-                                "pathfm.checkpoint.load_teacher_backbone to read checkpoints; use runs/<name>/export")
-    model, sidecar = load_export(export)
-    return EvalBackbone(model, tuple(sidecar["mean"]), tuple(sidecar["std"]), str(path), sidecar["timm_name"],
-                        sidecar.get("step"))
+    if export is not None:  # an export folder, or a run folder read through its export
+        model, sidecar = load_export(export)
+        return EvalBackbone(model, tuple(sidecar["mean"]), tuple(sidecar["std"]), str(path), sidecar["timm_name"],
+                            sidecar.get("step"))
+    model, meta = load_teacher_backbone(path)  # a step folder, checkpoints/last, or a run without export/
+    a = model.args
+    return EvalBackbone(model, tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3)), str(path),
+                        timm_arch_name(a.arch, a.patch_size, a.num_registers), meta.get("step"))
 
 
 def _timm_backbone(name: str, weights: str | None, img_size: int | None) -> EvalBackbone:

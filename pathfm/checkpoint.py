@@ -163,12 +163,9 @@ def load_teacher_backbone(path: str | Path):
     """
     path = Path(path)
     if (path / "model.json").is_file() and (path / "model.pth").is_file():  # an export folder
-        meta = json.loads((path / "model.json").read_text())
-        vit = build_vit(ViTArgs(**meta["pathfm_args"]))
-        from pathfm.export import load_backbone
+        from pathfm.export import load_export
 
-        load_backbone(vit, path / "model.pth")
-        return vit.eval(), meta
+        return load_export(path)
     step_dir = resolve_checkpoint(path)
     meta = json.loads((step_dir / "meta.json").read_text())
     with torch.device("meta"):

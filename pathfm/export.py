@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pathfm.vit import ARCHS, VisionTransformer
+from pathfm.vit import ARCHS, VisionTransformer, ViTArgs, build_vit
 
 _TIMM_FAMILY = {"vit_tiny": "vit_tiny", "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
 # timm's registered defaults for the two families: (init_values, reg_tokens, img_size)
@@ -186,3 +186,31 @@ def main(argv=None) -> Path:
 
 if __name__ == "__main__":
     main()
+
+
+def load_export(folder: str | Path) -> tuple[VisionTransformer, dict]:
+    """(ViT in eval mode, sidecar) from an export folder: rebuilt from model.json, weights loaded strictly.
+
+    A sidecar that disagrees with its weights (another architecture, patch size, width) is an error
+    that names both, never a silent partial load.
+    """
+    folder = Path(folder)
+    sidecar_path = folder / "model.json"
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        args = ViTArgs(**sidecar["pathfm_args"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{sidecar_path}: not a pathfm export sidecar ({e}); expected the model.json written by "
+                         "pathfm.export.save_export, with 'pathfm_args'") from None
+    with torch.device("meta"):  # no random init of weights we are about to overwrite
+        model = build_vit(args)
+    model = model.to_empty(device="cpu")
+    try:
+        load_backbone(model, folder / "model.pth")
+    except ValueError as e:
+        raise ValueError(f"{folder}: model.pth does not match its sidecar model.json ({sidecar.get('timm_name')}):\n{e}") from None
+    if sidecar.get("embed_dim", model.embed_dim) != model.embed_dim:
+        raise ValueError(f"{sidecar_path}: embed_dim {sidecar['embed_dim']} disagrees with {args.arch} ({model.embed_dim})")
+    with torch.no_grad():
+        model.mask_token.zero_()  # not in exports; unused at inference
+    return model.eval(), sidecar

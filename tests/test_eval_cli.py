@@ -31,7 +31,7 @@ def _run(*args, ok=True):
 
 def test_knn_and_linear_scripts_on_real_crc_tiles(shared_data, tmp_path):
     tiles = shared_data / "tiles" / "nct_crc_he_100k_sample9"
-    export = _export(tmp_path / "run" / "export")
+    _export(tmp_path / "run" / "export")
     common = ["--img-size", "64", "--num-workers", "0", "--batch-size", "9"]
     # the run folder stands for its export; train through the CRC adapter, test through the image-folder reader
     _run("eval/knn.py", "--ckpt", tmp_path / "run", "--train", f"crc:{tiles}:train", "--test", tiles, "--k", "1", "3",
@@ -160,9 +160,7 @@ def test_cuda_bf16_embeddings_match_cpu_float32(shared_data, tmp_path):
 
 
 def test_training_checkpoint_last_pointer_is_evaluated_as_its_teacher(tmp_path):
-    ckpt = pytest.importorskip("pathfm.checkpoint")
-    if not hasattr(ckpt, "load_teacher_backbone"):
-        pytest.skip("pathfm.checkpoint.load_teacher_backbone not available yet")
+    from pathfm import checkpoint as ckpt
     from eval.backbone import load_eval_backbone
     from eval.extract import embed
 
