@@ -13,7 +13,7 @@ import torch
 
 from pathfm.data.augment import MultiCrop
 from pathfm.data.masking import block_masks
-from pathfm.data.sampler import SlideTileDataset, prepare_slides, views_generator
+from pathfm.data.sampler import SlideTileDataset, prepare_slides, views_generator, worker_steps
 from pathfm.data.slides import SlideEntry, read_manifest
 from pathfm.data.synthetic import ensure_synthetic_slides
 
@@ -67,12 +67,7 @@ class RandomViews(torch.utils.data.IterableDataset):
         return {"step": step, "tiles": crops, "skipped": 0}
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        step = self.start + worker
-        while True:
-            yield self.batch(step)
-            step += workers
+        return (self.batch(step) for step in worker_steps(self.start))
 
 
 def slide_entries(cfg) -> list[SlideEntry]:

@@ -20,6 +20,7 @@ loop: the valid positions are listed once per (slide, mpp) in each worker.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -192,6 +193,14 @@ class TileReader:
         return region
 
 
+def worker_steps(start_step: int):
+    """The steps this DataLoader worker makes: start + worker, then every num_workers-th, forever,
+    which is the round-robin order in which the DataLoader collects them."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return itertools.count(start_step + worker, workers)
+
+
 def views_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The augmentation generator of a step: a pure function of (seed, rank, step), so workers and the
     training device (data.device_augment) draw the same crop parameters for the same step."""
@@ -232,13 +241,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self._positions: OrderedDict[tuple[int, float], tuple[np.ndarray, int]] = OrderedDict()
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self._reset_worker_state()  # each worker process (or a re-iteration) starts clean
-        step = self.start_step + worker
-        while True:
-            yield self.batch(step)
-            step += workers
+        return (self.batch(step) for step in worker_steps(self.start_step))
 
     # -- one step
 
