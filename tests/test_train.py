@@ -226,3 +226,17 @@ def test_device_side_augmentation_trains_on_the_same_views(tmp_path):
     a, b = losses(cpu["run_dir"]), losses(dev["run_dir"])
     assert a.keys() == b.keys() == {1, 2}
     assert all(abs(a[k] - b[k]) < 1e-6 for k in a)
+
+
+def test_readme_two_process_command_runs_a_gloo_group(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/smoke.yaml", "--local", "--nproc", "2",
+           f"train.output_dir={tmp_path}", f"data.cache_dir={ROOT / '.cache' / 'pathfm-tests'}", "train.steps=2",
+           "train.rankme_every=0", "data.num_workers=0"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dir = tmp_path / "smoke"
+    meta = json.loads((run_dir / "env.json").read_text())
+    assert meta["world_size"] == 2 and meta["launcher"] == "torchrun"
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_0000002"
+    assert (run_dir / "export" / "model.pth").is_file()
