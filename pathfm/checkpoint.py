@@ -10,6 +10,7 @@ never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -30,8 +31,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from pathfm.vit import ViTArgs, build_vit
 
-# DCP warns on every call without a process group; a single process is a supported case here
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """DCP warns on every call without a process group, and a single process is a supported case here:
+    silence that one warning inside our own DCP calls, not process-wide."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _barrier():
@@ -56,14 +63,24 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every generator's state as tensors only, so it loads with torch.load(weights_only=True)."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # ("MT19937", (624,) uint32, int, int, float)
+    py_version, py_state, py_gauss = random.getstate()  # (3, 625 ints, None or float)
+    return {"torch": torch.get_rng_state(),
+            "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "numpy_rest": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+            "python": torch.tensor(py_state, dtype=torch.int64),
+            "python_gauss": torch.tensor([] if py_gauss is None else [py_gauss], dtype=torch.float64),
+            "python_version": torch.tensor(py_version),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    pos, has_gauss, gauss = state["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    py_gauss = state["python_gauss"].tolist()
+    random.setstate((int(state["python_version"]), tuple(state["python"].tolist()), py_gauss[0] if py_gauss else None))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -79,7 +96,9 @@ def _app_state(student, teacher, optimizer, loss_state) -> dict:
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimizer, loss_state, meta: dict,
                     rank: int = 0, keep_last: int = 3) -> Path:
-    """Save on every rank (collective). Returns the step folder."""
+    """Save on every rank (collective), keeping the newest keep_last (>= 1) step folders. Returns the step folder."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} would delete the checkpoint just written; keep at least 1")
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / step_name(step)
     if final.exists():  # already saved at this step (e.g. a signal right after a periodic save)
@@ -90,7 +109,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
+    with _quiet_dcp():
+        dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
@@ -118,14 +138,15 @@ def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state["optimizer"]["state"] = {fqn: s for fqn, s in state["optimizer"]["state"].items()
                                    if all(f"optimizer.state.{fqn}.{k}" in saved for k in s)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     loss_state.load_state_dict(state["loss"])
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch.load(rng, weights_only=True))
     else:  # resumed on more ranks than were saved: a fresh, deterministic stream for the new ranks
         torch.manual_seed(meta["step"] * 1000 + rank)
     return meta
@@ -135,7 +156,8 @@ def load_weights(path: str | Path, *, student, teacher) -> dict:
     """Model weights only (no optimizer, step or RNG): the start of a post-training run."""
     path = resolve_checkpoint(path)
     state = {"student": get_model_state_dict(student), "teacher": get_model_state_dict(teacher)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
     return json.loads((path / "meta.json").read_text())

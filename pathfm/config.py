@@ -32,7 +32,8 @@ class ModelConfig:
     num_registers: int = 0
     ffn: str = "mlp"  # mlp | swiglu
     layerscale: float = 1e-5  # LayerScale init; 0 disables LayerScale
-    drop_path: float = 0.0  # stochastic depth rate of the last block (linear from 0)
+    drop_path: float = 0.0  # stochastic depth rate (of the last block when drop_path_schedule is linear)
+    drop_path_schedule: str = "uniform"  # uniform (DINOv2's drop_path_uniform: every block at drop_path) | linear (0 at the first block)
     drop_path_mode: str = "mask"  # mask | subset (DINOv2: residual branches run only on the kept images, saving FLOPs)
     attn_backend: str = "auto"  # auto | sdpa | xformers (auto: xformers when it works here)
     sdpa_kernels: list[str] = field(default_factory=list)  # flash | efficient | cudnn | math; [] = PyTorch chooses
@@ -117,7 +118,9 @@ class OptimConfig:
     weight_decay_final: float = 0.2
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
-    clip_grad: float = 3.0
+    clip_grad: float = 3.0  # max gradient norm; 0 = no clipping
+    clip_grad_mode: str = "per_module"  # per_module (DINOv2: backbone and each head clipped on their own) | global (one norm over all)
+    decay_tokens: bool = True  # weight decay on cls / position / register tokens, as DINO and DINOv2; false exempts them
     beta1: float = 0.9
     beta2: float = 0.999
     fused: bool = False  # fused AdamW (CUDA)
@@ -285,6 +288,8 @@ def validate(cfg: Config) -> None:
         "model.ffn": ("mlp", "swiglu"),
         "model.attn_backend": ("auto", "sdpa", "xformers"),
         "model.drop_path_mode": ("mask", "subset"),
+        "model.drop_path_schedule": ("uniform", "linear"),
+        "optim.clip_grad_mode": ("per_module", "global"),
         "ssl.objective": ("dino", "dinov2"),
         "ssl.centering": ("centering", "sinkhorn_knopp"),
         "data.source": ("synthetic", "manifest", "random"),
@@ -307,10 +312,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.tissue_threshold' must be in [0, 1], got {cfg.data.tissue_threshold}")
     if cfg.data.mpp_weights and len(cfg.data.mpp_weights) != len(cfg.data.mpps):
         raise ConfigError("config key 'data.mpp_weights' must have one weight per entry of data.mpps")
-    for k in ("optim.batch_size", "train.steps", "model.patch_size", "crops.global_size", "crops.local_size"):
+    for k in ("optim.batch_size", "train.steps", "model.patch_size", "crops.global_size", "crops.local_size",
+              "train.log_every", "train.ckpt_every"):
         sec, name = k.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:
             raise ConfigError(f"config key '{k}' must be positive, got {getattr(getattr(cfg, sec), name)}")
+    if cfg.train.keep_last < 1:
+        raise ConfigError(f"config key 'train.keep_last' is {cfg.train.keep_last}; keep at least 1 checkpoint "
+                          "(the one just written is what a requeued job resumes from)")
+    if cfg.data.manifest and cfg.data.source != "manifest":
+        raise ConfigError(f"config key 'data.manifest' is set ({cfg.data.manifest}) but data.source is "
+                          f"'{cfg.data.source}', which would ignore it; add data.source=manifest to train on it")
+    check_patch_grid(cfg)
+
+
+
+def check_patch_grid(cfg: Config) -> None:
+    """Crops must tile into whole patches: a 96 px crop at patch 14 feeds only 84 px to the model."""
+    p = cfg.model.patch_size
+    for key in ("model.img_size", "crops.global_size", "crops.local_size"):
+        sec, name = key.split(".")
+        size = getattr(getattr(cfg, sec), name)
+        if size % p:
+            lower, upper = size // p * p, (size // p + 1) * p
+            nearest = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+            raise ConfigError(f"config key '{key}' is {size}, not a multiple of model.patch_size={p}: the last "
+                              f"{size % p} px of every crop would never reach the model; use {nearest}")
 
 
 def to_dict(cfg: Config) -> dict:

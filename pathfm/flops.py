@@ -103,7 +103,7 @@ def step_flops(cfg) -> dict:
     m, s, c = cfg.model, cfg.ssl, cfg.crops
     args = ViTArgs(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, num_registers=m.num_registers,
                    ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path,
-                   drop_path_mode=m.drop_path_mode)
+                   drop_path_mode=m.drop_path_mode, drop_path_schedule=m.drop_path_schedule)
     B = cfg.optim.batch_size
     with torch.device("meta"):  # no memory, no compute: ViT-g costs nothing to count
         vit = build_vit(args)

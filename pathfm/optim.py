@@ -1,4 +1,4 @@
-"""Optimiser parameter groups (layer-wise lr decay, no decay on norms/biases/tokens) and schedules.
+"""Optimiser parameter groups (layer-wise lr decay, no decay on norms/biases/LayerScale) and schedules.
 
 Groups carry multipliers (lr_mult, wd_mult) rather than values; `set_hparams` writes
 the values of the current step into them, so schedules stay plain arrays indexed by step.
@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-# timm ViT parameters that sit before the first block: they get layer id 0 and no weight decay
-# (decaying a position embedding or a token towards 0 has no regularising meaning)
+# timm ViT parameters that sit before the first block: they get layer id 0. DINO and DINOv2 decay
+# them like any weight (only biases, norms and LayerScale gammas are exempt); decay_tokens=False exempts them.
 _TOKENS = ("cls_token", "pos_embed", "reg_token", "mask_token")
 
 
@@ -29,13 +29,13 @@ def _layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float,
-                 num_layers: int) -> list[dict]:
+                 num_layers: int, decay_tokens: bool = True) -> list[dict]:
     """AdamW parameter groups for a ViT (names `backbone.<timm name>` or plain timm names) plus heads.
 
     lr_mult = layer_decay ** (num_layers + 1 - layer_id): the last block trains at
     layer_decay x the head lr, the patch embedding at layer_decay ** (num_layers + 1),
     and lower, times patch_embed_lr_mult (a pretrained stem is the first thing to
-    break). wd_mult = 0 for biases, norms, LayerScale (ndim <= 1) and tokens.
+    break). wd_mult = 0 for biases, norms, LayerScale (ndim <= 1), and for the tokens unless decay_tokens.
     The prototype layers (`*.last_layer.weight`) form their own groups so they can be
     frozen. Parameters with equal (lr_mult, wd_mult, is_last_layer) share one group.
     """
@@ -49,7 +49,7 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, p
         lr_mult = layer_decay ** (num_layers + 1 - layer_id)
         if name.startswith("patch_embed."):
             lr_mult *= patch_embed_lr_mult
-        wd_mult = 0.0 if p.ndim <= 1 or name.startswith(_TOKENS) else 1.0
+        wd_mult = 0.0 if p.ndim <= 1 or (not decay_tokens and name.startswith(_TOKENS)) else 1.0
         is_last_layer = "last_layer" in name.split(".")
         key = (lr_mult, wd_mult, is_last_layer)
         if key not in groups:

@@ -57,6 +57,7 @@ class ViTArgs:
     layerscale: float = 1e-5  # 0 = no LayerScale
     drop_path: float = 0.0
     drop_path_mode: str = "mask"  # mask | subset (compute the residual branch only for the kept images)
+    drop_path_schedule: str = "linear"  # linear (0 at block 0 to drop_path at the last, DINO / timm) | uniform (DINOv2)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -67,6 +68,8 @@ class ViTArgs:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.drop_path_mode not in ("mask", "subset"):
             raise ValueError(f"drop_path_mode '{self.drop_path_mode}' not supported; expected mask or subset")
+        if self.drop_path_schedule not in ("linear", "uniform"):
+            raise ValueError(f"drop_path_schedule '{self.drop_path_schedule}' not supported; expected linear or uniform")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +367,10 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.empty(1, args.num_registers, dim)) if args.num_registers else None
         self.pos_embed = nn.Parameter(torch.empty(1, grid * grid + (0 if self.no_embed_class else 1), dim))
         self.mask_token = nn.Parameter(torch.empty(1, dim))
-        rates = [args.drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        if args.drop_path_schedule == "uniform":  # DINOv2's drop_path_uniform
+            rates = [args.drop_path] * depth
+        else:
+            rates = [args.drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(dim, heads, args.ffn, args.layerscale, r, args.drop_path_mode) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.grad_checkpointing = 0

@@ -144,3 +144,41 @@ def test_export_command_writes_the_teacher_for_timm(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), teacher(x), atol=1e-5, rtol=1e-5)
         assert (model(x) - state["student"].backbone.eval()(x)).abs().max() > 1e-3
+
+
+def test_keep_last_zero_is_refused_before_anything_is_deleted(tmp_path):
+    state = make_state(0)
+    save(tmp_path, 1, state)
+    with pytest.raises(ValueError, match="keep_last=0 would delete the checkpoint just written"):
+        save(tmp_path, 2, state, keep_last=0)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000001"
+
+
+def test_rng_state_is_tensors_only_and_round_trips(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = make_state(0)
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    random.gauss(0, 1), np.random.standard_normal()  # cached Gaussian halves are part of the state too
+    folder = save(tmp_path, 1, state)
+    saved = torch.load(folder / "rng_rank0.pt", weights_only=True)  # no pickled numpy / Python objects
+    assert all(torch.is_tensor(v) or v == [] for v in saved.values())
+    want = (torch.rand(3), np.random.rand(3), random.random(), random.gauss(0, 1), np.random.standard_normal())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    ckpt.load_checkpoint(folder, **make_state(1))
+    got = (torch.rand(3), np.random.rand(3), random.random(), random.gauss(0, 1), np.random.standard_normal())
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2:] == want[2:]
+
+
+def test_import_leaves_the_process_warning_filters_alone():
+    import subprocess
+    import sys
+
+    # pathfm's own filter only; torch, numpy and sympy add theirs at import
+    code = ("import warnings, pathfm.checkpoint; "
+            "ours = [f for f in warnings.filters if f[1] is not None and 'torch.distributed is disabled' in f[1].pattern]; "
+            "assert not ours, ours")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -68,3 +68,54 @@ def test_every_shipped_config_loads():
     assert {"smoke.yaml", "vits16.yaml", "vits8.yaml", "vitb16.yaml", "vitb8.yaml", "vitl14.yaml", "vitg14.yaml"} <= set(names)
     for n in names:
         load_config(folder / n)
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["model.patch_size=14", "crops.local_size=96", "model.img_size=224"],
+         r"'crops.local_size' is 96, not a multiple of model.patch_size=14.*12 px.*use 84 or 98"),
+        (["model.patch_size=14", "crops.local_size=98", "crops.global_size=400", "model.img_size=224"],
+         r"'crops.global_size' is 400.*use 392 or 406"),
+        (["model.patch_size=14", "crops.local_size=98", "model.img_size=230"], r"'model.img_size' is 230.*use 224 or 238"),
+        (["model.patch_size=16", "crops.local_size=8"], r"'crops.local_size' is 8.*use 16$"),
+    ],
+)
+def test_crop_sizes_must_be_whole_patches(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_patch14_configs_use_dinov2_local_crops():
+    for name in ("vitl14", "vitg14"):
+        assert load_config(name).crops.local_size == 98, name
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.keep_last=0", r"'train.keep_last' is 0; keep at least 1"),
+        ("train.log_every=0", r"'train.log_every' must be positive, got 0"),
+        ("train.ckpt_every=0", r"'train.ckpt_every' must be positive, got 0"),
+        ("model.drop_path_schedule=cosine", r"'model.drop_path_schedule' is 'cosine'; expected one of uniform, linear"),
+        ("optim.clip_grad_mode=layer", r"'optim.clip_grad_mode' is 'layer'; expected one of per_module, global"),
+    ],
+)
+def test_settings_that_would_crash_or_lose_work_are_refused(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("smoke", [override])
+
+
+def test_a_manifest_is_never_silently_ignored(tmp_path):
+    with pytest.raises(ConfigError, match=r"'data.manifest' is set .*data.source is 'synthetic'.*data.source=manifest"):
+        load_config("smoke", [f"data.manifest={tmp_path / 'slides.csv'}"])
+    cfg = load_config("smoke", ["data.source=manifest", f"data.manifest={tmp_path / 'slides.csv'}"])
+    assert cfg.data.source == "manifest"
+
+
+def test_recipe_defaults_drop_path_and_token_decay():
+    # DINOv2: uniform drop-path rate, tokens decayed; DINO v1 configs keep the linear ramp
+    assert load_config("vitg14").model.drop_path_schedule == "uniform"
+    assert load_config("vitl14").model.drop_path_schedule == "uniform"
+    assert load_config("vits16").model.drop_path_schedule == "linear"
+    assert Config().optim.decay_tokens and Config().optim.clip_grad_mode == "per_module"

@@ -31,9 +31,22 @@ def groups_by_name(groups):
     return {name: g for g in groups for name in g["names"]}
 
 
+def test_tokens_are_decayed_as_dinov2_unless_exempted():
+    # DINO / DINOv2 exempt only biases, norms and LayerScale gammas; the tokens are decayed
+    model = SSLModel()
+    recipe = groups_by_name(param_groups(model, weight_decay=0.04, layer_decay=1.0, patch_embed_lr_mult=1.0, num_layers=2))
+    exempt = groups_by_name(param_groups(model, weight_decay=0.04, layer_decay=1.0, patch_embed_lr_mult=1.0, num_layers=2,
+                                         decay_tokens=False))
+    for name in ("backbone.cls_token", "backbone.reg_token", "backbone.pos_embed", "backbone.mask_token"):
+        assert recipe[name]["wd_mult"] == 1 and exempt[name]["wd_mult"] == 0, name
+    for name in ("backbone.blocks.0.ls1.gamma", "backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias"):
+        assert recipe[name]["wd_mult"] == 0, name
+
+
 def test_layer_decay_and_weight_decay_by_name():
     model = SSLModel()
-    groups = param_groups(model, weight_decay=0.04, layer_decay=0.5, patch_embed_lr_mult=0.2, num_layers=2)
+    groups = param_groups(model, weight_decay=0.04, layer_decay=0.5, patch_embed_lr_mult=0.2, num_layers=2,
+                          decay_tokens=False)
     g = groups_by_name(groups)
     # num_layers = 2: lr_mult = 0.5 ** (3 - layer_id)
     expected = {  # name: (lr_mult, wd_mult, is_last_layer)
@@ -74,7 +87,7 @@ def test_plain_vit_names_and_frozen_params():
     assert "pos_embed" not in g
     assert g["blocks.1.attn.proj.weight"]["lr_mult"] == pytest.approx(0.9)
     assert g["blocks.0.attn.proj.weight"]["lr_mult"] == pytest.approx(0.81)
-    assert g["cls_token"]["lr_mult"] == pytest.approx(0.729) and g["cls_token"]["wd_mult"] == 0
+    assert g["cls_token"]["lr_mult"] == pytest.approx(0.729) and g["cls_token"]["wd_mult"] == 1
     assert g["norm.bias"]["lr_mult"] == 1.0
 
 

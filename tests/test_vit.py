@@ -152,3 +152,11 @@ def test_no_weight_decay_names_exist():
 def test_bad_args_fail_with_a_clear_message(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ViTArgs(**kw)
+
+
+def test_drop_path_schedules():
+    # DINOv2's drop_path_uniform: every block at the rate; DINO / timm: a linear ramp from 0
+    uniform = build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, drop_path=0.4, drop_path_schedule="uniform"))
+    linear = build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, drop_path=0.4, drop_path_schedule="linear"))
+    assert [b.drop_path for b in uniform.blocks] == [0.4] * 12
+    assert linear.blocks[0].drop_path == 0.0 and linear.blocks[-1].drop_path == pytest.approx(0.4)
