@@ -1,0 +1,491 @@
+"""The slide index: what sampling needs from every slide, computed once, kept on disk, memory-mapped.
+
+    python -m pathfm.data.index manifest.csv -o /data/index/tcga --workers 32             # one machine
+    python launch/index.py manifest.csv -o /data/index/tcga --tasks 16 --profile gpu-8x          # SLURM array
+    python launch/train.py --config vitl14.yaml data.index=/data/index/tcga
+
+Building opens every slide once, resolves its mpp, loads or computes its tissue mask and lists, for
+each target mpp, the mask cells where the top-left of a tile footprint >= the tissue threshold may
+lie. Those cells are stored as runs along mask rows (row, first column, cumulative count), so a
+position is one binary search in a memory-mapped array, whatever the number of slides, and every
+worker and rank on a node shares the same page-cache pages instead of holding a copy.
+
+Folder layout (all arrays .npy, opened with mmap_mode="r"):
+    index.json     format, sampling parameters, manifest identity, counts; written last (= complete)
+    slides.npy     one record per usable slide: manifest row, mpp, weight, group, mask scale, ...
+    levels.npy     pyramid levels of all slides: size, downsample, stored tile size
+    plans.npy      (slides, mpps, 2) int32: read level and region side per target mpp (-1: not served)
+    segments.npy   (slides, mpps + 1) int64: runs of slide s, mpp j are runs[segments[s, j]:segments[s, j+1]]
+    runs.npy       (R, 2) uint16 (row, column) of each run's first valid cell
+    cum.npy        (R + 1,) int64: valid cells before each run (global), so run r has cum[r+1] - cum[r] cells
+    paths.bin      UTF-8 paths, sliced by slides["path_start"], slides["path_len"]
+    unusable.csv   manifest row, path, reason: slides the build could not use
+A build in progress keeps one journal per part under parts/ (one pickled record per finished slide,
+appended and flushed), so a killed build continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+from pathfm.data.slides import (MASK_MAX_SIDE, MASK_MPP, MASK_VERSION, ReadPlan, SlideEntry, SlideError, SlideInfo,
+                                file_identity, load_or_compute_tissue_mask, mask_scale, open_slide, plan_read,
+                                read_manifest, slide_mpp, usable_mpps)
+
+FORMAT = 1  # bump when the folder layout changes
+
+SLIDE_DTYPE = np.dtype([("row", "i8"), ("mpp", "f8"), ("weight", "f8"), ("group", "i4"), ("mask_scale", "f8"),
+                        ("level_start", "i8"), ("n_levels", "i4"), ("path_start", "i8"), ("path_len", "i4")])
+LEVEL_DTYPE = np.dtype([("width", "i8"), ("height", "i8"), ("downsample", "f8"), ("tile_w", "i4"), ("tile_h", "i4")])
+
+
+class SlideIndexError(SlideError):
+    """An index that cannot be used as asked: missing, incomplete, or built for other parameters."""
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """What an index is valid for. An index built with other values is refused, the difference named."""
+
+    tile_size: int
+    mpps: tuple[float, ...]
+    tissue_threshold: float
+    mask_version: int = MASK_VERSION
+    mask_mpp: float = MASK_MPP
+    mask_max_side: int = MASK_MAX_SIDE
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "mpps": [float(m) for m in self.mpps]}
+
+
+def manifest_identity(entries: list[SlideEntry]) -> str:
+    """sha256 of the rows as read (path, mpp, weight, group): the same slides in another file match."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.path}\t{e.mpp}\t{e.weight}\t{e.group}\n".encode())
+    return h.hexdigest()
+
+
+def index_folder(cache_dir, entries: list[SlideEntry], params: IndexParams, stem: str = "manifest") -> Path:
+    """Where an index of these rows and parameters lives in a cache: keyed by both."""
+    key = hashlib.sha256((manifest_identity(entries) + json.dumps(params.as_dict())).encode()).hexdigest()
+    return Path(cache_dir) / "index" / f"{stem}-{key[:16]}"
+
+
+# ---------------------------------------------------------------- one slide
+
+
+def valid_runs(mask: np.ndarray, window: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-left mask cells whose window x window footprint is >= threshold tissue, as runs along rows.
+
+    Returns (rows, first columns, lengths), in row-major order. An integral image makes it O(h * w)
+    whatever the window; it is computed once per slide and mpp, at build time.
+    """
+    h, w = mask.shape
+    if window > h or window > w:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    integral = np.zeros((h + 1, w + 1), np.int32)
+    integral[1:, 1:] = np.asarray(mask, dtype=np.int32).cumsum(0).cumsum(1)
+    k = window
+    sums = integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]  # (h-k+1, w-k+1)
+    ok = np.zeros((sums.shape[0], sums.shape[1] + 2), np.int8)  # a False column either side closes every run
+    ok[:, 1:-1] = sums >= threshold * k * k
+    edges = np.diff(ok, axis=1)  # (h-k+1, w-k+2): +1 where a run starts, -1 one past its end
+    rows, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)  # row-major, so the i-th end closes the i-th start
+    return rows, starts, ends - starts
+
+
+def describe_slide(row: int, entry: SlideEntry, params: IndexParams, mask_dir: str) -> dict:
+    """Everything the index keeps about one manifest row, or {"row", "path", "reason"} when unusable."""
+    try:
+        return _describe(row, entry, params, mask_dir)
+    except SlideError as e:
+        return {"row": row, "path": entry.path, "reason": str(e)}
+    except Exception as e:  # a slide must never stop the build of the other 29,999: record it
+        return {"row": row, "path": entry.path, "reason": f"{entry.path}: {type(e).__name__}: {e}"}
+
+
+def _describe(row: int, entry: SlideEntry, params: IndexParams, mask_dir: str) -> dict:
+    size, mpps = params.tile_size, list(params.mpps)
+    slide = open_slide(entry.path)
+    try:
+        mpp = slide_mpp(slide, entry.path, entry.mpp)
+        info = SlideInfo(entry.path, mpp, list(slide.level_dimensions),
+                         [float(d) for d in slide.level_downsamples], file_identity(entry.path))
+        servable = usable_mpps(info, mpps, size)
+        if not servable:
+            raise SlideError(f"{entry.path}: slide ({info.dimensions[0][0]}x{info.dimensions[0][1]} px "
+                             f"at {mpp} µm/px) is smaller than a {size} px tile at every requested "
+                             f"mpp {mpps}, or they are all finer than its level 0")
+        mask, _ = load_or_compute_tissue_mask(info, mask_dir, slide)
+        grid = [(int(slide.properties.get(f"openslide.level[{i}].tile-width", 0)),
+                 int(slide.properties.get(f"openslide.level[{i}].tile-height", 0)))
+                for i in range(len(info.dimensions))]
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{entry.path}: unreadable slide ({e})") from None
+    finally:
+        slide.close()
+    scale = mask_scale(info)
+    plans, runs = [], []
+    for m in mpps:
+        plan = plan_read(info, m, size) if m in servable else None
+        r = valid_runs(mask, max(1, round(plan.footprint / scale)), params.tissue_threshold) if plan else None
+        if r is None or r[0].size == 0:
+            plan, r = None, (np.zeros(0, np.int64),) * 3
+        plans.append((plan.level, plan.region) if plan else (-1, 0))
+        runs.append(np.stack(r, 1).astype(np.int64))  # (n_runs, 3) row, column, length
+    if all(p[0] < 0 for p in plans):
+        raise SlideError(f"{entry.path}: no tissue: no {size} px tile at mpp {servable} is "
+                         f">= {params.tissue_threshold:.0%} tissue on its mask")
+    return {"row": row, "path": entry.path, "mpp": mpp, "weight": entry.weight, "group": entry.group,
+            "mask_scale": scale, "levels": [(w, h, ds, tw, th) for (w, h), ds, (tw, th)
+                                            in zip(info.dimensions, info.downsamples, grid)],
+            "plans": plans, "runs": runs}
+
+
+# ---------------------------------------------------------------- the index, read side
+
+
+@dataclass
+class IndexedSlide:
+    """One slide as the reader needs it: small, rebuilt from the index arrays on demand."""
+
+    info: SlideInfo
+    mask_scale: float
+    plans: dict[float, ReadPlan]  # the target mpps this slide serves (with tissue)
+    tile_grid: list[tuple[int, int]]  # stored tile (w, h) per level
+
+    @property
+    def mpps(self) -> list[float]:
+        return list(self.plans)
+
+
+class SlideIndex:
+    """A built index folder, memory-mapped. Cheap to open and to pickle (workers reopen the files)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        meta_path = self.folder / "index.json"
+        if not meta_path.is_file():
+            hint = " (a build is in progress or was stopped: run it again to finish)" if (self.folder / "parts").is_dir() else ""
+            raise SlideIndexError(f"{self.folder}: not a slide index, no index.json{hint}; build one with "
+                              f"`python -m pathfm.data.index MANIFEST -o {self.folder}`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise SlideIndexError(f"{self.folder}: index format {self.meta.get('format')}, this pathfm reads {FORMAT}; rebuild it")
+        self.params = IndexParams(**{**self.meta["params"], "mpps": tuple(self.meta["params"]["mpps"])})
+        self.groups = self.meta["groups"]
+        self._open()
+
+    def _open(self):
+        load = lambda name: np.load(self.folder / name, mmap_mode="r")  # noqa: E731
+        self.slides, self.levels, self.plans = load("slides.npy"), load("levels.npy"), load("plans.npy")
+        self.segments, self.runs, self.cum = load("segments.npy"), load("runs.npy"), load("cum.npy")
+        self._paths = np.memmap(self.folder / "paths.bin", np.uint8, "r") if self.meta["path_bytes"] else b""
+
+    def __getstate__(self):  # send the folder, not the mapped arrays
+        return {"folder": self.folder, "meta": self.meta, "params": self.params, "groups": self.groups}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def check(self, params: IndexParams, manifest_id: str | None = None) -> None:
+        """Refuse an index built for other sampling parameters or another manifest, naming each difference."""
+        have, want = self.params.as_dict(), params.as_dict()
+        diffs = [f"{k}: index {have[k]} vs run {want[k]}" for k in have if k != "mpps" and have[k] != want[k]]
+        missing = [m for m in want["mpps"] if m not in have["mpps"]]
+        if missing:
+            diffs.append(f"mpps {missing} of the run are not in the index's {have['mpps']}")
+        if manifest_id is not None and manifest_id != self.meta["manifest"]["sha256"]:
+            diffs.append(f"manifest: index built from {self.meta['manifest']['path']} "
+                         f"({self.meta['manifest']['rows']} rows), the run's has other rows")
+        if diffs:
+            raise SlideIndexError(f"slide index {self.folder} does not match this run: " + "; ".join(diffs)
+                              + ". Rebuild it (python -m pathfm.data.index) or point data.index at a matching one")
+
+    def path(self, i: int) -> str:
+        s = self.slides[i]
+        return bytes(self._paths[s["path_start"]: s["path_start"] + s["path_len"]]).decode()
+
+    def slide(self, i: int) -> IndexedSlide:
+        s = self.slides[i]
+        lv = self.levels[s["level_start"]: s["level_start"] + s["n_levels"]]
+        info = SlideInfo(self.path(i), float(s["mpp"]), [(int(w), int(h)) for w, h in zip(lv["width"], lv["height"])],
+                         [float(d) for d in lv["downsample"]], "")
+        plans = {}
+        for j, m in enumerate(self.params.mpps):
+            level, region = (int(v) for v in self.plans[i, j])
+            if level >= 0:
+                ds = info.downsamples[level]
+                plans[m] = ReadPlan(level, ds, region, region * ds)
+        return IndexedSlide(info, float(s["mask_scale"]), plans,
+                            [(int(w), int(h)) for w, h in zip(lv["tile_w"], lv["tile_h"])])
+
+    def mpp_column(self, mpp: float) -> int:
+        return self.params.mpps.index(mpp)
+
+    def cell(self, i: int, j: int, rng: np.random.Generator) -> tuple[int, int]:
+        """A uniformly drawn valid mask cell (row, column) of slide i at mpp column j: O(log runs)."""
+        a, b = int(self.segments[i, j]), int(self.segments[i, j + 1])
+        lo = int(self.cum[a])
+        target = lo + int(rng.integers(int(self.cum[b]) - lo))
+        r = a + int(np.searchsorted(self.cum[a + 1: b + 1], target, side="right"))  # run holding the target
+        row, col = self.runs[r]
+        return int(row), int(col) + target - int(self.cum[r])
+
+    def cells(self, i: int, j: int) -> np.ndarray:
+        """Every valid cell of slide i at mpp column j as (n, 2) (row, column): for tests and tools."""
+        a, b = int(self.segments[i, j]), int(self.segments[i, j + 1])
+        lengths = np.diff(self.cum[a: b + 1])
+        rows = np.repeat(self.runs[a:b, 0].astype(np.int64), lengths)
+        starts = np.repeat(self.runs[a:b, 1].astype(np.int64), lengths)
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.stack([rows, starts + offsets], 1)
+
+    def unusable(self) -> list[dict]:
+        path = self.folder / "unusable.csv"
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- building
+
+
+def _journal_records(path: Path) -> tuple[list[dict], int]:
+    """(complete records, byte length they span): a killed writer leaves a torn last record, ignored."""
+    records, good = [], 0
+    with open(path, "rb") as f:
+        while True:
+            try:
+                records.append(pickle.load(f))
+            except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError):
+                break
+            good = f.tell()
+    return records, good
+
+
+def _done_rows(parts: Path) -> set[int]:
+    return {r["row"] for p in sorted(parts.glob("*.journal")) for r in _journal_records(p)[0]}
+
+
+def prepare_parts(out: Path, params: IndexParams, manifest_id: str) -> Path:
+    """The parts folder of a build, created or reused; a build for other parameters is refused."""
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    stamp = {"params": params.as_dict(), "manifest": manifest_id}
+    stamp_path = parts / "build.json"
+    if stamp_path.exists():
+        old = json.loads(stamp_path.read_text())
+        if old != stamp:
+            raise SlideIndexError(f"{out}: holds a build for other parameters or another manifest "
+                              f"({old['params']} vs {stamp['params']}); use another -o or delete {parts}")
+    else:
+        tmp = stamp_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, stamp_path)
+    return parts
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def build_part(entries: list[SlideEntry], out, params: IndexParams, *, part: str = "local", share: tuple[int, int] = (0, 1),
+               workers: int = 0, mask_dir=None, progress: bool = True) -> int:
+    """Describe this part's share of the manifest (rows i with i % n == k for share (k, n)) that no
+    journal holds yet, with `workers` processes (0: one per CPU), appending to parts/<part>.journal.
+    Returns the number of slides described now."""
+    out = Path(out)
+    parts = prepare_parts(out, params, manifest_identity(entries))
+    done = _done_rows(parts)
+    k, n = share
+    todo = [(i, e) for i, e in enumerate(entries) if i % n == k and i not in done]
+    if not todo:
+        return 0
+    journal = parts / f"{part}.journal"
+    if journal.exists():  # drop a torn last record before appending after it
+        os.truncate(journal, _journal_records(journal)[1])
+    mask_dir = str(mask_dir or out / "masks")
+    workers = min(workers or cpu_count(), max(1, len(todo) // 4))  # a handful of slides: no pool to start
+    args = [(i, e, params, mask_dir) for i, e in todo]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"indexing slides ({part})", unit="slide", disable=not progress,
+               mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+    with open(journal, "ab") as f:
+        def write(record):
+            pickle.dump(record, f, protocol=5)
+            f.flush()
+            bar.update(1)
+        if workers <= 1:
+            for a in args:
+                write(describe_slide(*a))
+        else:  # spawn: the workers import numpy and OpenSlide only, never a forked torch
+            with mp.get_context("spawn").Pool(workers) as pool:
+                for record in pool.imap_unordered(_describe_star, args, chunksize=1):
+                    write(record)
+    bar.close()
+    return len(todo)
+
+
+def _describe_star(args):
+    return describe_slide(*args)
+
+
+def merge_parts(entries: list[SlideEntry], out, params: IndexParams, *, manifest_path: str = "") -> "SlideIndex":
+    """Assemble the journals of every part into the index arrays; index.json is written last."""
+    out = Path(out)
+    parts = out / "parts"
+    by_row = {}
+    for p in sorted(parts.glob("*.journal")):
+        for r in _journal_records(p)[0]:
+            by_row[r["row"]] = r
+    missing = [i for i in range(len(entries)) if i not in by_row]
+    if missing:
+        raise SlideIndexError(f"{out}: {len(missing)} of {len(entries)} manifest rows are not indexed yet "
+                          f"(first: row {missing[0] + 2}, {entries[missing[0]].path}); run the build again to finish them")
+    records = [by_row[i] for i in range(len(entries))]
+    usable = [r for r in records if "reason" not in r]
+    bad = [r for r in records if "reason" in r]
+    if not usable:
+        reasons = "; ".join(r["reason"] for r in bad[:5])
+        raise SlideError(f"no usable slide among {len(entries)} manifest entries: {reasons}")
+    groups = sorted({r["group"] for r in usable})
+    group_id = {g: i for i, g in enumerate(groups)}
+    n_mpps = len(params.mpps)
+    slides = np.zeros(len(usable), SLIDE_DTYPE)
+    levels = np.zeros(sum(len(r["levels"]) for r in usable), LEVEL_DTYPE)
+    plans = np.zeros((len(usable), n_mpps, 2), np.int32)
+    segments = np.zeros((len(usable), n_mpps + 1), np.int64)
+    runs = [r["runs"][j] for r in usable for j in range(n_mpps)]  # (n, 3) row, column, length each
+    all_runs = np.concatenate(runs) if runs else np.zeros((0, 3), np.int64)
+    counts = np.cumsum([0] + [len(x) for x in runs])
+    path_bytes = [r["path"].encode() for r in usable]
+    path_start = np.cumsum([0] + [len(p) for p in path_bytes])
+    level_start = 0
+    for s, r in enumerate(usable):
+        slides[s] = (r["row"], r["mpp"], r["weight"], group_id[r["group"]], r["mask_scale"], level_start,
+                     len(r["levels"]), path_start[s], len(path_bytes[s]))
+        levels[level_start: level_start + len(r["levels"])] = r["levels"]
+        level_start += len(r["levels"])
+        plans[s] = r["plans"]
+        segments[s] = counts[s * n_mpps: (s + 1) * n_mpps + 1]
+    cum = np.concatenate([[0], np.cumsum(all_runs[:, 2])]).astype(np.int64)
+    arrays = {"slides.npy": slides, "levels.npy": levels, "plans.npy": plans, "segments.npy": segments,
+              "runs.npy": all_runs[:, :2].astype(np.uint16), "cum.npy": cum}
+    assert all_runs[:, :2].max(initial=0) < 2**16, "mask larger than 65535 cells"
+    for name, array in arrays.items():
+        _atomic(out / name, lambda f, a=array: np.save(f, a))
+    _atomic(out / "paths.bin", lambda f: f.write(b"".join(path_bytes)))
+    _atomic(out / "unusable.csv", lambda f: _write_unusable(f, bad, entries))
+    meta = {"format": FORMAT, "params": params.as_dict(), "groups": groups, "path_bytes": int(path_start[-1]),
+            "manifest": {"path": str(manifest_path), "rows": len(entries), "sha256": manifest_identity(entries)},
+            "slides": len(usable), "unusable": len(bad), "runs": int(len(all_runs)),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _atomic(out / "index.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    shutil.rmtree(parts)  # every record is in the arrays now
+    return SlideIndex(out)
+
+
+def _write_unusable(f, bad, entries):
+    import io
+
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["row", "path", "reason"])
+    for r in bad:
+        w.writerow([r["row"] + 2, r["path"], r["reason"]])  # manifest row as a spreadsheet shows it
+    f.write(text.getvalue().encode())
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def build_index(entries: list[SlideEntry], out, params: IndexParams, *, workers: int = 0, mask_dir=None,
+                manifest_path: str = "", progress: bool = True) -> SlideIndex:
+    """Build (or finish, or just open) the index of `entries` in `out` on this machine."""
+    out = Path(out)
+    if (out / "index.json").exists():
+        index = SlideIndex(out)
+        index.check(params, manifest_identity(entries))
+        return index
+    build_part(entries, out, params, workers=workers, mask_dir=mask_dir, progress=progress)
+    return merge_parts(entries, out, params, manifest_path=manifest_path)
+
+
+def summary(index: SlideIndex) -> str:
+    m = index.meta
+    per_mpp = {mpp: int((index.plans[:, j, 0] >= 0).sum()) for j, mpp in enumerate(index.params.mpps)}
+    return (f"slide index {index.folder}: {m['slides']} usable slides of {m['manifest']['rows']} "
+            f"({m['unusable']} unusable, listed in {index.folder / 'unusable.csv'}); slides per mpp {per_mpp}; "
+            f"{m['runs']} runs, {sum(p.stat().st_size for p in index.folder.glob('*.*') if p.is_file()) / 1e6:.1f} MB")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    from pathfm.config import DataConfig
+
+    d = DataConfig()
+    p = argparse.ArgumentParser(description="Build the slide index of a manifest on this machine (resumable). "
+                                            "On SLURM: python launch/index.py (the same options).")
+    add_build_args(p, d)
+    p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    a = p.parse_args(argv)
+    try:
+        entries = read_manifest(a.manifest)
+        start = time.perf_counter()
+        index = build_index(entries, a.output, params_from_args(a), workers=a.workers, mask_dir=a.mask_dir,
+                            manifest_path=a.manifest)
+    except SlideError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{summary(index)}; {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def add_build_args(p: argparse.ArgumentParser, d) -> None:
+    """The options shared with launch/index.py; defaults from the config's data section."""
+    p.add_argument("manifest")
+    p.add_argument("-o", "--output", required=True, help="index folder")
+    p.add_argument("--tile-size", type=int, default=d.tile_size)
+    p.add_argument("--mpps", type=float, nargs="+", default=d.mpps)
+    p.add_argument("--tissue-threshold", type=float, default=d.tissue_threshold)
+    p.add_argument("--mask-dir", default=None, help="tissue-mask cache (default: INDEX/masks)")
+
+
+def params_from_args(a) -> IndexParams:
+    return IndexParams(a.tile_size, tuple(a.mpps), a.tissue_threshold)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
