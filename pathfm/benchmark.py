@@ -121,15 +121,11 @@ def data_only(cfg, env, warmup: int, measure: int) -> dict:
     """The config's real DataLoader, no model: seconds per batch of the measured batches on this rank.
     With data.device_augment the workers only read tiles; the views made on the device are not timed."""
     from pathfm import dist as pdist
-    from pathfm.data.loader import Views, build_loader, prepare
+    from pathfm.data.loader import Views, build_loader, slide_index
 
-    if env.is_main:  # as train.main: rank 0 writes synthetic slides and tissue masks, the others read them
-        slides, _ = prepare(cfg)
-    pdist.barrier(env)
-    if not env.is_main:
-        slides, _ = prepare(cfg)
+    index = slide_index(cfg, rank=env.rank, world_size=env.world_size, wait=lambda: pdist.long_barrier(env))  # as train.main
     views = Views(cfg, cfg.model.patch_size, cfg.ssl.objective == "dinov2")
-    loader = iter(build_loader(cfg, slides, rank=env.rank, world_size=env.world_size, start_step=0, views=views))
+    loader = iter(build_loader(cfg, index, rank=env.rank, world_size=env.world_size, start_step=0, views=views))
     times = []
     for _ in range(warmup + measure):
         t = time.perf_counter()

@@ -72,6 +72,9 @@ class SSLConfig:
 class DataConfig:
     source: str = "synthetic"  # synthetic (generated slides) | manifest | random (random pixels, no I/O)
     manifest: str = ""  # CSV: path[, mpp][, weight][, group]
+    index: str = ""  # a built slide index (python -m pathfm.data.index); "" = built from the manifest on first use
+    index_workers: int = 0  # processes per rank that build the index when it is missing (0: the rank's CPUs)
+    tiles_per_visit: int = 8  # tiles read from a slide per visit (one file open per visit; visits are shuffled)
     synthetic_slides: int = 3
     synthetic_size: int = 4096  # level-0 width and height of each synthetic slide
     cache_dir: str = ".cache/pathfm"  # synthetic slides and tissue masks
@@ -306,8 +309,14 @@ def validate(cfg: Config) -> None:
     for i, name in enumerate(cfg.model.sdpa_kernels):
         if name not in ("flash", "efficient", "cudnn", "math"):
             raise ConfigError(f"config key 'model.sdpa_kernels[{i}]' is {name!r}; expected some of flash, efficient, cudnn, math")
-    if cfg.data.source == "manifest" and not cfg.data.manifest:
-        raise ConfigError("config key 'data.manifest' is empty but data.source is 'manifest'; give a CSV path")
+    if cfg.data.source == "manifest" and not (cfg.data.manifest or cfg.data.index):
+        raise ConfigError("config key 'data.manifest' is empty but data.source is 'manifest'; give a CSV path "
+                          "(or data.index, a built slide index)")
+    if cfg.data.index and cfg.data.source != "manifest":
+        raise ConfigError(f"config key 'data.index' is set but data.source is '{cfg.data.source}'; set data.source=manifest")
+    if cfg.data.tiles_per_visit < 1 or cfg.data.index_workers < 0:
+        raise ConfigError("config keys 'data.tiles_per_visit' must be >= 1 and 'data.index_workers' >= 0, got "
+                          f"{cfg.data.tiles_per_visit} and {cfg.data.index_workers}")
     if not 0.0 <= cfg.data.tissue_threshold <= 1.0:
         raise ConfigError(f"config key 'data.tissue_threshold' must be in [0, 1], got {cfg.data.tissue_threshold}")
     if cfg.data.mpp_weights and len(cfg.data.mpp_weights) != len(cfg.data.mpps):

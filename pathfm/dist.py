@@ -121,6 +121,16 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def long_barrier(env: DistEnv, days: int = 7) -> None:
+    """A barrier for work whose length grows with the cohort (building a slide index): the default
+    group gives up after 30 min, so this one waits on its own gloo group with a timeout in days.
+    A rank that dies still ends it at once (its connections close)."""
+    if env.world_size > 1:
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=days))
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
+
 def _all_reduce_number(x: float, env: DistEnv, op) -> float:
     if env.world_size == 1:
         return x

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
+import math
 import os
 import platform
 import signal
@@ -23,11 +25,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from pathfm import checkpoint as ckpt
 from pathfm import dist as pdist
 from pathfm.config import Config, load_config, to_dict, to_yaml
-from pathfm.data.loader import Views, build_loader, prepare, views_generator
+from pathfm.data.failures import summarise as summarise_read_failures
+from pathfm.data.index import summary as index_summary
+from pathfm.data.loader import Views, build_loader, slide_index, tile_dataset, views_generator
+from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.export import load_backbone, save_export
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.heads import DINOHead
@@ -40,7 +46,8 @@ from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
 def vit_args(cfg: Config) -> ViTArgs:
     m = cfg.model
     return ViTArgs(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, num_registers=m.num_registers,
-                   ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path, drop_path_mode=m.drop_path_mode)
+                   ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path, drop_path_mode=m.drop_path_mode,
+                   drop_path_schedule=m.drop_path_schedule)
 
 
 def build_student(cfg: Config) -> nn.ModuleDict:
@@ -69,6 +76,51 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
+class NonFiniteSteps:
+    """Steps skipped for a non-finite loss or gradient norm; `max_in_a_row` consecutive ones stop the run
+    before anything overwrites the last good checkpoint."""
+
+    def __init__(self, max_in_a_row: int, total: int = 0):
+        self.max_in_a_row, self.total, self.run = max_in_a_row, total, 0
+
+    def skip(self, step: int, what: str, optimizer, logger) -> None:
+        self.run, self.total = self.run + 1, self.total + 1
+        optimizer.zero_grad(set_to_none=True)
+        logger.log(step, {"nonfinite_steps": self.total})
+        print(f"step {step}: non-finite {what}; update skipped", file=sys.stderr, flush=True)
+        if self.run >= self.max_in_a_row:
+            raise FloatingPointError(f"stopping at step {step}: {self.run} consecutive non-finite steps "
+                                     f"(last: {what}); the last good checkpoint is untouched")
+
+
+def clip_gradients(student: nn.ModuleDict, max_norm: float, per_module: bool) -> dict:
+    """Clip gradients in place; returns the norms before clipping, {module name: norm} or {"all": norm}.
+
+    per_module, as DINOv2: the backbone and each head are clipped to max_norm on their own, so a
+    65k-131k-prototype head's large gradient does not shrink the backbone's step. max_norm 0 measures
+    only. Under FSDP2 the gradients are DTensor shards and clip_grad_norm_ reduces the norm over ranks.
+    """
+    limit = max_norm if max_norm > 0 else float("inf")
+    parts = dict(student.items()) if per_module else {"all": student}
+    return {name: torch.nn.utils.clip_grad_norm_(m.parameters(), limit) for name, m in parts.items()}
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+
+    Under FSDP2 both hold fp32 DTensor shards and each rank updates its own slice. A teacher wrapped with
+    dist.reshard_after_forward=false still holds unsharded parameters after its forward: reshard first,
+    so both sides are shards of the same layout.
+    """
+    for m in (teacher, student):
+        for mod in m.modules():
+            if isinstance(mod, FSDPModule):
+                mod.reshard()
+    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+        p_t.lerp_(p_s.detach(), 1.0 - momentum)
+
+
 def check_inputs(cfg: Config) -> None:
     """Files the config names must exist: fail before a run folder is created or touched."""
     files = {"data.manifest": cfg.data.manifest if cfg.data.source == "manifest" else "",
@@ -80,9 +132,15 @@ def check_inputs(cfg: Config) -> None:
         raise SystemExit(f"config key 'train.init_checkpoint': '{cfg.train.init_checkpoint}' does not exist")
 
 
-def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> Path:
-    """Create (or re-open for resume) the run folder; refuse one made by a different model."""
+def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> tuple[Path, str]:
+    """Create (or re-open for resume) the run folder; refuse one made by a different model.
+
+    The first launch writes config.yaml; every later launch (a resume, maybe with other overrides) adds
+    config.restart_N.yaml with its own resolved config and command line, so the folder never shows one
+    launch's settings for another's steps. Returns (run folder, the restart file's name or "").
+    """
     run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
+    restart_file = ""
     if env.is_main:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -91,6 +149,7 @@ def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> Path:
         if not os.access(run_dir, os.W_OK):
             raise SystemExit(f"run folder '{run_dir}' is not writable; set train.output_dir or train.name")
         old_cfg = run_dir / "config.yaml"
+        header = f"# launched as: {' '.join(sys.argv)}\n"
         if old_cfg.exists():
             import yaml
 
@@ -102,10 +161,12 @@ def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> Path:
                 diff = ", ".join(f"{k}: {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
                 raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({diff}); "
                                  "pick a new train.name or train.output_dir")
+            restart_file = f"config.restart_{len(list(run_dir.glob('config.restart_*.yaml'))) + 1}.yaml"
+            (run_dir / restart_file).write_text(header + to_yaml(cfg))
         else:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            old_cfg.write_text(header + to_yaml(cfg))
         (run_dir / "env.json").write_text(json.dumps(environment(env), indent=2) + "\n")
-    return run_dir
+    return run_dir, restart_file
 
 
 def environment(env: pdist.DistEnv) -> dict:
@@ -131,16 +192,14 @@ def main(cfg: Config) -> dict:
     check_inputs(cfg)
     env = pdist.init_distributed()
     device = env.device
-    run_dir = prepare_run_folder(cfg, env)
+    run_dir, restart_file = prepare_run_folder(cfg, env)
     s, o, t = cfg.ssl, cfg.optim, cfg.train
     ibot = s.objective == "dinov2"
 
-    # --- data: rank 0 generates synthetic slides and tissue masks first; the others read the cache
-    if env.is_main:
-        slides, skipped_slides = prepare(cfg)
-    pdist.barrier(env)
-    if not env.is_main:
-        slides, skipped_slides = prepare(cfg)
+    # --- data: the slide index, opened (data.index, or built before) or built once, each rank a share of the slides
+    index = slide_index(cfg, rank=env.rank, world_size=env.world_size, wait=lambda: pdist.long_barrier(env))
+    if env.is_main and index is not None:
+        print(index_summary(index), file=sys.stderr, flush=True)
 
     # --- models: student and teacher start equal (and equal on every rank); the teacher never gets gradients
     torch.manual_seed(cfg.train.seed)
@@ -165,7 +224,8 @@ def main(cfg: Config) -> dict:
     global_batch = o.batch_size * env.world_size
     lr_peak = scaled_lr(o.base_lr, global_batch, o.lr_ref_batch, o.lr_scaling)
     groups = param_groups(student, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
-                          patch_embed_lr_mult=o.patch_embed_lr_mult, num_layers=student.backbone.depth)
+                          patch_embed_lr_mult=o.patch_embed_lr_mult, num_layers=student.backbone.depth,
+                          decay_tokens=o.decay_tokens)
     optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(o.beta1, o.beta2), fused=o.fused or None)
     lr_sched = cosine_schedule(lr_peak, o.min_lr, t.steps, min(o.warmup_steps, t.steps))
     wd_sched = cosine_schedule(o.weight_decay, o.weight_decay_final, t.steps)
@@ -190,21 +250,27 @@ def main(cfg: Config) -> dict:
         return {"run_dir": str(run_dir), "step": start_step, "status": "finished"}
 
     views = Views(cfg, cfg.model.patch_size, ibot)
-    loader = build_loader(cfg, slides, rank=env.rank, world_size=env.world_size, start_step=start_step, views=views)
-    heldout = heldout_batch(cfg, slides, views, env, loader) if t.rankme_every else None
+    loader = build_loader(cfg, index, rank=env.rank, world_size=env.world_size, start_step=start_step, views=views,
+                          failures_dir=run_dir / "read_failures")
+    heldout = heldout_batch(cfg, index, views, env, loader) if t.rankme_every else None
+    mpp_mix = Counter()  # magnifications of the tiles this rank trained on since the last log
     logger = Logger(run_dir, t.steps, enabled=env.is_main)
+    if restart_file:  # where this launch took over, and with which settings
+        logger.event(start_step, {"restart": restart_file, "argv": sys.argv})
     stop = StopSignal()
-    nonfinite_run, status, step = 0, "finished", start_step
+    nonfinite = NonFiniteSteps(t.max_nonfinite, nonfinite_total)
+    status, step = "finished", start_step
     timer = StepTimer(device, sync=t.sync_timing)
     flops_per_step, peak = step_flops(cfg)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
 
     def save(step_done):
-        meta = {**meta_common, "nonfinite_total": nonfinite_total}
+        meta = {**meta_common, "nonfinite_total": nonfinite.total}
         ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, teacher=teacher, optimizer=optimizer,
                              loss_state=loss_state, meta=meta, rank=env.rank, keep_last=t.keep_last)
 
     for batch in loader:
         step = batch["step"]
+        mpp_mix.update(location[1] for location in batch.get("locations", ()))
         if step >= t.steps:
             break
         if cfg.data.device_augment:  # workers sent raw tiles; make the views here, batched on the device
@@ -262,41 +328,40 @@ def main(cfg: Config) -> dict:
         # a non-finite loss on any rank: skip the update everywhere, stop after max_nonfinite in a row
         bad = [k for k, v in losses.items() if not torch.isfinite(v)]
         if pdist.all_reduce_max(float(bool(bad)), env):
-            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-            optimizer.zero_grad(set_to_none=True)
-            logger.log(step, {"nonfinite_steps": nonfinite_total})
-            print(f"step {step}: non-finite loss ({', '.join(bad) or 'on another rank'}); update skipped", file=sys.stderr, flush=True)
-            if nonfinite_run >= t.max_nonfinite:
-                raise FloatingPointError(f"stopping at step {step}: {nonfinite_run} consecutive non-finite losses "
-                                         f"(last: {', '.join(bad) or 'on another rank'}); the last good checkpoint is untouched")
+            nonfinite.skip(step, f"loss {', '.join(bad) or 'on another rank'}", optimizer, logger)
             timer.start()
             continue
-        nonfinite_run = 0
 
         loss.backward()
         timer.lap("backward")
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), o.clip_grad if o.clip_grad > 0 else float("inf"))
+        grad_norms = clip_gradients(student, o.clip_grad, per_module=o.clip_grad_mode == "per_module")
+        grad_norm = math.sqrt(sum(float(n) ** 2 for n in grad_norms.values()))  # the same on every rank (FSDP reduces it)
+        if not math.isfinite(grad_norm):  # a finite loss can still give inf / NaN gradients: never apply them
+            nonfinite.skip(step, "gradient norm of " + ", ".join(k for k, n in grad_norms.items() if not math.isfinite(float(n))),
+                           optimizer, logger)
+            timer.start()
+            continue
+        nonfinite.run = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # teacher EMA (on local shards under FSDP) and centre updates
-        with torch.no_grad():
-            for p_t, p_s in zip(teacher.parameters(), student.parameters()):
-                p_t.lerp_(p_s.detach(), 1.0 - momentum)
-            if s.centering == "centering":
-                loss_state.dino_center.update(t_cls_logits)
-                if ibot:
-                    loss_state.ibot_center.update(t_patch_logits)
+        update_teacher(teacher, student, momentum)
+        if s.centering == "centering":
+            loss_state.dino_center.update(t_cls_logits)
+            if ibot:
+                loss_state.ibot_center.update(t_patch_logits)
         timer.lap("optimizer")
 
         step_done = step + 1
         if step_done % t.log_every == 0 or step_done == t.steps or step == start_step:
             values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}}, env)
             values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
-                           "teacher_temp": teacher_temp, "grad_norm": float(grad_norm),
+                           "teacher_temp": teacher_temp, "grad_norm": grad_norm,
+                           **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
                            "images_per_s": global_batch / max(timer.total(), 1e-9), "memory_gib": peak_memory_gib(device),
-                           "skipped_slides": len(skipped_slides), "skipped_reads": batch["skipped"],
-                           "nonfinite_steps": nonfinite_total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
+                           **data_stats(index, run_dir, mpp_mix),
+                           "nonfinite_steps": nonfinite.total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
             if peak:
                 values["mfu"] = mfu(flops_per_step, timer.total(), peak)
             logger.log(step_done, values)
@@ -321,22 +386,34 @@ def main(cfg: Config) -> dict:
     if status == "finished" and env.is_main:
         # from the final checkpoint, so a sharded (FSDP) teacher exports the same way as a plain one
         vit, _ = ckpt.load_teacher_backbone(run_dir / "checkpoints")
-        save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step})
+        save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
+                    img_size=cfg.crops.global_size)  # exports run at the resolution they trained at
     logger.close()
     pdist.teardown()
     return {"run_dir": str(run_dir), "step": step, "status": status}
 
 
-def heldout_batch(cfg: Config, slides, views: Views, env, loader) -> torch.Tensor:
-    """A fixed batch of global crops, never trained on (its own seed), for RankMe."""
-    from pathfm.data.sampler import SlideTileDataset
+def data_stats(index, run_dir: Path, mpp_mix: Counter) -> dict:
+    """What the data path did since the last log: usable slides, read failures over all workers and
+    ranks (also merged into skipped_slides.csv), the realised magnification mix of this rank."""
+    if index is None:
+        return {}
+    failures, dropped = summarise_read_failures(run_dir / "read_failures", run_dir / "skipped_slides.csv", FAILURES_TO_DROP)
+    total = sum(mpp_mix.values()) or 1
+    stats = {"data/usable_slides": len(index) - dropped, "data/unusable_slides": index.meta["unusable"],
+             "data/read_failures": failures, "data/dropped_slides": dropped,
+             **{f"data/mpp_share/{m:g}": n / total for m, n in sorted(mpp_mix.items())}}
+    mpp_mix.clear()
+    return stats
 
-    d = cfg.data
-    if d.source == "random":
+
+def heldout_batch(cfg: Config, index, views: Views, env, loader) -> torch.Tensor:
+    """A fixed batch of global crops, never trained on (its own seed), for RankMe; the same tile
+    stream as training (same filters), from another seed."""
+    if cfg.data.source == "random":
         return loader.dataset.batch(10**9)["tiles"]["global_crops"][: cfg.optim.batch_size].to(env.device)
-    ds = SlideTileDataset(slides, batch_size=cfg.train.rankme_batch, tile_size=d.tile_size, mpps=d.mpps,
-                          mpp_weights=d.mpp_weights or None, tissue_threshold=d.tissue_threshold,
-                          seed=cfg.train.seed + 10**6, rank=env.rank, world_size=env.world_size, reader=d.reader)
+    ds = tile_dataset(cfg, index, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed + 10**6,
+                      batch_size=cfg.train.rankme_batch)
     tiles = ds.batch(0)["tiles"]
     crops = views(tiles, views_generator(cfg.train.seed + 10**6, env.rank, 0))["global_crops"]
     return crops[: len(tiles)].to(env.device)  # the first global crop of each tile

@@ -1,4 +1,5 @@
-"""Online patching: prepared slides, tissue-only positions, determinism, workers, ranks, bad input."""
+"""Online patching from a slide index: tissue-only positions, determinism, visits, workers, ranks,
+realised frequencies, bad slides and read failures shared between workers."""
 
 import shutil
 from collections import Counter
@@ -10,6 +11,8 @@ import tifffile
 import torch
 
 from pathfm.data import sampler as P
+from pathfm.data.failures import summarise
+from pathfm.data.index import IndexParams, build_index, mask_window, valid_runs
 from pathfm.data.slides import SlideEntry, SlideError
 from pathfm.data.synthetic import write_synthetic_slide
 
@@ -26,52 +29,80 @@ def slide_dir(tmp_path_factory):
     return d
 
 
+def build(entries, folder, tile_size=64, mpps=MPPS, threshold=0.4):
+    return build_index(entries, folder, IndexParams(tile_size, tuple(mpps), threshold), workers=1, progress=False)
+
+
 @pytest.fixture(scope="module")
 def prepared(slide_dir):
     entries = [SlideEntry(str(slide_dir / f"s{i}.svs"), group=g) for i, g in enumerate("ab")]
-    slides, skipped = P.prepare_slides(entries, cache_dir=slide_dir / "cache", tissue_threshold=0.4,
-                                       tile_size=64, mpps=MPPS)
-    assert skipped == []
-    return slides
+    index = build(entries, slide_dir / "index")
+    assert index.meta["unusable"] == 0
+    return index
 
 
-def dataset(slides, **kw):
-    args = dict(batch_size=8, tile_size=64, mpps=MPPS, mpp_weights=None, tissue_threshold=0.4,
-                seed=0, rank=0, world_size=1)
-    return P.SlideTileDataset(slides, **{**args, **kw})
+def dataset(index, **kw):
+    args = dict(batch_size=8, tile_size=64, mpps=MPPS, mpp_weights=None, seed=0, rank=0, world_size=1)
+    return P.SlideTileDataset(index, **{**args, **kw})
 
 
-def test_valid_positions_hand_computed():
+def mask_of(index, i):
+    stem = Path(index.path(i)).stem
+    return np.load(next((index.folder / "masks" / "tissue").glob(f"{stem}-*.npy")))
+
+
+def brute_force_valid(mask, window, threshold):
+    """The reference: every top-left cell whose window x window footprint is >= threshold tissue."""
+    h, w = mask.shape
+    return {(r, c) for r in range(h - window + 1) for c in range(w - window + 1)
+            if mask[r:r + window, c:c + window].mean() >= threshold}
+
+
+def test_valid_runs_hand_computed():
     mask = np.array([[1, 1, 0],
                      [1, 0, 0],
                      [0, 0, 0]], np.uint8)
     # 2x2 windows (top-left grid 2x2): tissue shares 3/4, 1/4, 1/4, 0
-    idx, width = P.valid_positions(mask, 2, 0.5)
-    assert width == 2 and idx.tolist() == [0]
-    assert P.valid_positions(mask, 2, 0.25)[0].tolist() == [0, 1, 2]
-    assert P.valid_positions(mask, 4, 0.0)[0].size == 0  # window larger than the mask
+    rows, cols, lengths = valid_runs(mask, 2, 0.5)
+    assert (rows.tolist(), cols.tolist(), lengths.tolist()) == ([0], [0], [1])
+    rows, cols, lengths = valid_runs(mask, 2, 0.25)  # cells (0,0), (0,1) | (1,0): runs of 2 and 1
+    assert (rows.tolist(), cols.tolist(), lengths.tolist()) == ([0, 1], [0, 0], [2, 1])
+    assert valid_runs(mask, 4, 0.0)[0].size == 0  # window larger than the mask
 
 
-def test_prepare_drops_upsampling_mpp_and_keeps_level_plans(prepared):
-    s = prepared[0]
-    assert s.mpps == [0.5, 1.0, 2.0]  # 0.25 would upsample a 0.5 µm/px scan
+def test_index_holds_exactly_the_valid_positions(prepared):
+    for i in range(len(prepared)):
+        s, mask = prepared.slide(i), mask_of(prepared, i)
+        for j, mpp in enumerate(MPPS):
+            cells = {tuple(c) for c in prepared.cells(i, j).tolist()}
+            if mpp not in s.plans:  # 0.25 µm/px would upsample a 0.5 µm/px scan
+                assert not cells
+                continue
+            assert cells == brute_force_valid(mask, mask_window(s.plans[mpp].footprint, s.mask_scale), 0.4)
+            rng = np.random.default_rng(j)
+            drawn = Counter(prepared.cell(i, j, rng) for _ in range(4000))
+            assert set(drawn) <= cells
+            # uniform over the valid cells: no cell drawn far more often than 1/n predicts
+            assert max(drawn.values()) < 4000 / len(cells) * 4 + 10
+
+
+def test_index_keeps_levels_plans_and_stored_tiles(prepared):
+    s = prepared.slide(0)
+    assert s.mpps == [0.5, 1.0, 2.0]
     assert (s.plans[2.0].level, s.plans[2.0].region) == (1, 64)  # native 2 µm/px level
     assert s.tile_grid == [(256, 256), (256, 256)]
 
 
 def test_tiles_are_tissue(prepared):
-    ds = dataset(prepared, batch_size=32)
-    batch = ds.batch(0)
+    batch = dataset(prepared, batch_size=32).batch(0)
     assert batch["tiles"].shape == (32, 3, 64, 64) and batch["tiles"].dtype == torch.uint8
     for index, mpp, x, y in batch["locations"]:
-        s = prepared[index]
-        mask = np.load(s.mask_path)
-        k = P._window(s, mpp)
+        s, mask = prepared.slide(index), mask_of(prepared, index)
+        k = mask_window(s.plans[mpp].footprint, s.mask_scale)
         c, r = int(x / s.mask_scale), int(y / s.mask_scale)
         # position drawn inside a valid cell: its footprint one cell away is still mostly tissue
         assert mask[r:r + k + 1, c:c + k + 1].mean() >= 0.2
-    # and the pixels look like tissue (coloured), not glass
-    rgb = batch["tiles"].permute(0, 2, 3, 1).reshape(-1, 3).int()
+    rgb = batch["tiles"].permute(0, 2, 3, 1).reshape(-1, 3).int()  # and the pixels are coloured, not glass
     assert ((rgb.max(1).values - rgb.min(1).values) > 20).float().mean() > 0.4
 
 
@@ -100,6 +131,13 @@ def test_dataloader_workers_keep_step_order_and_content(prepared):
         assert torch.equal(b["tiles"], reference.batch(b["step"])["tiles"])
 
 
+def test_a_batch_is_made_of_visits(prepared):
+    batch = dataset(prepared, batch_size=32, tiles_per_visit=8).batch(0)
+    per_slide = Counter(loc[0] for loc in batch["locations"])
+    assert all(n % 8 == 0 for n in per_slide.values())  # 4 visits of 8 tiles, shuffled together
+    assert len({loc[1] for loc in batch["locations"]}) > 1  # each tile of a visit has its own magnification
+
+
 def test_transform_gets_a_step_seeded_generator(prepared):
     def transform(tiles, generator):
         return tiles.float() + torch.rand(1, generator=generator)
@@ -107,18 +145,45 @@ def test_transform_gets_a_step_seeded_generator(prepared):
     assert torch.equal(a.batch(2)["tiles"], b.batch(2)["tiles"])
 
 
-def test_magnification_mix_and_group_balance(prepared):
-    three = prepared + [prepared[0]]  # groups a, b, a: by weight b gets 1/3, balanced 1/2
-    rng = np.random.default_rng(0)
-    ds = dataset(three)
-    draws = [ds.draw(rng) for _ in range(3000)]
-    mpps = Counter(d[1] for d in draws)
-    assert set(mpps) == {0.5, 1.0, 2.0} and all(abs(n / 3000 - 1 / 3) < 0.04 for n in mpps.values())
-    assert abs(sum(d[0] == 1 for d in draws) / 3000 - 1 / 3) < 0.04
-    balanced = dataset(three, group_balance=True)
-    assert abs(sum(balanced.draw(rng)[0] == 1 for _ in range(3000)) / 3000 - 1 / 2) < 0.04
-    only_2 = dataset(three, mpp_weights=[0, 0, 0, 1])
-    assert {only_2.draw(rng)[1] for _ in range(50)} == {2.0}
+def test_realised_frequencies_follow_weights_groups_and_mix(slide_dir, tmp_path, monkeypatch):
+    blank = np.zeros((64, 64, 3), np.uint8)
+    monkeypatch.setattr(P.TileReader, "read", lambda *a: blank)  # the draws are under test here, not the decoding
+    # slides a (weight 1), b (weight 1), a copy of a in group a with weight 2: by weight 1/4, 1/4, 1/2
+    shutil.copy(slide_dir / "s0.svs", tmp_path / "c.svs")
+    entries = [SlideEntry(str(slide_dir / "s0.svs"), group="a"), SlideEntry(str(slide_dir / "s1.svs"), group="b"),
+               SlideEntry(str(tmp_path / "c.svs"), weight=2.0, group="a")]
+    index = build(entries, tmp_path / "index")
+    def tiles_of(**kw):  # 100 steps of 64 tiles in 3,200 visits of 2
+        return [loc for step in range(100) for loc in dataset(index, batch_size=64, tiles_per_visit=2, **kw).batch(step)["locations"]]
+    tiles = tiles_of()
+    n = len(tiles)
+    slides, mpps = Counter(t[0] for t in tiles), Counter(t[1] for t in tiles)
+    for i, share in enumerate([0.25, 0.25, 0.5]):
+        assert abs(slides[i] / n - share) < 0.03, (slides, n)  # 4 standard deviations
+    assert set(mpps) == {0.5, 1.0, 2.0} and all(abs(c / n - 1 / 3) < 0.03 for c in mpps.values())
+    # balanced groups: b gets 1/2, the a slides split the other half 1:2
+    tiles = tiles_of(group_balance=True)
+    slides = Counter(t[0] for t in tiles)
+    for i, share in enumerate([1 / 6, 1 / 2, 1 / 3]):
+        assert abs(slides[i] / len(tiles) - share) < 0.03
+    weighted = Counter(t[1] for t in tiles_of(mpp_weights=[0, 1, 0, 3]))
+    assert set(weighted) == {0.5, 2.0} and abs(weighted[2.0] / sum(weighted.values()) - 0.75) < 0.03
+    only = dataset(index, mpps=[2.0])  # a subset of the index's mpps
+    assert {loc[1] for loc in only.batch(0)["locations"]} == {2.0}
+
+
+def test_index_refuses_other_parameters(prepared):
+    with pytest.raises(SlideError, match="tile_size: index 64 vs run 224"):
+        prepared.check(IndexParams(224, tuple(MPPS), 0.4))
+    with pytest.raises(SlideError, match="tissue_threshold: index 0.4 vs run 0.5"):
+        prepared.check(IndexParams(64, tuple(MPPS), 0.5))
+    with pytest.raises(SlideError, match=r"mpps \[4.0\] of the run are not in the index"):
+        prepared.check(IndexParams(64, (0.5, 4.0), 0.4))
+    with pytest.raises(SlideError, match="manifest: index built from"):
+        prepared.check(IndexParams(64, tuple(MPPS), 0.4), manifest_id="another")
+    prepared.check(IndexParams(64, (0.5, 2.0), 0.4))  # a subset of the mpps is fine
+    with pytest.raises(SlideError, match="tile_size 224 but the index"):
+        dataset(prepared, tile_size=224)
 
 
 def test_grid_aligned_decodes_one_stored_tile(prepared, monkeypatch):
@@ -138,17 +203,25 @@ def test_jpeg_and_openslide_readers_give_the_same_tiles(prepared):
     assert torch.equal(a["tiles"], b["tiles"])  # includes 1 µm/px tiles resized from level 0
 
 
+def test_tiles_from_the_index_are_the_readers_tiles_at_those_positions(prepared):
+    """Sampling only chooses (slide, mpp, x, y); the pixels are TileReader.read's, as before the index."""
+    batch = dataset(prepared, reader="openslide", batch_size=8).batch(3)
+    reader = P.TileReader("openslide")
+    for tile, (i, mpp, x, y) in zip(batch["tiles"], batch["locations"]):
+        assert torch.equal(tile.permute(1, 2, 0), torch.from_numpy(reader.read(prepared.slide(i), mpp, x, y, 64)))
+
+
 def test_real_slides_sample_tissue_and_tcga_needs_mpp(tmp_path):
     if not REAL.exists():
         pytest.skip(f"real slides not found in {REAL}")
     cmu, tcga = str(REAL / "CMU-1-Small-Region.svs"), str(REAL / "TCGA-CR-7395-01A-01-TS1.svs")
-    kw = dict(cache_dir=tmp_path, tissue_threshold=0.4, tile_size=224, mpps=MPPS)
-    slides, skipped = P.prepare_slides([SlideEntry(cmu), SlideEntry(tcga)], **kw)
-    assert [s.info.path for s in slides] == [cmu]
-    assert skipped[0][0] == tcga and "add an 'mpp' column" in skipped[0][1]
-    slides, skipped = P.prepare_slides([SlideEntry(cmu), SlideEntry(tcga, mpp=0.5)], **kw)
-    assert len(slides) == 2 and skipped == []
-    batch = dataset(slides, tile_size=224, batch_size=8).batch(0)
+    index = build([SlideEntry(cmu), SlideEntry(tcga)], tmp_path / "a", tile_size=224)
+    assert [index.path(i) for i in range(len(index))] == [cmu]
+    (bad,) = index.unusable()
+    assert bad["path"] == tcga and bad["row"] == "3" and "add an 'mpp' column" in bad["reason"]
+    index = build([SlideEntry(cmu), SlideEntry(tcga, mpp=0.5)], tmp_path / "b", tile_size=224)
+    assert len(index) == 2 and index.unusable() == []
+    batch = dataset(index, tile_size=224, batch_size=16, tiles_per_visit=2).batch(0)
     assert {loc[0] for loc in batch["locations"]} == {0, 1}
     rgb = batch["tiles"].permute(0, 2, 3, 1).reshape(-1, 3).int()
     assert ((rgb.max(1).values - rgb.min(1).values) > 20).float().mean() > 0.4
@@ -162,40 +235,68 @@ def blank_slide(path, size):
     return path
 
 
-def test_bad_slides_are_skipped_with_reasons(tmp_path, slide_dir):
+def test_bad_slides_are_listed_with_reasons(tmp_path, slide_dir):
     (tmp_path / "text.svs").write_text("no slide")
     truncated = tmp_path / "truncated.svs"
     truncated.write_bytes((slide_dir / "s0.svs").read_bytes()[:4000])
     entries = [SlideEntry(str(tmp_path / "missing.svs")), SlideEntry(str(tmp_path / "text.svs")),
                SlideEntry(str(truncated)), SlideEntry(str(blank_slide(tmp_path / "glass.svs", 1024))),
                SlideEntry(str(blank_slide(tmp_path / "tiny.svs", 256))), SlideEntry(str(slide_dir / "s1.svs"))]
-    slides, skipped = P.prepare_slides(entries, cache_dir=tmp_path, tissue_threshold=0.4, tile_size=224, mpps=[1.0, 2.0])
-    assert len(slides) == 1
-    reasons = dict(skipped)
+    index = build(entries, tmp_path / "index", tile_size=224, mpps=[1.0, 2.0])
+    assert len(index) == 1 and index.meta["unusable"] == 5
+    reasons = {r["path"]: r["reason"] for r in index.unusable()}
     assert "no such file" in reasons[str(tmp_path / "missing.svs")]
     assert "not a slide" in reasons[str(tmp_path / "text.svs")]
     assert str(truncated) in reasons
     assert "no tissue" in reasons[str(tmp_path / "glass.svs")]
     assert "smaller than a 224 px tile" in reasons[str(tmp_path / "tiny.svs")]
     with pytest.raises(SlideError, match="no usable slide among 5"):
-        P.prepare_slides(entries[:5], cache_dir=tmp_path, tissue_threshold=0.4, tile_size=224, mpps=[1.0, 2.0])
+        build(entries[:5], tmp_path / "none", tile_size=224, mpps=[1.0, 2.0])
 
 
-@pytest.mark.parametrize("reader", ["jpeg", "openslide"])
-def test_read_errors_are_skipped_counted_and_the_slide_dropped(tmp_path, slide_dir, reader):
+def damaged_copy(slide_dir, tmp_path):
+    """(good, bad) copies; every stored tile of bad is garbage after indexing, as on a flaky network disk."""
     good, bad = tmp_path / "good.svs", tmp_path / "bad.svs"
     shutil.copy(slide_dir / "s0.svs", good)
     shutil.copy(slide_dir / "s1.svs", bad)
-    slides, _ = P.prepare_slides([SlideEntry(str(good)), SlideEntry(str(bad))], cache_dir=tmp_path,
-                                 tissue_threshold=0.4, tile_size=64, mpps=[0.5])
-    # the file is damaged after preparation, as a flaky network disk would: every tile is garbage
-    level = P.JpegTiffReader(str(bad), slides[1].info.dimensions).levels[0]
+    index = build([SlideEntry(str(good)), SlideEntry(str(bad))], tmp_path / "index", mpps=[0.5])
+    level = P.JpegTiffReader(str(bad), index.slide(1).info.dimensions).levels[0]
     with open(bad, "r+b") as f:
         for offset, count in zip(level.offsets, level.counts):
             f.seek(int(offset))
             f.write(b"\xff" * int(count))
-    ds = dataset(slides, reader=reader, batch_size=16)
+    return index, good, bad
+
+
+@pytest.mark.parametrize("reader", ["jpeg", "openslide"])
+def test_read_errors_are_skipped_counted_and_the_slide_dropped(tmp_path, slide_dir, reader):
+    index, good, bad = damaged_copy(slide_dir, tmp_path)
+    ds = dataset(index, reader=reader, batch_size=16, mpps=[0.5], tiles_per_visit=4)
     batch = ds.batch(0)
     assert batch["tiles"].shape[0] == 16 and batch["skipped"] == P.FAILURES_TO_DROP
-    assert {loc[0] for loc in batch["locations"]} == {0} and not ds.alive[1]
+    assert {loc[0] for loc in batch["locations"]} == {0} and ds.dropped[1]
     assert ds.reader.handles.keys() == {str(good)}  # no broken handle left behind
+
+
+def test_a_slide_failing_in_several_workers_is_dropped_in_all_and_written_to_the_run(tmp_path, slide_dir, monkeypatch):
+    monkeypatch.setattr("pathfm.data.failures.REFRESH_S", 0.0)
+    index, good, bad = damaged_copy(slide_dir, tmp_path)
+    folder = tmp_path / "run" / "read_failures"
+    workers = [dataset(index, mpps=[0.5], failures_dir=folder, rank=r) for r in (0, 0, 1)]
+    for w, name in zip(workers, ("worker000", "worker001", "worker000")):
+        w._reset_worker_state(name)  # as __iter__ does in each DataLoader worker
+    # one failure in each of two workers, on different ranks: not dropped yet anywhere
+    for w in workers[:2]:
+        w.reader = P.TileReader("auto")
+        assert w._sample(1, np.random.default_rng(0)) is None
+    workers[2].reader = P.TileReader("auto")
+    workers[2]._drop_failed_elsewhere()
+    assert not workers[2].dropped[1]
+    assert workers[2]._sample(1, np.random.default_rng(0)) is None  # the third failure, on rank 1
+    assert workers[2].dropped[1]
+    workers[0]._drop_failed_elsewhere()  # worker 0 of rank 0 sees the others' failures and drops it too
+    assert workers[0].dropped[1]
+    total, dropped = summarise(folder, tmp_path / "run" / "skipped_slides.csv", P.FAILURES_TO_DROP)
+    assert (total, dropped) == (3, 1)
+    text = (tmp_path / "run" / "skipped_slides.csv").read_text().splitlines()
+    assert text[0] == "path,read_failures,dropped,last_reason" and text[1].startswith(f"{bad},3,1,")

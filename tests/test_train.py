@@ -48,7 +48,8 @@ def test_readme_first_command_leaves_a_complete_run_folder(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss/total" in r][-1]
     for key in ("loss/dino", "loss/ibot", "loss/koleo", "lr", "weight_decay", "teacher_momentum", "teacher_temp",
-                "grad_norm", "images_per_s", "time/data_s", "time/forward_s", "time/backward_s", "time/optimizer_s", "memory_gib", "skipped_slides"):
+                "grad_norm", "images_per_s", "time/data_s", "time/forward_s", "time/backward_s", "time/optimizer_s", "memory_gib", "data/usable_slides",
+                "data/read_failures", "data/mpp_share/0.5"):
         assert key in last, key
     assert last["step"] == 12
     assert any("rankme/teacher_cls" in r for r in rows)
@@ -79,8 +80,14 @@ def test_resume_continues_exactly(tmp_path):
     full = run(smoke(tmp_path / "a", "train.steps=6", "train.ckpt_every=100"))
     first = run(smoke(tmp_path / "b", "train.steps=6", "train.stop_after=3"))
     assert first["status"] == "interrupted" and first["step"] == 3
-    second = run(smoke(tmp_path / "b", "train.steps=6"))  # same folder: resumes automatically
+    # same folder: resumes automatically; an override that changes no number, to see it recorded
+    second = run(smoke(tmp_path / "b", "train.steps=6", "train.max_nonfinite=7"))
     assert second["status"] == "finished" and second["step"] == 6
+    folder = Path(second["run_dir"])
+    assert load_config(folder / "config.yaml").train.max_nonfinite == 5  # the first launch, as it ran
+    assert load_config(folder / "config.restart_1.yaml").train.max_nonfinite == 7  # the second
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["restart"]) for r in rows if "restart" in r] == [(3, "config.restart_1.yaml")]
     a, b = losses(full["run_dir"]), losses(second["run_dir"])
     assert sorted(b) == [1, 2, 3, 4, 5, 6]  # the step count continued, it did not restart
     for step in range(1, 7):
@@ -101,7 +108,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "dino_loss", dino_nan_from_step_5)
     cfg = smoke(tmp_path, "train.steps=12", "train.ckpt_every=3", "train.max_nonfinite=3", "train.rankme_every=0")
     ckpts = Path(cfg.train.output_dir) / "run" / "checkpoints"
-    with pytest.raises(FloatingPointError, match=r"step 6: 3 consecutive non-finite losses \(last: dino\)"):
+    with pytest.raises(FloatingPointError, match=r"step 6: 3 consecutive non-finite steps \(last: loss dino\)"):
         run(cfg)
     # steps 1-4 trained and checkpointed at 3; 5, 6, 7 (index 4-6) skipped; nothing saved after the failure
     assert (ckpts / "last").read_text().strip() == "step_0000003"
@@ -129,6 +136,30 @@ def test_a_single_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["nonfinite_steps"] == 1
     assert all(r["step"] != 2 or "loss/total" not in r for r in rows)  # step 2 was skipped, not logged as trained
+
+
+def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped(tmp_path, monkeypatch):
+    import pathfm.train as train
+
+    real = train.dino_loss
+    calls = {"n": 0}
+
+    def nan_gradient_on_step_2(student_logits, *args, **kwargs):
+        calls["n"] += 1
+        value = real(student_logits, *args, **kwargs)
+        if calls["n"] == 2:  # sqrt'(0) = inf: the loss stays finite (+ 0), its gradient is 0 * inf = NaN
+            value = value + 0.0 * (student_logits - student_logits.detach()).abs().sqrt().sum()
+        return value
+
+    monkeypatch.setattr(train, "dino_loss", nan_gradient_on_step_2)
+    result = run(smoke(tmp_path, "train.steps=3", "train.rankme_every=0"))
+    assert result["status"] == "finished"
+    rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["nonfinite_steps"] == 1
+    assert all(r["step"] != 2 or "loss/total" not in r for r in rows)  # step 2 skipped, not applied
+    assert all(torch.isfinite(r["loss/total"]) for r in map(lambda r: {"loss/total": torch.tensor(r["loss/total"])}, rows) if "loss/total" in r)
+    teacher, _ = ckpt.load_teacher_backbone(result["run_dir"])
+    assert all(torch.isfinite(p).all() for p in teacher.state_dict().values())
 
 
 def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path, monkeypatch):
@@ -188,7 +219,7 @@ def test_high_resolution_post_training_starts_from_a_checkpoint(tmp_path):
                      "crops.local_size=48", "data.tile_size=128", "optim.base_lr=0.0", "optim.min_lr=0.0",
                      "ssl.momentum_teacher=1.0", f"train.init_checkpoint={base['run_dir']}/checkpoints/last"))
     a, _ = ckpt.load_teacher_backbone(base["run_dir"])
-    b, _ = ckpt.load_teacher_backbone(Path(post["run_dir"]) / "export")
+    b, _ = ckpt.load_teacher_backbone(post["run_dir"])
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
 

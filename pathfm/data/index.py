@@ -112,6 +112,11 @@ def valid_runs(mask: np.ndarray, window: int, threshold: float) -> tuple[np.ndar
     return rows, starts, ends - starts
 
 
+def mask_window(footprint: float, scale: float) -> int:
+    """Side, in mask cells, of a tile whose side is `footprint` level-0 pixels."""
+    return max(1, round(footprint / scale))
+
+
 def describe_slide(row: int, entry: SlideEntry, params: IndexParams, mask_dir: str) -> dict:
     """Everything the index keeps about one manifest row, or {"row", "path", "reason"} when unusable."""
     try:
@@ -146,7 +151,7 @@ def _describe(row: int, entry: SlideEntry, params: IndexParams, mask_dir: str) -
     plans, runs = [], []
     for m in mpps:
         plan = plan_read(info, m, size) if m in servable else None
-        r = valid_runs(mask, max(1, round(plan.footprint / scale)), params.tissue_threshold) if plan else None
+        r = valid_runs(mask, mask_window(plan.footprint, scale), params.tissue_threshold) if plan else None
         if r is None or r[0].size == 0:
             plan, r = None, (np.zeros(0, np.int64),) * 3
         plans.append((plan.level, plan.region) if plan else (-1, 0))

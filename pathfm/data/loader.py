@@ -1,4 +1,4 @@
-"""From the config to batches of views: slides -> tile stream -> multi-crop + iBOT masks -> DataLoader.
+"""From the config to batches of views: slide index -> tile stream -> multi-crop + iBOT masks -> DataLoader.
 
 Two modes. CPU mode (default): loader workers read tiles and make the views. Device mode
 (data.device_augment): workers only read and decode; `Views` runs batched on the training device.
@@ -7,13 +7,16 @@ Both draw every random parameter from the same per-step generator, so they produ
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from pathfm.data.augment import MultiCrop
 from pathfm.data.masking import block_masks
-from pathfm.data.sampler import SlideTileDataset, prepare_slides, views_generator, worker_steps
+from pathfm.data.index import (IndexParams, SlideIndex, build_part, cpu_count, index_folder, manifest_identity,
+                               merge_parts)
+from pathfm.data.sampler import SlideTileDataset, views_generator, worker_steps
 from pathfm.data.slides import SlideEntry, read_manifest
 from pathfm.data.synthetic import ensure_synthetic_slides
 
@@ -81,26 +84,64 @@ def slide_entries(cfg) -> list[SlideEntry]:
     return read_manifest(d.manifest)
 
 
-def prepare(cfg):
-    """(usable slides, skipped [(path, reason)]): run on rank 0 first so cached masks are shared."""
+def index_params(cfg) -> IndexParams:
+    d = cfg.data
+    return IndexParams(d.tile_size, tuple(d.mpps), d.tissue_threshold)
+
+
+def slide_index(cfg, *, rank: int = 0, world_size: int = 1, wait=lambda: None) -> SlideIndex | None:
+    """The run's slide index (None for data.source=random): data.index as given (checked against the
+    run's manifest and sampling parameters), else the manifest's own index, built on first use with
+    each rank describing a share of the slides, `wait()` between the shares and the merge. On a resume
+    or requeue the built index is only opened: nothing per slide is recomputed."""
     d = cfg.data
     if d.source == "random":
-        return [], []
-    return prepare_slides(slide_entries(cfg), cache_dir=Path(d.cache_dir) / "masks", tissue_threshold=d.tissue_threshold,
-                          tile_size=d.tile_size, mpps=d.mpps)
+        return None
+    params = index_params(cfg)
+    if d.index:
+        index = SlideIndex(d.index)
+        index.check(params, manifest_identity(read_manifest(d.manifest)) if d.manifest else None)
+        return index
+    if d.source == "synthetic" and rank != 0:
+        wait()  # rank 0 writes the synthetic slides
+    entries = slide_entries(cfg)
+    if d.source == "synthetic" and rank == 0:
+        wait()
+    folder = index_folder(d.cache_dir, entries, params, Path(d.manifest).stem if d.source == "manifest" else "synthetic")
+    if not (folder / "index.json").exists():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the node's CPUs are shared by its ranks
+        workers = d.index_workers or max(1, cpu_count() // local)
+        build_part(entries, folder, params, part=f"rank-{rank:05d}", share=(rank, world_size), workers=workers,
+                   mask_dir=Path(d.cache_dir) / "masks", progress=rank == 0)
+        wait()
+        if rank == 0 and not (folder / "index.json").exists():
+            merge_parts(entries, folder, params, manifest_path=d.manifest)
+        wait()
+    index = SlideIndex(folder)
+    index.check(params, manifest_identity(entries))
+    return index
 
 
-def build_loader(cfg, slides, *, rank: int, world_size: int, start_step: int, views: Views):
+def tile_dataset(cfg, index: SlideIndex, *, rank: int, world_size: int, start_step: int = 0, transform=None,
+                 seed: int | None = None, batch_size: int | None = None, failures_dir=None) -> SlideTileDataset:
+    """The config's tile stream; the RankMe held-out batch uses it too, so it sees the same filters."""
+    d = cfg.data
+    return SlideTileDataset(
+        index, batch_size=batch_size or cfg.optim.batch_size, tile_size=d.tile_size, mpps=d.mpps,
+        mpp_weights=d.mpp_weights or None, seed=cfg.train.seed if seed is None else seed, rank=rank,
+        world_size=world_size, start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned,
+        hsv_filter=d.hsv_filter, group_balance=d.group_balance, transform=transform,
+        tiles_per_visit=d.tiles_per_visit, failures_dir=failures_dir)
+
+
+def build_loader(cfg, index: SlideIndex | None, *, rank: int, world_size: int, start_step: int, views: Views,
+                 failures_dir=None):
     d = cfg.data
     if d.source == "random":
         dataset = RandomViews(cfg, views, rank=rank, world_size=world_size, start_step=start_step)
     else:
-        dataset = SlideTileDataset(
-            slides, batch_size=cfg.optim.batch_size, tile_size=d.tile_size, mpps=d.mpps, mpp_weights=d.mpp_weights or None,
-            tissue_threshold=d.tissue_threshold, seed=cfg.train.seed, rank=rank, world_size=world_size,
-            start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned, hsv_filter=d.hsv_filter,
-            group_balance=d.group_balance, transform=None if d.device_augment else views,
-        )
+        dataset = tile_dataset(cfg, index, rank=rank, world_size=world_size, start_step=start_step,
+                               transform=None if d.device_augment else views, failures_dir=failures_dir)
     # a private generator: creating the loader must not consume the global RNG (exact resume)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
