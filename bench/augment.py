@@ -1,10 +1,14 @@
 """Samples/s per core of MultiCrop vs a per-image torchvision/PIL DINOv2 pipeline (2 x 224 + 8 x 96).
 
     python bench/augment.py [--batch 32] [--repeats 5] [--tile 256]
+    python bench/augment.py --device-path [--device cuda]    # device-side mode: per-crop vs batched
 
 Both run in this process with torch.set_num_threads(1), on the same real H&E tiles (the nine
 NCT-CRC-HE tiles of shared/data, resized to --tile px); the table gives medians over --repeats,
-timed alternately.
+timed alternately. --device-path times MultiCrop's two ways of applying one batch's parameters
+(per-crop calls vs batched render) on --device, counts the torch calls each makes per batch (on a
+GPU each is at least one kernel launch; counted on the meta device, which runs the device code
+path without a device), and compares the batched views with the CPU mode's.
 """
 
 import argparse
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 from torchvision import transforms as T
 
 from pathfm.data.augment import MultiCrop
@@ -44,6 +49,11 @@ def pil_dinov2(n_local: int = 8):
     return lambda img: [g1(img), g2(img)] + [loc(img) for _ in range(n_local)]
 
 
+def tile_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (B, 3, T, T) uint8."""
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
 def time_interleaved(fns: dict, repeats: int) -> dict:
     """Seconds per call of each fn, alternating between them so that load from other processes
     on a shared machine hits all of them alike."""
@@ -58,16 +68,84 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
     return times
 
 
+class CountCalls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called inside `with CountCalls() as c:` (c.calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def device_path(tiles: torch.Tensor, device: str, repeats: int, n_local: int = 8) -> dict:
+    """MultiCrop's device-side mode on `device` for one batch of uint8 tiles (B, 3, T, T): samples/s of the
+    per-crop and batched renders (and of the CPU mode on one core), torch calls per batch, and how far
+    the batched views are from the CPU mode's (in grey levels of the 0-255 input)."""
+    mc = MultiCrop(n_local=n_local, hed_jitter=0.05)
+    params = mc.sample_params(tiles.shape[0], tiles.shape[2], tiles.shape[3], torch.Generator().manual_seed(0))
+    calls = {}
+    for batched in (False, True):
+        with CountCalls() as c:
+            mc.apply(tiles.to("meta"), params, batched=batched)
+        calls[batched] = c.calls
+    on_device = tiles.to(device)
+
+    def run(batched):
+        out = mc.apply(on_device, params, batched=batched)
+        if on_device.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU mode per core, as loader workers run it
+    try:
+        cpu = mc.apply(tiles, params, batched=False)
+        fns = {"cpu_mode": lambda: mc.apply(tiles, params, batched=False), "batched": lambda: run(True)}
+        if on_device.device.type != "cpu":  # on the CPU, the per-crop render is the CPU mode
+            fns["per_crop"] = lambda: run(False)
+        rows = time_interleaved(fns, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    batched = run(True)
+    diff = torch.cat([(batched[k].cpu() - cpu[k]).abs().flatten() for k in cpu]) * 255 * max(mc.std)  # grey levels
+    rate = {name: tiles.shape[0] / statistics.median(t) for name, t in rows.items()}
+    return {"device": str(on_device.device), "batch": tiles.shape[0], "tile": tiles.shape[2], "n_local": n_local,
+            "samples_per_s": rate, "torch_calls_per_batch": {"per_crop": calls[False], "batched": calls[True]},
+            "max_diff_levels": float(diff.max()), "share_differing": float((diff > 0.5).float().mean())}
+
+
+def device_path_table(r: dict) -> str:
+    rate, calls = r["samples_per_s"], r["torch_calls_per_batch"]
+    return "\n".join([
+        f"| device-side mode on {r['device']}, batch {r['batch']}, 2 x 224 + {r['n_local']} x 96 from {r['tile']} px "
+        "| samples/s | torch calls per batch |",
+        "|---|---|---|",
+        f"| CPU mode, 1 thread (loader worker) | {rate['cpu_mode']:.1f} | - |",
+        f"| device-side, per-crop calls | {rate['per_crop']:.1f} | {calls['per_crop']} |" if "per_crop" in rate else
+        f"| device-side, per-crop calls | - (on the CPU this is the CPU mode) | {calls['per_crop']} |",
+        f"| device-side, batched | {rate['batched']:.1f} | {calls['batched']} |",
+        f"| batched views vs CPU mode | max {r['max_diff_levels']:.2f} grey levels, "
+        f"{100 * r['share_differing']:.2f}% of values differ | |"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--device-path", action="store_true", help="device-side mode: per-crop vs batched render")
+    parser.add_argument("--device", default="cpu", help="with --device-path: where the device-side mode runs")
     args = parser.parse_args()
+    images = load_tiles(args.batch, args.tile)
+    if args.device_path:
+        print(device_path_table(device_path(tile_tensor(images), args.device, args.repeats)))
+        return
     torch.set_num_threads(1)
 
-    images = load_tiles(args.batch, args.tile)
-    tiles = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()  # (B, 3, T, T)
+    tiles = tile_tensor(images)  # (B, 3, T, T)
     multicrop, generator = MultiCrop(), torch.Generator().manual_seed(0)
     pipeline = pil_dinov2()
 

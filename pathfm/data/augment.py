@@ -6,6 +6,12 @@ torch.Generator (sample_params), then applies them on the device that holds the 
 CPU in loader workers, or the GPU in device-side mode. Both modes therefore draw from the same
 distributions, and one generator state gives the same parameters on any device.
 
+Two ways to apply them, with the same views up to resize rounding: on the CPU, chunks of CPU_CHUNK
+crops with torch's fast channels-last uint8 resize, one call per crop (cheap there); on a GPU,
+`batched` mode, where every crop of one size is cut out, resized, flipped and transposed by two
+batched matmuls with per-crop resampling matrices, so a step costs a few hundred kernel launches
+instead of several per crop (a batch of 48 tiles has 480 crops).
+
 Per crop, in order: random resized crop (antialiased bicubic), flips and 90-degree rotations,
 optional HED stain jitter, colour jitter, grayscale, Gaussian blur, solarisation, normalisation.
 Colour ops work in float32 in [0, 1] and mirror torchvision's functional ops, except that colour
@@ -160,6 +166,53 @@ def resized_crops(tiles: torch.Tensor, tiles_t: torch.Tensor, src: torch.Tensor,
         crops.append(F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
     x = torch.cat(crops)  # channels-last on the CPU: render's float conversion makes it NCHW
     return x if on_cpu else x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _bicubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel with a = -0.5: PIL's bicubic filter, and torch's when antialias=True."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, size: int, flip: torch.Tensor, extent: int,
+                     device) -> torch.Tensor:
+    """(n, size, extent) float32: row i of matrix k resamples pixels [start_k, start_k + length_k) of an
+    axis of `extent` pixels to output pixel i (pixel size - 1 - i where flip_k), with the weights of
+    F.interpolate(mode="bicubic", antialias=True, align_corners=False): the filter widened by the
+    downscale factor, cut at the crop's edges and renormalised.
+    """
+    n = len(start)
+    start, length = (t.to(device, torch.float32).view(n, 1, 1) for t in (start, length))
+    scale = length / size  # input pixels per output pixel
+    widen = scale.clamp(min=1)  # antialiasing: the filter spans `scale` input pixels when downscaling
+    i = torch.arange(size, device=device, dtype=torch.float32).view(1, size, 1)
+    i = torch.where(flip.to(device).view(n, 1, 1), size - 1 - i, i)  # (n, size, 1)
+    centre = scale * (i + 0.5)  # in crop coordinates
+    j = torch.arange(extent, device=device, dtype=torch.float32).view(1, 1, extent) - start  # crop coordinates
+    w = _bicubic((j + 0.5 - centre) / widen) * ((j >= 0) & (j < length))  # (n, size, extent)
+    return w / w.sum(dim=2, keepdim=True)
+
+
+def batched_resized_crops(tiles: torch.Tensor, params: CropParams, size: int) -> torch.Tensor:
+    """(n, 3, size, size) float32 in uint8 units: every crop of params, transposed and flipped, in two
+    batched matmuls; the same values as resized_crops + flips on the CPU, up to the rounding of its weights.
+
+    out_k = R_k @ (S_k @ C_k^T) with R_k (size, T) and C_k (size, T) from resample_weights and S_k the
+    tile, or for a transposed crop the transposed tile read at the swapped box (as resized_crops); a
+    flip reverses the rows of R_k or C_k. Like torch's uint8 CPU kernel, the horizontal pass runs
+    first and rounds and clamps to uint8 values before the vertical one. Tiles must be square (T x T).
+    """
+    device, b = tiles.device, tiles.shape[0]
+    top, left, h, w = params.box.unbind(1)
+    t = params.transpose
+    rows = resample_weights(torch.where(t, left, top), torch.where(t, w, h), size, params.vflip, tiles.shape[2], device)
+    cols = resample_weights(torch.where(t, top, left), torch.where(t, h, w), size, params.hflip, tiles.shape[3], device)
+    both = torch.cat([tiles, tiles.transpose(-2, -1)])  # (2B, 3, T, T): entry B + i is tile i transposed
+    x = both.index_select(0, (params.src + b * t.long()).to(device)).float()  # (n, 3, T, T)
+    x = (x @ cols.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)  # (n, 3, T, size)
+    return rows.unsqueeze(1) @ x  # (n, 3, size, size)
 
 
 def transposed_tiles(tiles: torch.Tensor) -> torch.Tensor:
@@ -358,13 +411,26 @@ class MultiCrop:
                                  solarize=torch.zeros(n, dtype=torch.float64), **common)
         return g, loc
 
+    def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x - mean) / std as one multiply-add, x * scale + offset: (scale, offset), each (3, 1, 1)."""
+        scale = 1 / torch.tensor(self.std, device=device).view(3, 1, 1)
+        return scale, -torch.tensor(self.mean, device=device).view(3, 1, 1) * scale
+
+    def _colour(self, x: torch.Tensor, p: CropParams) -> torch.Tensor:
+        """The colour ops on float32 crops x (n, 3, S, S) in [0, 1], each on the crops that take it."""
+        if self.hed_jitter > 0:
+            x = hed_jitter(x, p.hed_scale.to(x.device), p.hed_shift.to(x.device))
+        x = _on_subset(x, p.jitter, color_jitter, p.brightness, p.contrast, p.saturation, p.hue)
+        x = _on_subset(x, p.gray, lambda y: y.copy_(grayscale(y).expand_as(y)))
+        x = _on_subset(x, p.blur, gaussian_blur, p.sigma)
+        return _on_subset(x, p.solarize, solarize)
+
     def render(self, tiles: torch.Tensor, tiles_t: torch.Tensor, params: CropParams, size: int) -> torch.Tensor:
-        """Apply params to tiles (and their transposes tiles_t): (n, 3, size, size) float32, normalised."""
+        """Apply params to tiles (and their transposes tiles_t) in chunks, one resize per crop: (n, 3, size, size)
+        float32, normalised."""
         out = torch.empty(len(params), 3, size, size, device=tiles.device)
         chunk = CPU_CHUNK if tiles.device.type == "cpu" else max(len(params), 1)
-        # (x - mean) / std as one multiply-add: x * scale + offset
-        scale = 1 / torch.tensor(self.std, device=tiles.device).view(3, 1, 1)
-        offset = -torch.tensor(self.mean, device=tiles.device).view(3, 1, 1) * scale
+        scale, offset = self._normalisation(tiles.device)
         order = _group_by_ops(params)
         for start in range(0, len(params), chunk):
             idx = order[start : start + chunk]
@@ -373,13 +439,7 @@ class MultiCrop:
             x = flips(x, p.hflip, p.vflip)
             # one copy makes it float32 and NCHW (the colour ops work on channel planes): on the CPU
             # 1.5x faster than changing the uint8 layout first
-            x = torch.empty(x.shape, device=x.device).copy_(x).div_(255)
-            if self.hed_jitter > 0:
-                x = hed_jitter(x, p.hed_scale.to(x.device), p.hed_shift.to(x.device))
-            x = _on_subset(x, p.jitter, color_jitter, p.brightness, p.contrast, p.saturation, p.hue)
-            x = _on_subset(x, p.gray, lambda y: y.copy_(grayscale(y).expand_as(y)))
-            x = _on_subset(x, p.blur, gaussian_blur, p.sigma)
-            x = _on_subset(x, p.solarize, solarize)
+            x = self._colour(torch.empty(x.shape, device=x.device).copy_(x).div_(255), p)
             if tiles.device.type == "cpu":  # row by row: 2.5x faster than index_copy_ on the CPU
                 for j, i in enumerate(idx.tolist()):
                     torch.addcmul(offset, x[j], scale, out=out[i])
@@ -387,11 +447,23 @@ class MultiCrop:
                 out.index_copy_(0, idx.to(out.device), torch.addcmul(offset, x, scale))
         return out
 
-    def apply(self, tiles: torch.Tensor, params: tuple[CropParams, CropParams]) -> dict:
+    def render_batched(self, tiles: torch.Tensor, params: CropParams, size: int) -> torch.Tensor:
+        """The same views as render, with every op called once for all crops of this size."""
+        x = batched_resized_crops(tiles, params, size).round_().clamp_(0, 255)  # uint8 values, as render's resize
+        scale, offset = self._normalisation(tiles.device)
+        return torch.addcmul(offset, self._colour(x.div_(255), params), scale)
+
+    def apply(self, tiles: torch.Tensor, params: tuple[CropParams, CropParams], batched: bool | None = None) -> dict:
+        """batched: render_batched (default off the CPU) or render in chunks (default on the CPU)."""
         if tiles.dtype != torch.uint8 or tiles.dim() != 4 or tiles.shape[1] != 3:
             raise ValueError(f"MultiCrop tiles: got {tiles.dtype} of shape {tuple(tiles.shape)}, "
                              "need uint8 of shape (B, 3, H, W)")
         g, loc = params
+        if tiles.device.type != "cpu" if batched is None else batched:
+            if tiles.shape[2] != tiles.shape[3]:
+                raise ValueError(f"MultiCrop batched mode: tiles of {tiles.shape[2]} x {tiles.shape[3]} px, need square tiles")
+            return {"global_crops": self.render_batched(tiles, g, self.global_size),
+                    "local_crops": self.render_batched(tiles, loc, self.local_size)}
         if tiles.device.type == "cpu":  # one pass here makes every crop's resize 3x faster
             tiles = tiles.contiguous(memory_format=torch.channels_last)
         tiles_t = transposed_tiles(tiles)
