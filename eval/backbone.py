@@ -78,6 +78,11 @@ def _timm_backbone(name: str, weights: str | None, img_size: int | None) -> Eval
         from pathfm.export import read_state_dict
 
         sd = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("head.")}
+        if "pos_embed" in sd and hasattr(model, "patch_embed") and sd["pos_embed"].shape != model.pos_embed.shape:
+            from timm.layers import resample_abs_pos_embed  # DINOv2 weights are stored at 518 px
+
+            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=model.patch_embed.grid_size,
+                                                     num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"--weights {weights} does not fit timm '{name}': missing {missing[:8]}, "

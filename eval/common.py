@@ -6,34 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from eval.extract import MAX_BAD_FRACTION, cached_or_extract, load_split
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (one of --ckpt / --timm)")
-    g.add_argument("--ckpt", help="pathfm checkpoint step folder, checkpoints/last, run folder or export folder")
-    g.add_argument("--timm", metavar="NAME", help="a timm architecture as baseline (random init without --weights)")
-    g.add_argument("--weights", help="local weights file for --timm")
-    g.add_argument("--embedding", default="cls", help="cls (eva default), cls_mean (Midnight), lastN (e.g. last4)")
-    g.add_argument("--img-size", type=int, default=224, help="centre crop size (eva: 224)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for image decoding")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--max-bad", type=float, default=MAX_BAD_FRACTION, help="unreadable-image share that is an error")
-
-
-def backbone_from_args(args):
-    from eval.backbone import load_eval_backbone
-
-    return load_eval_backbone(args.ckpt, args.timm, args.weights)
-
-
-def extract_kwargs(args) -> dict:
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, img_size=args.img_size,
-                max_bad=args.max_bad)
+from eval.extract import backbone_from_args, cached_or_extract, extract_kwargs, load_split
 
 
 def embeddings_for(args, splits: dict[str, str | None], out_folder) -> dict:
@@ -55,7 +28,6 @@ def embeddings_for(args, splits: dict[str, str | None], out_folder) -> dict:
                                        overwrite=args.overwrite, **extract_kwargs(args))
         classes = classes or out[split]["classes"]  # test / val folders take the train set's label order
     return out
-
 
 
 def add_data_args(p: argparse.ArgumentParser, val: bool) -> None:

@@ -159,7 +159,7 @@ def cached_or_extract(backbone, spec: str, split: str, folder, how: str, *, clas
     """Embeddings of dataset `spec` as `split` in `folder`: reused when the manifest says they come from the
     same model, dataset and embedding; recomputed with `overwrite`; otherwise an error (never replaced
     silently)."""
-    from pathfm.data.folders import open_dataset
+    from eval.datasets import open_dataset
 
     entry = {"dataset": spec, "embedding": how, "model": backbone.describe(), "img_size": kwargs.get("img_size", 224)}
     old = read_manifest(folder).get(split)
@@ -177,11 +177,40 @@ def cached_or_extract(backbone, spec: str, split: str, folder, how: str, *, clas
 
 
 # ---------------------------------------------------------------------------------------------
+# command-line plumbing for the model (shared by every eval script)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of --ckpt / --timm)")
+    g.add_argument("--ckpt", help="pathfm checkpoint step folder, checkpoints/last, run folder or export folder")
+    g.add_argument("--timm", metavar="NAME", help="a timm architecture as baseline (random init without --weights)")
+    g.add_argument("--weights", help="local weights file for --timm")
+    g.add_argument("--embedding", default="cls", help="cls (eva default), cls_mean (Midnight), lastN (e.g. last4)")
+    g.add_argument("--img-size", type=int, default=224, help="centre crop size (eva: 224)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for image decoding")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--max-bad", type=float, default=MAX_BAD_FRACTION, help="unreadable-image share that is an error")
+
+
+def backbone_from_args(args):
+    """The model of --ckpt / --timm; a --timm baseline is built for the probe's --img-size (timm defaults
+    the DINOv2 family to 518 px, which would refuse 224 px inputs)."""
+    from eval.backbone import load_eval_backbone
+
+    return load_eval_backbone(args.ckpt, args.timm, args.weights, img_size=args.img_size)
+
+
+def extract_kwargs(args) -> dict:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, img_size=args.img_size,
+                max_bad=args.max_bad)
+
 
 
 def main(argv=None):
-    from eval.common import add_model_args, backbone_from_args, extract_kwargs
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--data", action="append", required=True, metavar="SPEC[=SPLIT]",

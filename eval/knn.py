@@ -73,7 +73,8 @@ def knn_evaluate(train: dict, test: dict, ks=KS, temperature: float = TEMPERATUR
 
 
 def main(argv=None):
-    from eval.common import add_data_args, add_model_args, embeddings_for, markdown_table, prepare_out, provenance, task_name, write_results
+    from eval.common import add_data_args, embeddings_for, markdown_table, prepare_out, provenance, task_name, write_results
+    from eval.extract import add_model_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)

@@ -197,8 +197,9 @@ def run_probe(data: dict, *, grid: bool = False, runs: int = 5, monitor: str | N
 
 
 def main(argv=None):
-    from eval.common import (add_data_args, add_model_args, embeddings_for, markdown_table, prepare_out, provenance,
+    from eval.common import (add_data_args, embeddings_for, markdown_table, prepare_out, provenance,
                              task_name, write_results)
+    from eval.extract import add_model_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)

@@ -67,9 +67,9 @@ def folder_tiles(folder, num: int, seed: int = 0):
     """Up to `num` images (a seeded random subset) from anywhere under `folder`, as (3, H, W) floats in [0, 1]."""
     from torchvision.transforms.functional import to_tensor
 
-    from pathfm.data.folders import DatasetError, LabelledImages, _images_under
+    from eval.datasets import DatasetError, LabelledImages, images_under
 
-    paths = [str(p) for p in _images_under(Path(folder))]
+    paths = [str(p) for p in images_under(Path(folder))]
     if not paths:
         raise DatasetError(f"{folder}: no images found")
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:num].tolist()
@@ -87,13 +87,14 @@ def folder_tiles(folder, num: int, seed: int = 0):
 
 def slide_tiles(manifest, num: int, mpp: float, tile_size: int = 224, seed: int = 0, cache_dir=".cache/tissue"):
     """`num` tissue tiles sampled online from the slides of a manifest (pathfm.data.sampler), (3, T, T) in [0, 1]."""
-    from pathfm.data.sampler import SlideTileDataset, prepare_slides
+    from pathfm.data.index import IndexParams, build_index, index_folder
+    from pathfm.data.sampler import SlideTileDataset
     from pathfm.data.slides import read_manifest
 
-    slides, skipped = prepare_slides(read_manifest(manifest), cache_dir=cache_dir, tissue_threshold=0.4,
-                                     tile_size=tile_size, mpps=[mpp])
-    ds = SlideTileDataset(slides, batch_size=min(64, num), tile_size=tile_size, mpps=[mpp], mpp_weights=None,
-                          tissue_threshold=0.4, seed=seed, rank=0, world_size=1)
+    entries, params = read_manifest(manifest), IndexParams(tile_size, (mpp,), 0.4)
+    index = build_index(entries, index_folder(cache_dir, entries, params), params, mask_dir=Path(cache_dir) / "masks")
+    ds = SlideTileDataset(index, batch_size=min(64, num), tile_size=tile_size, mpps=[mpp], mpp_weights=None,
+                          seed=seed, rank=0, world_size=1)
     made, step = 0, 0
     while made < num:
         for tile in ds.batch(step)["tiles"][: num - made]:  # (3, T, T) uint8
@@ -138,7 +139,8 @@ def embed_tiles(backbone, tiles, how: str = "cls", size: int = 224, batch_size: 
 
 
 def main(argv=None):
-    from eval.common import add_model_args, backbone_from_args, default_out, write_results
+    from eval.common import default_out, write_results
+    from eval.extract import add_model_args, backbone_from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)

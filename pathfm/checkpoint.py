@@ -179,15 +179,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_teacher_backbone(path: str | Path):
-    """(teacher ViT in eval mode, meta) from a checkpoint, run folder or export folder; no process group.
+    """(teacher ViT in eval mode, meta) from a checkpoint or run folder; no process group.
 
-    The model is rebuilt from what the checkpoint records (meta.json's vit_args, or the export sidecar).
+    The model is rebuilt from what the checkpoint records (meta.json's vit_args). Export folders load
+    with pathfm.export.load_export.
     """
-    path = Path(path)
-    if (path / "model.json").is_file() and (path / "model.pth").is_file():  # an export folder
-        from pathfm.export import load_export
-
-        return load_export(path)
     step_dir = resolve_checkpoint(path)
     meta = json.loads((step_dir / "meta.json").read_text())
     with torch.device("meta"):
@@ -199,15 +195,3 @@ def load_teacher_backbone(path: str | Path):
     vit.load_state_dict({k[len("backbone."):]: v for k, v in state["teacher"].items()}, strict=True)
     return vit.eval(), meta
 
-
-def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
-    """The teacher backbone of a checkpoint (any number of ranks) -> `out_dir/model.pth` + `model.json`.
-
-    Runs in one process with no process group and no GPU; returns the path of model.pth.
-    """
-    from pathfm.export import save_export
-
-    step_dir = resolve_checkpoint(path)
-    vit, meta = load_teacher_backbone(step_dir)
-    return save_export(vit, out_dir, mean=meta["mean"], std=meta["std"],
-                       extra={"step": meta["step"], "checkpoint": str(step_dir.resolve())})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pathfm.checkpoint import load_teacher_backbone, resolve_checkpoint
 from pathfm.vit import ARCHS, VisionTransformer, ViTArgs, build_vit
 
 _TIMM_FAMILY = {"vit_tiny": "vit_tiny", "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
@@ -38,43 +39,75 @@ def timm_name(arch: str, patch_size: int, num_registers: int) -> str:
     return f"{fam}_patch{patch_size}_224"
 
 
-def timm_export(model: VisionTransformer) -> tuple[str, dict, dict]:
-    """(timm name, create_model kwargs, state dict) for the backbone, loadable with strict=True."""
+def timm_export(model: VisionTransformer, img_size: int | None = None) -> tuple[str, dict, dict]:
+    """(timm name, create_model kwargs, state dict) for the backbone, loadable with strict=True.
+
+    img_size: the resolution the model was trained at (a high-res post-training's 392 px global crops), by
+    default the size its position embeddings are stored at. The embeddings are resampled to that grid here,
+    with the interpolation the model itself applies to larger crops, so timm computes at img_size exactly
+    what pathfm computed in training. `dynamic_img_size` lets timm take any other multiple of the patch size
+    (resampling the embeddings itself).
+    """
     a = model.args
+    size = img_size or a.img_size
+    if size % a.patch_size:
+        raise ValueError(f"export img_size {size} is not a multiple of patch_size {a.patch_size}")
     name = timm_name(a.arch, a.patch_size, a.num_registers)
     defaults = _DINOV2 if name.endswith("dinov2") else _CLASSIC
-    kwargs = {"img_size": a.img_size}
+    kwargs = {"img_size": size, "dynamic_img_size": True}
     init_values = a.layerscale if a.layerscale > 0 else None
     if init_values != defaults["init_values"]:
         kwargs["init_values"] = init_values
     if a.ffn != ARCHS[a.arch][3]:
         raise ValueError(f"{a.arch} with ffn={a.ffn} has no timm counterpart")
     sd = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if k != "mask_token"}
+    if size != a.img_size:
+        grid = size // a.patch_size
+        with torch.no_grad():
+            cls_pos, patch_pos = model.pos_embed_for(grid, grid)  # (1, [1 +] grid^2, D)
+            pos = patch_pos if cls_pos is None else torch.cat([cls_pos, patch_pos], dim=1)
+        sd["pos_embed"] = pos.detach().float().cpu().clone()
     return name, kwargs, sd
 
 
-def save_export(model: VisionTransformer, folder: str | Path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), extra: dict | None = None) -> Path:
-    """Write `<folder>/model.pth` (plain timm state dict) and `<folder>/model.json` (the sidecar)."""
+def save_export(model: VisionTransformer, folder: str | Path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                extra: dict | None = None, img_size: int | None = None) -> Path:
+    """Write `<folder>/model.pth` (plain timm state dict) and `<folder>/model.json` (the sidecar).
+
+    img_size: the training resolution (see timm_export); the sidecar records it and the sizes accepted.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    name, kwargs, sd = timm_export(model)
+    name, kwargs, sd = timm_export(model, img_size)
     tmp = folder / "model.pth.tmp"
     torch.save(sd, tmp)
     tmp.rename(folder / "model.pth")
+    size, p = kwargs["img_size"], model.args.patch_size
     sidecar = {
         "timm_name": name,
         "timm_kwargs": kwargs,
-        "img_size": model.args.img_size,
-        "patch_size": model.args.patch_size,
+        "img_size": size,  # native: position embeddings stored for this size, outputs exactly as in training
+        "input_sizes": f"any multiple of {p} px per side (timm dynamic_img_size); exact at {size} px",
+        "patch_size": p,
         "embed_dim": model.embed_dim,
         "num_registers": model.args.num_registers,
         "mean": list(mean),
         "std": list(std),
-        "pathfm_args": vars(model.args),
+        "pathfm_args": {**vars(model.args), "img_size": size},
         **(extra or {}),
     }
     (folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return folder / "model.pth"
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """The teacher backbone of a checkpoint (any number of ranks) -> `out_dir/model.pth` + `model.json`,
+    at the global crop size it was trained at. One process, no process group, no GPU; returns model.pth."""
+    step_dir = resolve_checkpoint(path)
+    vit, meta = load_teacher_backbone(step_dir)
+    img_size = meta.get("config", {}).get("crops", {}).get("global_size")
+    return save_export(vit, out_dir, mean=meta["mean"], std=meta["std"], img_size=img_size,
+                       extra={"step": meta["step"], "checkpoint": str(step_dir.resolve())})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,30 +197,6 @@ def load_backbone(model: VisionTransformer, path: str | Path) -> None:
             own[k].copy_(v)
 
 
-def main(argv=None) -> Path:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m pathfm.export",
-                                description="Write a checkpoint's teacher backbone as timm weights (model.pth) + sidecar (model.json).")
-    p.add_argument("checkpoint", help="a step folder, a checkpoints/last pointer, a checkpoints folder or a run folder")
-    p.add_argument("-o", "--out", required=True, help="output folder (created)")
-    a = p.parse_args(argv)
-    # lazy: torch.distributed.checkpoint is slow to import, and --help should not wait for it
-    from pathfm.checkpoint import export_checkpoint
-
-    try:
-        out = export_checkpoint(a.checkpoint, a.out)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
-    meta = json.loads((out.parent / "model.json").read_text())
-    print(f"wrote {out} ({meta['timm_name']}, step {meta['step']})")
-    return out
-
-
-if __name__ == "__main__":
-    main()
-
-
 def load_export(folder: str | Path) -> tuple[VisionTransformer, dict]:
     """(ViT in eval mode, sidecar) from an export folder: rebuilt from model.json, weights loaded strictly.
 
@@ -214,3 +223,24 @@ def load_export(folder: str | Path) -> tuple[VisionTransformer, dict]:
     with torch.no_grad():
         model.mask_token.zero_()  # not in exports; unused at inference
     return model.eval(), sidecar
+
+
+def main(argv=None) -> Path:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pathfm.export",
+                                description="Write a checkpoint's teacher backbone as timm weights (model.pth) + sidecar (model.json).")
+    p.add_argument("checkpoint", help="a step folder, a checkpoints/last pointer, a checkpoints folder or a run folder")
+    p.add_argument("-o", "--out", required=True, help="output folder (created)")
+    a = p.parse_args(argv)
+    try:
+        out = export_checkpoint(a.checkpoint, a.out)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    meta = json.loads((out.parent / "model.json").read_text())
+    print(f"wrote {out} ({meta['timm_name']}, step {meta['step']})")
+    return out
+
+
+if __name__ == "__main__":
+    main()

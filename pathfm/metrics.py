@@ -65,11 +65,16 @@ class Logger:
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.tb = SummaryWriter(str(run_dir / "tb"))
 
+    def event(self, step: int, values: dict) -> None:
+        """A record that is not a number to plot (a restart): metrics.jsonl only."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
+        self.event(step, values)
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()

@@ -421,7 +421,7 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
 
-    def _pos_embed_for(self, h: int, w: int):
+    def pos_embed_for(self, h: int, w: int):
         """Position embeddings for an (h x w) patch grid, interpolated from the stored grid when needed."""
         pos = self.pos_embed
         cls_pos, patch_pos = (None, pos) if self.no_embed_class else (pos[:, :1], pos[:, 1:])
@@ -440,7 +440,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, N, D)
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        cls_pos, patch_pos = self._pos_embed_for(h, w)
+        cls_pos, patch_pos = self.pos_embed_for(h, w)
         cls = self.cls_token.expand(B, -1, -1)
         if cls_pos is not None:
             cls = cls + cls_pos

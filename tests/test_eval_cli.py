@@ -100,7 +100,7 @@ def test_sidecar_that_does_not_match_its_weights_is_an_error(tmp_path):
 def test_unreadable_images_are_counted_then_an_error(tmp_path):
     from eval.backbone import load_eval_backbone
     from eval.extract import extract
-    from pathfm.data.folders import image_folder
+    from eval.datasets import image_folder
 
     bb = load_eval_backbone(ckpt=str(_export(tmp_path / "export")))
     from PIL import Image
@@ -151,7 +151,7 @@ def test_unsupervised_on_slides_and_images(shared_data, tmp_path):
 def test_cuda_bf16_embeddings_match_cpu_float32(shared_data, tmp_path):
     from eval.backbone import load_eval_backbone
     from eval.extract import extract
-    from pathfm.data.folders import image_folder
+    from eval.datasets import image_folder
 
     ds = image_folder(shared_data / "tiles" / "nct_crc_he_100k_sample9")
     cpu = extract(load_eval_backbone(ckpt=str(_export(tmp_path / "e"))), ds, progress=False)["embeddings"]
@@ -176,3 +176,21 @@ def test_training_checkpoint_last_pointer_is_evaluated_as_its_teacher(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(embed(bb.model, x), embed(teacher.backbone.eval(), x), atol=1e-6)
+
+
+def test_timm_dinov2_baseline_runs_at_the_probe_size(tmp_path):
+    # timm builds the DINOv2 family at 518 px; the probe's --img-size must reach it, also with a 518 px weights file
+    import argparse
+
+    import timm
+
+    from eval.extract import add_model_args, backbone_from_args
+
+    name = "vit_small_patch14_dinov2"
+    torch.save(timm.create_model(name, pretrained=False, num_classes=0).state_dict(), tmp_path / "w.pth")  # 37 x 37 grid
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    for extra in ([], ["--weights", str(tmp_path / "w.pth")]):
+        backbone = backbone_from_args(p.parse_args(["--timm", name, *extra]))  # --img-size defaults to 224
+        with torch.no_grad():
+            assert backbone.model(torch.randn(1, 3, 224, 224)).shape == (1, 384)

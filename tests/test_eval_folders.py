@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pathfm.data.folders import (BACH_CLASSES, CRC_CLASSES, DatasetError, bach, breakhis, crc, csv_dataset, image_folder,
+from eval.datasets import (BACH_CLASSES, CRC_CLASSES, DatasetError, bach, breakhis, crc, csv_dataset, image_folder,
                                  mhist, open_dataset, pcam)
 
 

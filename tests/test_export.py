@@ -1,3 +1,4 @@
+import json
 import pytest
 import timm
 import torch
@@ -56,7 +57,7 @@ def test_giant_export_shapes_match_timm():
 def test_layerscale_choice_is_carried_in_kwargs():
     m = build_vit(ViTArgs(arch="vit_small", patch_size=16, layerscale=1e-5, img_size=64))
     name, kwargs, sd = timm_export(m)
-    assert kwargs == {"img_size": 64, "init_values": 1e-5}
+    assert kwargs == {"img_size": 64, "dynamic_img_size": True, "init_values": 1e-5}
     timm.create_model(name, num_classes=0, **kwargs).load_state_dict(sd, strict=True)
 
 
@@ -137,3 +138,23 @@ def test_save_export_writes_weights_and_sidecar(tmp_path):
     assert side["mean"] == [0.5, 0.5, 0.5] and side["embed_dim"] == 192
     t = timm.create_model(side["timm_name"], num_classes=0, **side["timm_kwargs"])
     t.load_state_dict(torch.load(path), strict=True)
+
+
+def test_high_resolution_export_runs_in_timm_at_its_training_size_and_at_224(tmp_path):
+    # a model stored at 224 px and trained on 392 px crops (vitg14_highres): the export holds the 392 px grid,
+    # so timm reproduces pathfm exactly at 392 and still accepts 224
+    torch.manual_seed(0)
+    m = build_vit(ViTArgs(arch="vit_small", patch_size=14, num_registers=4, layerscale=1.0, img_size=224)).eval()
+    save_export(m, tmp_path, img_size=392)
+    side = json.loads((tmp_path / "model.json").read_text())
+    assert side["img_size"] == 392 and side["timm_kwargs"]["img_size"] == 392 and "multiple of 14" in side["input_sizes"]
+    t = timm.create_model(side["timm_name"], pretrained=False, num_classes=0, **side["timm_kwargs"]).eval()
+    t.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True), strict=True)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 392, 392)
+        torch.testing.assert_close(t(x), m(x), rtol=1e-4, atol=1e-4)
+        small = torch.randn(2, 3, 224, 224)
+        out = t(small)  # timm resamples the 392 px grid back to 16 x 16 (its own antialiased bicubic)
+        assert out.shape == (2, 384) and torch.isfinite(out).all()
+        cos = torch.nn.functional.cosine_similarity(out, m(small)).min()
+        assert cos > 0.99, cos  # close to pathfm's own 224 px forward: the same model, resampled twice

@@ -80,15 +80,15 @@ def test_multicrop_list_equals_separate_calls():
 
 def test_pos_embed_interpolates_to_other_sizes_and_is_exact_at_native():
     m = tiny()
-    pos_c, pos_p = m._pos_embed_for(4, 4)
+    pos_c, pos_p = m.pos_embed_for(4, 4)
     assert torch.equal(pos_p, m.pos_embed[:, 1:])  # native grid: untouched
-    _, p6 = m._pos_embed_for(6, 6)
+    _, p6 = m.pos_embed_for(6, 6)
     assert p6.shape == (1, 36, 192)
     assert m.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 37, 192)
     # a constant embedding stays constant under bicubic resampling
     with torch.no_grad():
         m.pos_embed.fill_(0.25)
-    assert torch.allclose(m._pos_embed_for(7, 5)[1], torch.full((1, 35, 192), 0.25), atol=1e-6)
+    assert torch.allclose(m.pos_embed_for(7, 5)[1], torch.full((1, 35, 192), 0.25), atol=1e-6)
 
 
 def test_mask_token_replaces_masked_patches_only():

@@ -75,7 +75,7 @@ class LabelledImages:
 # generic readers
 
 
-def _images_under(folder: Path, extensions=IMAGE_EXTENSIONS) -> list[Path]:
+def images_under(folder: Path, extensions=IMAGE_EXTENSIONS) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
 
 
@@ -103,7 +103,7 @@ def image_folder(root, classes: list[str] | None = None, name: str | None = None
     items, labels = [], []
     for label, c in enumerate(classes):
         if (root / c).is_dir():
-            for p in _images_under(root / c):
+            for p in images_under(root / c):
                 items.append(str(p))
                 labels.append(label)
     return _checked(LabelledImages(name or root.name, list(classes), items, labels), root)
@@ -182,7 +182,7 @@ def bach(root, split: str | None = "train") -> LabelledImages:
         raise DatasetError(f"bach: '{photos}' not found; ROOT must hold ICIAR2018_BACH_Challenge/Photos/<class>/*.tif")
     items, labels = [], []
     for label, c in enumerate(BACH_CLASSES):
-        for p in _images_under(photos / c, (".tif",)):
+        for p in images_under(photos / c, (".tif",)):
             items.append(str(p))
             labels.append(label)
     ranges = {"train": _BACH_TRAIN, "val": _BACH_VAL, None: [(0, len(items))]}[split]
