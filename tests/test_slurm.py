@@ -97,3 +97,30 @@ def test_rejected_partition_shows_slurm_error_and_leaves_nothing(tmp_path):
     assert proc.returncode != 0
     assert "invalid partition" in proc.stderr.lower(), proc.stderr  # sbatch's own words
     assert not run_dir.exists() and not (tmp_path / "runs" / "smoke").exists()
+
+
+def test_index_build_runs_as_an_array_job_and_a_merge(tmp_path):
+    """launch/index.py on the real cluster: 2 array tasks, each a share of the manifest, then the merge job;
+    the result is the index a local build makes."""
+    import pickle
+
+    from pathfm.data.index import IndexParams, build_index
+    from pathfm.data.slides import read_manifest
+    from pathfm.data.synthetic import write_synthetic_slide
+
+    for i in range(3):
+        write_synthetic_slide(tmp_path / f"s{i}.svs", 1024, seed=i)
+    (tmp_path / "m.csv").write_text("path\ns0.svs\ns1.svs\nnot-there.svs\ns2.svs\n")
+    out = tmp_path / "index"
+    cmd = [sys.executable, str(ROOT / "launch" / "index.py"), str(tmp_path / "m.csv"), "-o", str(out), "--tasks", "2",
+           "--profile", "cpu-ci", "--tile-size", "64", "--wait"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "(2 tasks)" in p.stdout and "3 usable slides of 4 (1 unusable" in p.stdout
+    array_id = p.stdout.split("array job ")[1].split()[0]
+    described = [pickle.loads((out / "slurm" / f"{array_id}_{t}_0_result.pkl").read_bytes()) for t in (0, 1)]
+    assert described == [("success", 2), ("success", 2)]  # rows 0, 2 and rows 1, 3
+    local = build_index(read_manifest(tmp_path / "m.csv"), tmp_path / "local", IndexParams(64, (0.25, 0.5, 1.0, 2.0), 0.4),
+                        workers=1, mask_dir=out / "masks", progress=False)
+    for name in ("slides.npy", "plans.npy", "segments.npy", "runs.npy", "cum.npy", "paths.bin", "unusable.csv"):
+        assert (out / name).read_bytes() == (local.folder / name).read_bytes(), name
