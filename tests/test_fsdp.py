@@ -131,43 +131,48 @@ def _ema_worker(rank: int, world: int, port: int) -> None:
 
     from pathfm.dist import init_distributed, teardown, wrap_model
     from pathfm.heads import DINOHead
+    from pathfm.train import update_teacher
     from pathfm.vit import ViTArgs, build_vit
 
     env = init_distributed(device="cpu")
-    torch.manual_seed(rank)  # ranks build different weights on purpose: wrap_model must make them rank 0's
-    vit = build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, layerscale=1e-5))
-    student = nn.ModuleDict({"backbone": vit, "dino_head": DINOHead(192, 32, 64, 16)})
-    rank0_init = {n: p.detach().clone() for n, p in student.named_parameters()}
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    wrap_model(student, env)
-    wrap_model(teacher, env)
+    # reshard_after_forward=False leaves the teacher's parameters unsharded after its forward (the case that
+    # crashed the EMA with mixed Tensor and DTensor): the trainer's update_teacher must handle both
+    for reshard_after_forward in (True, False):
+        torch.manual_seed(rank)  # ranks build different weights on purpose: wrap_model must make them rank 0's
+        vit = build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, layerscale=1e-5))
+        student = nn.ModuleDict({"backbone": vit, "dino_head": DINOHead(192, 32, 64, 16)})
+        rank0_init = {n: p.detach().clone() for n, p in student.named_parameters()}
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        wrap_model(student, env, reshard_after_forward=reshard_after_forward)
+        wrap_model(teacher, env, reshard_after_forward=reshard_after_forward)
 
-    def full(m):  # every parameter gathered to a full tensor; a collective, so every rank calls it
-        return {n: p.full_tensor() for n, p in m.named_parameters()}
+        def full(m):  # every parameter gathered to a full tensor; a collective, so every rank calls it
+            return {n: p.full_tensor() for n, p in m.named_parameters()}
 
-    qkv = student.backbone.blocks[0].attn.qkv.weight
-    assert isinstance(qkv, DTensor) and qkv.to_local().shape[0] == qkv.shape[0] // world  # sharded on dim 0
-    assert [n for n, _ in teacher.named_parameters()] == [n for n, _ in student.named_parameters()]  # zip aligns
-    start = full(student)  # every rank gathers (collective); rank 0 knows what it should be
-    if rank == 0:
-        for n, t in start.items():
-            assert torch.equal(t, rank0_init[n]), n
+        qkv = student.backbone.blocks[0].attn.qkv.weight
+        assert isinstance(qkv, DTensor) and qkv.to_local().shape[0] == qkv.shape[0] // world  # sharded on dim 0
+        assert [n for n, _ in teacher.named_parameters()] == [n for n, _ in student.named_parameters()]  # zip aligns
+        start = full(student)  # every rank gathers (collective); rank 0 knows what it should be
+        if rank == 0:
+            for n, t in start.items():
+                assert torch.equal(t, rank0_init[n]), n
 
-    # one optimizer step, so student and teacher differ everywhere
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    x = torch.randn(4, 3, 32, 32)
-    student.dino_head(student.backbone.forward_features(x)[:, 0]).logsumexp(-1).mean().backward()
-    opt.step()
-    t0, s = full(teacher), full(student)
+        # one optimizer step, so student and teacher differ everywhere
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+        x = torch.randn(4, 3, 32, 32)
+        student.dino_head(student.backbone.forward_features(x)[:, 0]).logsumexp(-1).mean().backward()
+        opt.step()
+        t0, s = full(teacher), full(student)
 
-    m = 0.9
-    with torch.no_grad():  # train.py's EMA line, on local shards
-        for p_t, p_s in zip(teacher.parameters(), student.parameters()):
-            p_t.lerp_(p_s.detach(), 1.0 - m)
-    t1 = full(teacher)
-    for n in t1:
-        torch.testing.assert_close(t1[n], m * t0[n] + (1 - m) * s[n], rtol=1e-6, atol=1e-7, msg=lambda e, n=n: f"{n}: {e}")
-    assert any((s[n] - t0[n]).abs().max() > 1e-3 for n in s)  # the check above was not trivially t = s
+        m = 0.9
+        with torch.no_grad():  # a teacher forward first, as in the training step
+            teacher.dino_head(teacher.backbone.forward_features(x)[:, 0])
+        update_teacher(teacher, student, m)  # the trainer's own EMA
+        t1 = full(teacher)
+        for n in t1:
+            torch.testing.assert_close(t1[n], m * t0[n] + (1 - m) * s[n], rtol=1e-6, atol=1e-7,
+                                       msg=lambda e, n=n: f"reshard_after_forward={reshard_after_forward} {n}: {e}")
+        assert any((s[n] - t0[n]).abs().max() > 1e-3 for n in s)  # the check above was not trivially t = s
     teardown()
 
 
