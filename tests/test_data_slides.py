@@ -71,6 +71,29 @@ def test_manifest_cli_reports_problems(tmp_path, synth):
     assert [e.mpp for e in S.read_manifest(out)] == [0.5]
 
 
+def test_manifest_lists_a_dicom_slide_once(tmp_path, monkeypatch):
+    # a DICOM WSI is a folder of instances: one row per folder, named by its first instance
+    from pathfm.data import manifest
+
+    opened = []
+
+    class FakeSlide:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(manifest, "open_slide", lambda path: opened.append(path) or FakeSlide())
+    monkeypatch.setattr(manifest, "slide_mpp", lambda slide, path, mpp: 0.25)
+    for case in ("case1", "case2"):
+        (tmp_path / case).mkdir()
+        for i in range(3):
+            (tmp_path / case / f"level{i}.dcm").write_bytes(b"")
+    (tmp_path / "other.svs").write_bytes(b"")
+    rows, problems = manifest.scan(tmp_path)
+    assert not problems
+    assert sorted(r["path"] for r in rows) == sorted(str(tmp_path / p) for p in ("case1/level0.dcm", "case2/level0.dcm", "other.svs"))
+    assert len(opened) == 3
+
+
 # ---------------------------------------------------------------- resolution and levels
 
 
@@ -193,6 +216,23 @@ def test_jpeg_reader_refuses_jpeg2000():
         pytest.skip("real slides not found")
     with pytest.raises(ValueError, match="no tiled JPEG"):
         JpegTiffReader(str(TCGA), [(4443, 3567), (2221, 1783)])
+
+
+def test_zero_length_tile_reads_blank_as_openslide_renders_it(tmp_path, synth):
+    import tifffile
+
+    path = tmp_path / "hole.svs"
+    shutil.copy(synth, path)
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # tile (0, 0) of level 0 stored with no bytes
+        counts = list(tif.pages[0].tags["TileByteCounts"].value)
+        counts[0] = 0
+        tif.pages[0].tags["TileByteCounts"].overwrite(counts)
+    slide = openslide.OpenSlide(str(path))
+    rgba = np.asarray(slide.read_region((0, 0), 0, (300, 300)))
+    assert rgba[:256, :256, 3].max() == 0 and rgba[-1, -1, 3] == 255  # OpenSlide: transparent where the tile is missing
+    white = np.where(rgba[..., 3:] == 0, 255, rgba[..., :3])  # what the sampler makes of transparent pixels
+    reader = JpegTiffReader(str(path), slide.level_dimensions)
+    assert np.array_equal(reader.read(0, 0, 0, 300, 300), white)
 
 
 def test_jpeg_reader_corrupt_tile_is_an_oserror(tmp_path, synth):

@@ -6,11 +6,13 @@ reader locates the stored tiles with tifffile once, reads their bytes with os.pr
 them with libjpeg-turbo (simplejpeg). It returns the same pixels as OpenSlide for reads aligned
 to the level's pixel grid (tested). Any other slide goes through OpenSlide.
 
-Two quirks of TIFF JPEG tiles:
+Three quirks of TIFF JPEG tiles:
 - abbreviated streams: the quantisation / Huffman tables live once in the JPEGTables tag and
   each tile holds only its scan, so the tables are spliced in front of every tile;
 - Aperio writes tiles in RGB (photometric RGB) without an Adobe marker, which libjpeg would
-  decode as YCbCr; an Adobe APP14 segment with transform 0 says "no colour transform".
+  decode as YCbCr; an Adobe APP14 segment with transform 0 says "no colour transform";
+- a tile stored with zero bytes was never scanned (glass the scanner skipped): OpenSlide renders it
+  transparent, which the sampler composites onto white, so it decodes here as a white tile, not an error.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class JpegTiffReader:
 
     def decode_tile(self, level: int, col: int, row: int) -> np.ndarray:
         """(tile_h, tile_w, 3) uint8, including any padding past the image edge."""
+        lv = self.levels[level]
+        if lv.counts[row * lv.cols + col] == 0:  # never scanned: blank, as OpenSlide renders it
+            return np.full((lv.tile_h, lv.tile_w, 3), 255, np.uint8)
         try:
             return simplejpeg.decode_jpeg(self.tile_bytes(level, col, row), colorspace="RGB")
         except ValueError as e:  # simplejpeg reports corrupt streams as ValueError

@@ -4,7 +4,9 @@
 
 Each file is opened with OpenSlide; per file it says what is wrong: unreadable, not a slide, or
 no resolution metadata (written to the CSV anyway, with an empty `mpp` to fill in, since the
-slide itself is fine). Exit status 1 when no file is usable.
+slide itself is fine). Exit status 1 when no file is usable. A DICOM slide is a folder of
+instances (one .dcm per pyramid level or frame group): it is one row, named by its first
+instance, from which OpenSlide finds the others in the same folder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ def scan(folder: Path, extensions=SLIDE_EXTENSIONS, group_from_parent: bool = Fa
     """-> (rows [{path, mpp, weight, group}], problems [(path, message)])."""
     rows, problems = [], []
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    first_instance = {}
+    for p in files:
+        if p.suffix.lower() == ".dcm":
+            first_instance.setdefault(p.parent, p)  # files are sorted: each DICOM folder's first instance
+    files = [p for p in files if p.suffix.lower() != ".dcm" or first_instance[p.parent] == p]
     for path in files:
         group = path.parent.name if group_from_parent else ""
         try:
