@@ -21,7 +21,7 @@ from pathfm.data.synthetic import write_synthetic_slide
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "slides"
 PARAMS = I.IndexParams(224, (0.5, 1.0, 2.0), 0.4)
-ARRAYS = ("slides.npy", "levels.npy", "plans.npy", "segments.npy", "runs.npy", "cum.npy", "paths.bin", "unusable.csv")
+ARRAYS = ("slides.npy", "levels.npy", "plans.npy", "segments.npy", "runs.npy", "ends.npy", "paths.bin", "unusable.csv")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_command_line_builds_and_reports(cohort, tmp_path):
 
 
 def test_the_index_is_memory_mapped_and_pickles_as_its_folder(reference):
-    assert isinstance(reference.cum, np.memmap) and isinstance(reference.runs, np.memmap)
+    assert isinstance(reference.ends, np.memmap) and isinstance(reference.runs, np.memmap)
     clone = pickle.loads(pickle.dumps(reference))
     assert len(pickle.dumps(reference)) < 4000  # workers get the folder name, not the arrays
     assert clone.path(3) == reference.path(3) and np.array_equal(clone.cells(0, 1), reference.cells(0, 1))

@@ -208,7 +208,7 @@ def test_tiles_from_the_index_are_the_readers_tiles_at_those_positions(prepared)
     batch = dataset(prepared, reader="openslide", batch_size=8).batch(3)
     reader = P.TileReader("openslide")
     for tile, (i, mpp, x, y) in zip(batch["tiles"], batch["locations"]):
-        assert torch.equal(tile.permute(1, 2, 0), torch.from_numpy(reader.read(prepared.slide(i), mpp, x, y, 64)))
+        assert torch.equal(tile.permute(1, 2, 0), torch.from_numpy(np.array(reader.read(prepared.slide(i), mpp, x, y, 64))))
 
 
 def test_real_slides_sample_tissue_and_tcga_needs_mpp(tmp_path):

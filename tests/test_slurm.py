@@ -122,5 +122,5 @@ def test_index_build_runs_as_an_array_job_and_a_merge(tmp_path):
     assert described == [("success", 2), ("success", 2)]  # rows 0, 2 and rows 1, 3
     local = build_index(read_manifest(tmp_path / "m.csv"), tmp_path / "local", IndexParams(64, (0.25, 0.5, 1.0, 2.0), 0.4),
                         workers=1, mask_dir=out / "masks", progress=False)
-    for name in ("slides.npy", "plans.npy", "segments.npy", "runs.npy", "cum.npy", "paths.bin", "unusable.csv"):
+    for name in ("slides.npy", "plans.npy", "segments.npy", "runs.npy", "ends.npy", "paths.bin", "unusable.csv"):
         assert (out / name).read_bytes() == (local.folder / name).read_bytes(), name

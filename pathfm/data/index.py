@@ -6,9 +6,10 @@
 
 Building opens every slide once, resolves its mpp, loads or computes its tissue mask and lists, for
 each target mpp, the mask cells where the top-left of a tile footprint >= the tissue threshold may
-lie. Those cells are stored as runs along mask rows (row, first column, cumulative count), so a
-position is one binary search in a memory-mapped array, whatever the number of slides, and every
-worker and rank on a node shares the same page-cache pages instead of holding a copy.
+lie. Those cells are stored as runs along mask rows (row, first column, cumulative count): 8 bytes a
+run, about 3 runs per mask row. A position is one binary search in a memory-mapped array, whatever
+the number of slides, and every worker and rank on a node shares the same page-cache pages instead
+of holding a copy.
 
 Folder layout (all arrays .npy, opened with mmap_mode="r"):
     index.json     format, sampling parameters, manifest identity, counts; written last (= complete)
@@ -17,7 +18,7 @@ Folder layout (all arrays .npy, opened with mmap_mode="r"):
     plans.npy      (slides, mpps, 2) int32: read level and region side per target mpp (-1: not served)
     segments.npy   (slides, mpps + 1) int64: runs of slide s, mpp j are runs[segments[s, j]:segments[s, j+1]]
     runs.npy       (R, 2) uint16 (row, column) of each run's first valid cell
-    cum.npy        (R + 1,) int64: valid cells before each run (global), so run r has cum[r+1] - cum[r] cells
+    ends.npy       (R,) uint32: valid cells of the run's segment up to and including the run
     paths.bin      UTF-8 paths, sliced by slides["path_start"], slides["path_len"]
     unusable.csv   manifest row, path, reason: slides the build could not use
 A build in progress keeps one journal per part under parts/ (one pickled record per finished slide,
@@ -154,8 +155,10 @@ def _describe(row: int, entry: SlideEntry, params: IndexParams, mask_dir: str) -
         r = valid_runs(mask, mask_window(plan.footprint, scale), params.tissue_threshold) if plan else None
         if r is None or r[0].size == 0:
             plan, r = None, (np.zeros(0, np.int64),) * 3
+        if r[0].size and max(r[0].max(), r[1].max()) >= 2**16:
+            raise SlideError(f"{entry.path}: tissue mask larger than 65536 cells a side")
         plans.append((plan.level, plan.region) if plan else (-1, 0))
-        runs.append(np.stack(r, 1).astype(np.int64))  # (n_runs, 3) row, column, length
+        runs.append((np.stack(r[:2], 1).astype(np.uint16), np.cumsum(r[2]).astype(np.uint32)))  # (n, 2), (n,)
     if all(p[0] < 0 for p in plans):
         raise SlideError(f"{entry.path}: no tissue: no {size} px tile at mpp {servable} is "
                          f">= {params.tissue_threshold:.0%} tissue on its mask")
@@ -202,7 +205,7 @@ class SlideIndex:
     def _open(self):
         load = lambda name: np.load(self.folder / name, mmap_mode="r")  # noqa: E731
         self.slides, self.levels, self.plans = load("slides.npy"), load("levels.npy"), load("plans.npy")
-        self.segments, self.runs, self.cum = load("segments.npy"), load("runs.npy"), load("cum.npy")
+        self.segments, self.runs, self.ends = load("segments.npy"), load("runs.npy"), load("ends.npy")
         self._paths = np.memmap(self.folder / "paths.bin", np.uint8, "r") if self.meta["path_bytes"] else b""
 
     def __getstate__(self):  # send the folder, not the mapped arrays
@@ -253,16 +256,16 @@ class SlideIndex:
     def cell(self, i: int, j: int, rng: np.random.Generator) -> tuple[int, int]:
         """A uniformly drawn valid mask cell (row, column) of slide i at mpp column j: O(log runs)."""
         a, b = int(self.segments[i, j]), int(self.segments[i, j + 1])
-        lo = int(self.cum[a])
-        target = lo + int(rng.integers(int(self.cum[b]) - lo))
-        r = a + int(np.searchsorted(self.cum[a + 1: b + 1], target, side="right"))  # run holding the target
-        row, col = self.runs[r]
-        return int(row), int(col) + target - int(self.cum[r])
+        ends = self.ends[a:b]  # a view of the mapped file: the search touches a few pages
+        target = int(rng.integers(int(ends[-1])))
+        k = int(np.searchsorted(ends, target, side="right"))  # the run holding the target-th cell
+        row, col = self.runs[a + k]
+        return int(row), int(col) + target - (int(ends[k - 1]) if k else 0)
 
     def cells(self, i: int, j: int) -> np.ndarray:
         """Every valid cell of slide i at mpp column j as (n, 2) (row, column): for tests and tools."""
         a, b = int(self.segments[i, j]), int(self.segments[i, j + 1])
-        lengths = np.diff(self.cum[a: b + 1])
+        lengths = np.diff(self.ends[a:b].astype(np.int64), prepend=0)
         rows = np.repeat(self.runs[a:b, 0].astype(np.int64), lengths)
         starts = np.repeat(self.runs[a:b, 1].astype(np.int64), lengths)
         offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -277,21 +280,20 @@ class SlideIndex:
 # ---------------------------------------------------------------- building
 
 
-def _journal_records(path: Path) -> tuple[list[dict], int]:
-    """(complete records, byte length they span): a killed writer leaves a torn last record, ignored."""
-    records, good = [], 0
+def _journal(path: Path):
+    """Yields (offset, end, record) of each complete record; a killed writer leaves a torn last one, not yielded."""
     with open(path, "rb") as f:
         while True:
+            offset = f.tell()
             try:
-                records.append(pickle.load(f))
-            except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError):
-                break
-            good = f.tell()
-    return records, good
+                record = pickle.load(f)
+            except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError):
+                return
+            yield offset, f.tell(), record
 
 
 def _done_rows(parts: Path) -> set[int]:
-    return {r["row"] for p in sorted(parts.glob("*.journal")) for r in _journal_records(p)[0]}
+    return {r["row"] for p in sorted(parts.glob("*.journal")) for _, _, r in _journal(p)}
 
 
 def prepare_parts(out: Path, params: IndexParams, manifest_id: str) -> Path:
@@ -333,7 +335,7 @@ def build_part(entries: list[SlideEntry], out, params: IndexParams, *, part: str
         return 0
     journal = parts / f"{part}.journal"
     if journal.exists():  # drop a torn last record before appending after it
-        os.truncate(journal, _journal_records(journal)[1])
+        os.truncate(journal, max((end for _, end, _ in _journal(journal)), default=0))
     mask_dir = str(mask_dir or out / "masks")
     workers = min(workers or cpu_count(), max(1, len(todo) // 4))  # a handful of slides: no pool to start
     args = [(i, e, params, mask_dir) for i, e in todo]
@@ -362,20 +364,23 @@ def _describe_star(args):
 
 
 def merge_parts(entries: list[SlideEntry], out, params: IndexParams, *, manifest_path: str = "") -> "SlideIndex":
-    """Assemble the journals of every part into the index arrays; index.json is written last."""
+    """Assemble the journals of every part into the index arrays; index.json is written last.
+
+    Streams: one pass reads the small fields of every record, a second copies each slide's runs into
+    the mapped output arrays, so memory stays bounded for 100,000 slides (their runs can be GBs)."""
     out = Path(out)
     parts = out / "parts"
-    by_row = {}
+    where, small = {}, {}  # row -> (journal, offset); row -> the record without its runs
     for p in sorted(parts.glob("*.journal")):
-        for r in _journal_records(p)[0]:
-            by_row[r["row"]] = r
-    missing = [i for i in range(len(entries)) if i not in by_row]
+        for offset, _, r in _journal(p):
+            where[r["row"]] = (p, offset)
+            small[r["row"]] = {k: v for k, v in r.items() if k != "runs"} | {"n_runs": [len(e) for _, e in r.get("runs", [])]}
+    missing = [i for i in range(len(entries)) if i not in small]
     if missing:
         raise SlideIndexError(f"{out}: {len(missing)} of {len(entries)} manifest rows are not indexed yet "
-                          f"(first: row {missing[0] + 2}, {entries[missing[0]].path}); run the build again to finish them")
-    records = [by_row[i] for i in range(len(entries))]
-    usable = [r for r in records if "reason" not in r]
-    bad = [r for r in records if "reason" in r]
+                              f"(first: row {missing[0] + 2}, {entries[missing[0]].path}); run the build again to finish them")
+    usable = [small[i] for i in range(len(entries)) if "reason" not in small[i]]
+    bad = [small[i] for i in range(len(entries)) if "reason" in small[i]]
     if not usable:
         reasons = "; ".join(r["reason"] for r in bad[:5])
         raise SlideError(f"no usable slide among {len(entries)} manifest entries: {reasons}")
@@ -385,10 +390,9 @@ def merge_parts(entries: list[SlideEntry], out, params: IndexParams, *, manifest
     slides = np.zeros(len(usable), SLIDE_DTYPE)
     levels = np.zeros(sum(len(r["levels"]) for r in usable), LEVEL_DTYPE)
     plans = np.zeros((len(usable), n_mpps, 2), np.int32)
-    segments = np.zeros((len(usable), n_mpps + 1), np.int64)
-    runs = [r["runs"][j] for r in usable for j in range(n_mpps)]  # (n, 3) row, column, length each
-    all_runs = np.concatenate(runs) if runs else np.zeros((0, 3), np.int64)
-    counts = np.cumsum([0] + [len(x) for x in runs])
+    counts = np.array([r["n_runs"] for r in usable], np.int64).reshape(-1)  # runs per (slide, mpp), row-major
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    segments = np.stack([starts[s * n_mpps: (s + 1) * n_mpps + 1] for s in range(len(usable))])
     path_bytes = [r["path"].encode() for r in usable]
     path_start = np.cumsum([0] + [len(p) for p in path_bytes])
     level_start = 0
@@ -398,22 +402,42 @@ def merge_parts(entries: list[SlideEntry], out, params: IndexParams, *, manifest
         levels[level_start: level_start + len(r["levels"])] = r["levels"]
         level_start += len(r["levels"])
         plans[s] = r["plans"]
-        segments[s] = counts[s * n_mpps: (s + 1) * n_mpps + 1]
-    cum = np.concatenate([[0], np.cumsum(all_runs[:, 2])]).astype(np.int64)
-    arrays = {"slides.npy": slides, "levels.npy": levels, "plans.npy": plans, "segments.npy": segments,
-              "runs.npy": all_runs[:, :2].astype(np.uint16), "cum.npy": cum}
-    assert all_runs[:, :2].max(initial=0) < 2**16, "mask larger than 65535 cells"
+    arrays = {"slides.npy": slides, "levels.npy": levels, "plans.npy": plans, "segments.npy": segments}
     for name, array in arrays.items():
         _atomic(out / name, lambda f, a=array: np.save(f, a))
+    _copy_runs(out, usable, where, int(starts[-1]))
     _atomic(out / "paths.bin", lambda f: f.write(b"".join(path_bytes)))
     _atomic(out / "unusable.csv", lambda f: _write_unusable(f, bad, entries))
     meta = {"format": FORMAT, "params": params.as_dict(), "groups": groups, "path_bytes": int(path_start[-1]),
             "manifest": {"path": str(manifest_path), "rows": len(entries), "sha256": manifest_identity(entries)},
-            "slides": len(usable), "unusable": len(bad), "runs": int(len(all_runs)),
+            "slides": len(usable), "unusable": len(bad), "runs": int(starts[-1]),
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     _atomic(out / "index.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     shutil.rmtree(parts)  # every record is in the arrays now
     return SlideIndex(out)
+
+
+def _copy_runs(out: Path, usable: list[dict], where: dict, total: int) -> None:
+    """runs.npy and ends.npy, filled slide by slide from the journals (slides in manifest order)."""
+    tmp_runs, tmp_ends = out / f".runs.{os.getpid()}.tmp.npy", out / f".ends.{os.getpid()}.tmp.npy"
+    runs = np.lib.format.open_memmap(tmp_runs, "w+", np.uint16, (total, 2))
+    ends = np.lib.format.open_memmap(tmp_ends, "w+", np.uint32, (total,))
+    handles, at = {}, 0
+    for r in usable:
+        path, offset = where[r["row"]]
+        f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+        f.seek(offset)
+        for cells, cum in pickle.load(f)["runs"]:
+            runs[at: at + len(cells)] = cells
+            ends[at: at + len(cells)] = cum
+            at += len(cells)
+    for f in handles.values():
+        f.close()
+    runs.flush()
+    ends.flush()
+    del runs, ends
+    os.replace(tmp_runs, out / "runs.npy")
+    os.replace(tmp_ends, out / "ends.npy")
 
 
 def _write_unusable(f, bad, entries):
