@@ -85,7 +85,7 @@ class DataConfig:
     group_balance: bool = False
     reader: str = "auto"  # auto | openslide | jpeg (fast tiled-TIFF path)
     grid_aligned: bool = False  # decode exactly one stored tile per sample (jpeg reader)
-    hsv_filter: bool = False  # Virchow2-style colour filter on each tile
+    hsv_filter: bool = False  # Virchow's colour filter (Midnight): keep a tile when >= 60% of its pixels have H 180-360 deg, S 8-255, V 103-255
     num_workers: int = 2
     device_augment: bool = False  # workers only read; crops run batched on the device
 
@@ -104,7 +104,7 @@ class CropsConfig:
     blur_global: float = 1.0  # blur probability for the first global crop (second: 0.1)
     blur_local: float = 0.5
     solarize: float = 0.2  # on the second global crop
-    hed_jitter: float = 0.0  # HED stain jitter strength (0 = off)
+    hed_jitter: float = 0.0  # sigma of Tellez et al.'s HED jitter: each stain concentration (optical density) x U(1-s, 1+s) + U(-s, s); 0.05 "HED-light", 0.2 "strong", 0 off
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 

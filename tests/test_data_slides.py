@@ -71,6 +71,35 @@ def test_manifest_cli_reports_problems(tmp_path, synth):
     assert [e.mpp for e in S.read_manifest(out)] == [0.5]
 
 
+def hsv_tile(colours_and_shares, size=100):
+    """A hand-made (size, size, 3) tile: horizontal bands of RGB colours covering the given shares."""
+    rows, start = np.zeros((size, size, 3), np.uint8), 0
+    for rgb, share in colours_and_shares:
+        rows[start:start + round(share * size)] = rgb
+        start += round(share * size)
+    return rows
+
+
+HAEMATOXYLIN, EOSIN = (120, 60, 160), (230, 150, 200)  # hue 276 and 323 deg, S 159 and 89, V 160 and 230 (of 255)
+GLASS, PEN, GREEN = (245, 245, 245), (20, 20, 30), (60, 160, 60)  # S 0; V 30 (< 103); hue 120 deg
+
+
+@pytest.mark.parametrize("tile, kept", [
+    ([(HAEMATOXYLIN, 1.0)], True),
+    ([(EOSIN, 1.0)], True),
+    ([(HAEMATOXYLIN, 0.4), (EOSIN, 0.3), (GLASS, 0.3)], True),  # 70% stained
+    ([(HAEMATOXYLIN, 0.5), (GLASS, 0.5)], False),  # 50% < the 60% share
+    ([(GLASS, 1.0)], False),
+    ([(PEN, 1.0)], False),
+    ([(GREEN, 1.0)], False),
+])
+def test_hsv_filter_on_hand_made_tiles(tile, kept):
+    # Midnight / Virchow: >= 60% of pixels with hue 90-180 of OpenCV's 180 (= 180-360 deg), S 8-255, V 103-255
+    f = S.HSVFilter()
+    assert (f.hue, f.saturation, f.value, f.min_share) == ((180.0, 360.0), (8.0, 255.0), (103.0, 255.0), 0.6)
+    assert f.accepts(hsv_tile(tile)) == kept
+
+
 def test_manifest_lists_a_dicom_slide_once(tmp_path, monkeypatch):
     # a DICOM WSI is a folder of instances: one row per folder, named by its first instance
     from pathfm.data import manifest
