@@ -80,13 +80,14 @@ def parse_counts(text: str, flag: str) -> list[int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pathfm.benchmark import benchmark_overrides
-    from pathfm.config import ConfigError, load_config, to_dict, to_yaml
+    from pathfm.config import ConfigError, load_config, to_dict
 
     if args.synthetic_data and args.data_only:
         raise SystemExit("error: --data-only measures the data loader; --synthetic-data removes it. Pick one")
     if args.warmup < 1 or args.measure < 1:
         raise SystemExit(f"error: --warmup ({args.warmup}) and --measure ({args.measure}) must be at least 1")
-    overrides = list(args.overrides) + (["data.source=random"] if args.synthetic_data else [])
+    # random pixels: no manifest either (the GPU configs name one, and the config refuses one it would ignore)
+    overrides = list(args.overrides) + (["data.source=random", "data.manifest="] if args.synthetic_data else [])
     overrides += benchmark_overrides(args.warmup, args.measure)
     try:
         cfg = load_config(args.config, overrides)
@@ -118,26 +119,11 @@ def main(argv=None) -> int:
         if key in results["points"] and results["points"][key]["status"] == "ok":
             print(f"{key}: done before, skipped (--overwrite reruns it)")
             continue
-        point_dir = out / "points" / key
-        if point_dir.exists():  # an earlier failed or interrupted attempt: train.main would resume from it
-            shutil.rmtree(point_dir)
-        point_dir.mkdir(parents=True)
-        cfg.train.name = key
-        (point_dir / "config.yaml").write_text(to_yaml(cfg))
         job_args = {"warmup": args.warmup, "measure": args.measure, "data": args.data_only, "memory_gib": args.memory_gib}
-        t0 = time.time()
         print(f"{key}: running ({'local' if args.local else 'SLURM'}) ...", flush=True)
-        failure = run_local(point_dir, how, job_args, args.point_timeout) if args.local else \
-            run_slurm(point_dir, how, job_args, args.point_timeout)
-        rec = {"nodes": nodes, "wall_s": round(time.time() - t0, 1)}
-        if failure:
-            rec.update(status="not_run", error=failure)
-        else:
-            from pathfm.benchmark import summarize
-
-            rec.update(summarize(point_dir, warmup=args.warmup))
-        for folder in ("checkpoints", "export"):  # train.main's final checkpoint: GBs for a large model, not a result
-            shutil.rmtree(point_dir / folder, ignore_errors=True)
+        run = (lambda d: run_local(d, how, job_args, args.point_timeout)) if args.local else \
+            (lambda d: run_slurm(d, how, job_args, args.point_timeout))
+        rec = {"nodes": nodes, **measure_point(out / "points" / key, cfg, run, warmup=args.warmup)}
         rec.setdefault("world_size", how if args.local else how.world_size)
         results["points"][key] = rec
         write_results(out, results)  # after every point: an interrupted benchmark keeps what finished
@@ -164,11 +150,35 @@ def load_results(out: Path, setup: dict, overwrite: bool) -> dict:
 # ---- running one point ------------------------------------------------------------------------
 
 
-def run_local(point_dir: Path, nproc: int, job_args: dict, timeout_s: float) -> str:
-    """torchrun on this machine; '' when the job ran (its ranks wrote their results), else why not."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pathfm.benchmark", "--point-dir", str(point_dir), "--warmup", str(job_args["warmup"]),
-           "--measure", str(job_args["measure"])]
+def measure_point(point_dir: Path, cfg, run, *, warmup: int) -> dict:
+    """One point from a fresh folder holding cfg: run(point_dir) returns '' when the job ran, else why
+    not; then the point's summary (pathfm.benchmark.summarize) and its wall time. train.main's final
+    checkpoint and export are removed: GBs for a large model, and not a result."""
+    from pathfm.benchmark import summarize
+    from pathfm.config import to_yaml
+
+    if point_dir.exists():  # an earlier failed or interrupted attempt: train.main would resume from it
+        shutil.rmtree(point_dir)
+    point_dir.mkdir(parents=True)
+    cfg.train.output_dir, cfg.train.name = str(point_dir.parent), point_dir.name
+    (point_dir / "config.yaml").write_text(to_yaml(cfg))
+    t0 = time.time()
+    failure = run(point_dir)
+    rec = {"wall_s": round(time.time() - t0, 1)}
+    rec.update({"status": "not_run", "error": failure} if failure else summarize(point_dir, warmup=warmup))
+    for folder in ("checkpoints", "export"):
+        shutil.rmtree(point_dir / folder, ignore_errors=True)
+    return rec
+
+
+def run_local(point_dir: Path, nproc: int, job_args: dict, timeout_s: float, torchrun: bool = True) -> str:
+    """torchrun on this machine; '' when the job ran (its ranks wrote their results), else why not.
+    torchrun=False (one process only): plain python, no process group, about 2 s less start-up."""
+    if not torchrun and nproc != 1:
+        raise ValueError(f"run_local: {nproc} processes need torchrun")
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if torchrun else []
+    cmd = [sys.executable, *launcher, "-m", "pathfm.benchmark", "--point-dir", str(point_dir),
+           "--warmup", str(job_args["warmup"]), "--measure", str(job_args["measure"])]
     cmd += ["--data-only"] if job_args["data"] else []
     cmd += ["--memory-gib", str(job_args["memory_gib"])] if job_args["memory_gib"] else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -180,10 +190,11 @@ def run_local(point_dir: Path, nproc: int, job_args: dict, timeout_s: float) -> 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return f"not finished after --point-timeout {timeout_s:.0f} s; log: {point_dir / 'log.txt'}"
+            return f"not finished after {timeout_s:.0f} s (--point-timeout); log: {point_dir / 'log.txt'}"
     if not list((point_dir / "ranks").glob("rank_*.json")):
         tail = (point_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(empty)"]
-        return f"torchrun exited {proc.returncode} with no result: {tail[0][:300]}; log: {point_dir / 'log.txt'}"
+        return f"{'torchrun' if torchrun else 'pathfm.benchmark'} exited {proc.returncode} with no result: {tail[0][:300]}; " \
+               f"log: {point_dir / 'log.txt'}"
     return ""
 
 
