@@ -1,6 +1,7 @@
-"""Data pipeline throughput on a synthetic 40000 x 40000 JPEG slide (CPU), one table per run.
+"""Data pipeline throughput on a synthetic 40000 x 40000 JPEG slide (CPU), and the same path at cohort
+scale (hard-linked copies of that slide: distinct slides to pathfm, one file in the page cache).
 
-    python bench/data.py [--size 40000] [--seconds 5] [--batch 32]
+    python bench/data.py [--size 40000] [--seconds 5] [--batch 32] [--no-cohort]
 
 Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread each):
   raw decode      stored 256 px JPEG tiles at sampled tissue positions, bytes in memory,
@@ -10,6 +11,9 @@ Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread
   pathfm tiles mix   the same, magnification mix 0.5/1/2 µm/px, unaligned (auto reader)
   full samples    pathfm tiles (mix) + MultiCrop (2 x 224 + 8 x 96) + iBOT masks (pathfm.data.loader.Views)
   baseline        OpenSlide read + torchvision/PIL DINOv2-style multi-crop, one sample at a time
+Cohort rows (bench/cohort.py): index build rate (1 and 2 processes, cold masks), start-up time and
+resident memory of a rank with an index of 1, 1,000 and 100,000 slides, tiles/s of one worker at
+1, 100 and 10,000 slides from its first batch, and the files it opened per tile.
 The slide is written once to .cache/pathfm/bench and reused.
 """
 
@@ -27,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pathfm.data.jpegtiles import JpegTiffReader  # noqa: E402
-from pathfm.data.sampler import SlideTileDataset, prepare_slides  # noqa: E402
+from pathfm.data.index import IndexParams, build_index  # noqa: E402
+from pathfm.data.sampler import SlideTileDataset  # noqa: E402
 from pathfm.data.slides import SlideEntry  # noqa: E402
 from pathfm.data.synthetic import write_synthetic_slide  # noqa: E402
 
@@ -46,14 +51,14 @@ def rate(fn, seconds: float) -> float:
 
 def tile_dataset(**kw):
     args = dict(batch_size=STATE["batch"], tile_size=224, mpps=MIX, mpp_weights=None,
-                tissue_threshold=0.4, seed=os.getpid(), rank=0, world_size=1)
-    return SlideTileDataset(STATE["slides"], **{**args, **kw})
+                seed=os.getpid(), rank=0, world_size=1)
+    return SlideTileDataset(STATE["index"], **{**args, **kw})
 
 
 def bench_raw_decode(seconds):
     import simplejpeg
     ds = tile_dataset(mpps=[0.5], grid_aligned=True)
-    reader = JpegTiffReader(str(STATE["path"]), STATE["slides"][0].info.dimensions)
+    reader = JpegTiffReader(str(STATE["path"]), STATE["index"].slide(0).info.dimensions)
     rng = np.random.default_rng(os.getpid())
     blobs = []
     for _ in range(256):  # the stored tiles pathfm would decode, read into memory once
@@ -119,7 +124,7 @@ def bench_baseline(seconds):
 
     def one():
         index, mpp, x, y = ds.draw(rng)
-        plan = STATE["slides"][index].plans[mpp]
+        plan = STATE["index"].slide(index).plans[mpp]
         img = slide.read_region((x, y), plan.level, (plan.region, plan.region)).convert("RGB")
         augment(img.resize((224, 224), Image.BILINEAR))
         return 1
@@ -147,15 +152,17 @@ def main():
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cache", default=".cache/pathfm/bench")
+    parser.add_argument("--no-cohort", action="store_true", help="only the single-slide rows")
+    parser.add_argument("--build-slides", type=int, default=8, help="slides indexed for the build rate")
     args = parser.parse_args()
     path = Path(args.cache) / f"synthetic-{args.size}.svs"
     if not path.exists():
         start = time.perf_counter()
         write_synthetic_slide(path, args.size, seed=0)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
-    slides, _ = prepare_slides([SlideEntry(str(path))], cache_dir=args.cache, tissue_threshold=0.4,
-                               tile_size=224, mpps=MIX)
-    STATE.update(slides=slides, path=path, batch=args.batch)
+    index = build_index([SlideEntry(str(path))], Path(args.cache) / f"index-{args.size}", IndexParams(224, tuple(MIX), 0.4),
+                        workers=1, mask_dir=Path(args.cache) / "masks", progress=False)
+    STATE.update(index=index, path=path, batch=args.batch)
     rows = [("raw JPEG decode (256 px stored tiles)", "tiles/s", bench_raw_decode),
             ("OpenSlide read_region 224 px", "regions/s", bench_openslide(224)),
             ("OpenSlide read_region 256 px", "regions/s", bench_openslide(256)),
@@ -181,6 +188,10 @@ def main():
     if names[5] in results:
         print(f"full samples / baseline: {results[names[5]][0] / results[names[6]][0]:.2f} (1 process), "
               f"{results[names[5]][1] / results[names[6]][1]:.2f} (2 processes)")
+    if not args.no_cohort:
+        from cohort import cohort_rows
+
+        cohort_rows(path, Path(args.cache) / "cohort", seconds=args.seconds, batch=args.batch, build_slides=args.build_slides)
 
 
 if __name__ == "__main__":

@@ -337,7 +337,7 @@ def build_part(entries: list[SlideEntry], out, params: IndexParams, *, part: str
     if journal.exists():  # drop a torn last record before appending after it
         os.truncate(journal, max((end for _, end, _ in _journal(journal)), default=0))
     mask_dir = str(mask_dir or out / "masks")
-    workers = min(workers or cpu_count(), max(1, len(todo) // 4))  # a handful of slides: no pool to start
+    workers = min(workers or cpu_count(), max(1, len(todo) // 2))  # one or two slides: no pool to start
     args = [(i, e, params, mask_dir) for i, e in todo]
     from tqdm import tqdm
 

@@ -57,6 +57,7 @@ class TileReader:
         self.reader = reader
         self.cache = openslide.OpenSlideCache(OPENSLIDE_CACHE_BYTES)
         self.handles: OrderedDict[str, object] = OrderedDict()
+        self.opens = 0  # files opened so far (the cost visits amortise)
 
     def handle(self, slide: IndexedSlide):
         path = slide.info.path
@@ -72,6 +73,7 @@ class TileReader:
                     raise SlideError(f"{path}: reader='jpeg' needs a tiled JPEG TIFF ({e})") from None
         if handle is None:
             handle = open_slide(path, self.cache)
+        self.opens += 1
         self.handles[path] = handle
         if len(self.handles) > MAX_OPEN_HANDLES:
             self.handles.popitem(last=False)[1].close()
