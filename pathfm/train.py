@@ -188,6 +188,57 @@ def environment(env: pdist.DistEnv) -> dict:
     }
 
 
+def build_models(cfg: Config, env: pdist.DistEnv):
+    """(student, teacher, loss_state): equal student and teacher (on every rank), wrapped for this device."""
+    s, t, device = cfg.ssl, cfg.train, env.device
+    torch.manual_seed(t.seed)
+    student = build_student(cfg).to(device)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    teacher.train(False)  # no stochastic depth in the teacher
+    backend = resolve_attn_backend(cfg.model.attn_backend, device)
+    for m in (student, teacher):
+        m.backbone.set_attn_backend(backend)
+        m.backbone.set_sdpa_kernels(cfg.model.sdpa_kernels)
+        pdist.wrap_model(m, env, fsdp=cfg.dist.fsdp, ac=cfg.dist.activation_checkpointing if m is student else "none",
+                         compile=cfg.dist.compile, precision=t.precision, reshard_after_forward=cfg.dist.reshard_after_forward)
+    torch.manual_seed(t.seed + env.rank)  # per-rank randomness from here on (stochastic depth)
+    loss_state = nn.ModuleDict({"dino_center": Centering(s.prototypes, s.center_momentum)})
+    if s.objective == "dinov2":
+        loss_state["ibot_center"] = Centering(s.ibot_prototypes if s.ibot_separate_head else s.prototypes, s.center_momentum)
+    return student, teacher, loss_state.to(device)
+
+
+def build_optimizer(cfg: Config, student: nn.Module, global_batch: int):
+    """AdamW over the parameter groups, and the per-step schedules (lr, weight decay, teacher momentum and temperature)."""
+    s, o, t = cfg.ssl, cfg.optim, cfg.train
+    lr_peak = scaled_lr(o.base_lr, global_batch, o.lr_ref_batch, o.lr_scaling)
+    groups = param_groups(student, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                          patch_embed_lr_mult=o.patch_embed_lr_mult, num_layers=student.backbone.depth,
+                          decay_tokens=o.decay_tokens)
+    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(o.beta1, o.beta2), fused=o.fused or None)
+    schedules = (cosine_schedule(lr_peak, o.min_lr, t.steps, min(o.warmup_steps, t.steps)),
+                 cosine_schedule(o.weight_decay, o.weight_decay_final, t.steps),
+                 cosine_schedule(s.momentum_teacher, s.momentum_teacher_final, t.steps),
+                 teacher_temp_schedule(s.teacher_temp_warmup_start, s.teacher_temp,
+                                       min(s.teacher_temp_warmup_steps, t.steps), t.steps))
+    return optimizer, schedules
+
+
+def resume(cfg: Config, run_dir: Path, student, teacher, optimizer, loss_state, env) -> tuple[int, int]:
+    """(start step, non-finite steps so far): from the run folder's last checkpoint, else step 0, starting
+    from train.init_checkpoint's weights when given."""
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        if cfg.train.init_checkpoint:
+            ckpt.load_weights(cfg.train.init_checkpoint, student=student, teacher=teacher)
+        return 0, 0
+    meta = ckpt.load_checkpoint(last, student=student, teacher=teacher, optimizer=optimizer, loss_state=loss_state, rank=env.rank)
+    if env.is_main:
+        print(f"resuming from {last} at step {meta['step']}", file=sys.stderr, flush=True)
+    return meta["step"], meta.get("nonfinite_total", 0)
+
+
 def main(cfg: Config) -> dict:
     check_inputs(cfg)
     env = pdist.init_distributed()
@@ -202,47 +253,16 @@ def main(cfg: Config) -> dict:
         print(index_summary(index), file=sys.stderr, flush=True)
 
     # --- models: student and teacher start equal (and equal on every rank); the teacher never gets gradients
-    torch.manual_seed(cfg.train.seed)
-    student = build_student(cfg).to(device)
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    teacher.train(False)  # no stochastic depth in the teacher
-    backend = resolve_attn_backend(cfg.model.attn_backend, device)
-    for m in (student, teacher):
-        m.backbone.set_attn_backend(backend)
-        m.backbone.set_sdpa_kernels(cfg.model.sdpa_kernels)
-        pdist.wrap_model(m, env, fsdp=cfg.dist.fsdp, ac=cfg.dist.activation_checkpointing if m is student else "none",
-                         compile=cfg.dist.compile, precision=t.precision, reshard_after_forward=cfg.dist.reshard_after_forward)
-    torch.manual_seed(cfg.train.seed + env.rank)  # per-rank randomness from here on (stochastic depth)
+    student, teacher, loss_state = build_models(cfg, env)
     n_prefix = student.backbone.num_prefix_tokens
-    loss_state = nn.ModuleDict({"dino_center": Centering(s.prototypes, s.center_momentum)})
-    if ibot:
-        loss_state["ibot_center"] = Centering(s.ibot_prototypes if s.ibot_separate_head else s.prototypes, s.center_momentum)
-    loss_state.to(device)
 
     # --- optimizer and schedules (plain arrays indexed by step)
     global_batch = o.batch_size * env.world_size
-    lr_peak = scaled_lr(o.base_lr, global_batch, o.lr_ref_batch, o.lr_scaling)
-    groups = param_groups(student, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
-                          patch_embed_lr_mult=o.patch_embed_lr_mult, num_layers=student.backbone.depth,
-                          decay_tokens=o.decay_tokens)
-    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(o.beta1, o.beta2), fused=o.fused or None)
-    lr_sched = cosine_schedule(lr_peak, o.min_lr, t.steps, min(o.warmup_steps, t.steps))
-    wd_sched = cosine_schedule(o.weight_decay, o.weight_decay_final, t.steps)
-    momentum_sched = cosine_schedule(s.momentum_teacher, s.momentum_teacher_final, t.steps)
-    temp_sched = teacher_temp_schedule(s.teacher_temp_warmup_start, s.teacher_temp, min(s.teacher_temp_warmup_steps, t.steps), t.steps)
+    optimizer, (lr_sched, wd_sched, momentum_sched, temp_sched) = build_optimizer(cfg, student, global_batch)
 
     # --- resume: automatic when the run folder has a checkpoint; else optionally start from weights
-    start_step, nonfinite_total = 0, 0
-    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
     meta_common = {"vit_args": vars(vit_args(cfg)), "mean": cfg.crops.mean, "std": cfg.crops.std, "config": to_dict(cfg)}
-    if last is not None:
-        meta = ckpt.load_checkpoint(last, student=student, teacher=teacher, optimizer=optimizer, loss_state=loss_state, rank=env.rank)
-        start_step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
-        if env.is_main:
-            print(f"resuming from {last} at step {start_step}", file=sys.stderr, flush=True)
-    elif t.init_checkpoint:
-        ckpt.load_weights(t.init_checkpoint, student=student, teacher=teacher)
+    start_step, nonfinite_total = resume(cfg, run_dir, student, teacher, optimizer, loss_state, env)
     if start_step >= t.steps:
         if env.is_main:
             print(f"run already finished ({start_step} >= train.steps={t.steps}); nothing to do", file=sys.stderr)
