@@ -203,7 +203,8 @@ class SlideIndex:
         self._open()
 
     def _open(self):
-        load = lambda name: np.load(self.folder / name, mmap_mode="r")  # noqa: E731
+        # plain ndarray views of the mapped files: np.memmap's own indexing costs microseconds a call
+        load = lambda name: np.load(self.folder / name, mmap_mode="r").view(np.ndarray)  # noqa: E731
         self.slides, self.levels, self.plans = load("slides.npy"), load("levels.npy"), load("plans.npy")
         self.segments, self.runs, self.ends = load("segments.npy"), load("runs.npy"), load("ends.npy")
         self._paths = np.memmap(self.folder / "paths.bin", np.uint8, "r") if self.meta["path_bytes"] else b""

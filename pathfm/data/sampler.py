@@ -163,7 +163,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self.failures = ReadFailures(self.failures_dir, f"rank{self.rank:05d}-{name}")
         self.dropped = np.zeros(len(self.index), bool)
         self._slide_cumulative = None
-        self._views: OrderedDict[int, IndexedSlide] = OrderedDict()
+        self._views: OrderedDict[int, tuple[IndexedSlide, np.ndarray]] = OrderedDict()
 
     @property
     def skipped(self) -> int:
@@ -207,7 +207,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         for _ in range(HSV_TRIES if self.hsv else 1):
             location = self.draw_tile(index, rng)
             try:
-                tile = self.reader.read(self.slide(index), *location[1:], self.tile_size)
+                tile = self.reader.read(self.slide(index)[0], *location[1:], self.tile_size)
             except Exception as e:  # any read failure: count, maybe drop, draw again
                 self._failed(index, e)
                 return None
@@ -246,12 +246,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
     def draw_tile(self, index: int, rng: np.random.Generator) -> tuple[int, float, int, int]:
         """(index, target mpp, x, y): a magnification from the mix, then a uniform valid position;
         x, y are level-0 top-left, aligned to the read level."""
-        slide = self.slide(index)
-        served = self.index.plans[index, :, 0] >= 0
-        weights = np.where(served, self.column_weight, 0.0)
-        if weights.sum() <= 0:  # the slide serves none of the weighted mpps: uniform over its own
-            weights = (served & self.used_columns).astype(float)
-        j = _pick(np.cumsum(weights), rng)
+        slide, mpp_cumulative = self.slide(index)
+        j = _pick(mpp_cumulative, rng)
         mpp = self.index.params.mpps[j]
         row, col = self.index.cell(index, j, rng)
         jitter = rng.random(2)  # a uniform point inside the chosen mask cell, in level-0 pixels
@@ -260,16 +256,21 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         lx, ly = self._place(slide, plan, x / plan.downsample, y / plan.downsample)
         return index, mpp, round(lx * plan.downsample), round(ly * plan.downsample)
 
-    def slide(self, index: int) -> IndexedSlide:
-        """The slide's reader view, rebuilt from the index arrays and kept in a small LRU."""
-        view = self._views.get(index)
-        if view is None:
-            view = self._views[index] = self.index.slide(index)
+    def slide(self, index: int) -> tuple[IndexedSlide, np.ndarray]:
+        """(the slide's reader view, cumulative weights of its index mpp columns), rebuilt from the
+        index arrays once per visit and kept in a small LRU."""
+        got = self._views.get(index)
+        if got is None:
+            served = self.index.plans[index, :, 0] >= 0
+            weights = np.where(served, self.column_weight, 0.0)
+            if weights.sum() <= 0:  # the slide serves none of the weighted mpps: uniform over its own
+                weights = (served & self.used_columns).astype(float)
+            got = self._views[index] = (self.index.slide(index), np.cumsum(weights))
             if len(self._views) > MAX_OPEN_HANDLES:
                 self._views.popitem(last=False)
         else:
             self._views.move_to_end(index)
-        return view
+        return got
 
     def _place(self, slide: IndexedSlide, plan: ReadPlan, lx: float, ly: float) -> tuple[int, int]:
         """Integer top-left in the read level's pixels, inside the level; with grid_aligned, inside
