@@ -23,6 +23,7 @@ setup(
         "fvcore",
         "matplotlib",
         "h5py",  # PCam's HDF5 files (eval)
+        "tqdm",  # progress bars (slide index build, eval)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],
