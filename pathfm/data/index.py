@@ -48,7 +48,7 @@ from pathfm.data.slides import (MASK_MAX_SIDE, MASK_MPP, MASK_VERSION, ReadPlan,
                                 file_identity, load_or_compute_tissue_mask, mask_scale, open_slide, plan_read,
                                 read_manifest, slide_mpp, usable_mpps)
 
-FORMAT = 1  # bump when the folder layout changes
+FORMAT = 2  # bump when the folder layout changes (it is part of cached index folders' names)
 
 SLIDE_DTYPE = np.dtype([("row", "i8"), ("mpp", "f8"), ("weight", "f8"), ("group", "i4"), ("mask_scale", "f8"),
                         ("level_start", "i8"), ("n_levels", "i4"), ("path_start", "i8"), ("path_len", "i4")])
@@ -84,7 +84,7 @@ def manifest_identity(entries: list[SlideEntry]) -> str:
 
 def index_folder(cache_dir, entries: list[SlideEntry], params: IndexParams, stem: str = "manifest") -> Path:
     """Where an index of these rows and parameters lives in a cache: keyed by both."""
-    key = hashlib.sha256((manifest_identity(entries) + json.dumps(params.as_dict())).encode()).hexdigest()
+    key = hashlib.sha256(f"{FORMAT}|{manifest_identity(entries)}|{json.dumps(params.as_dict())}".encode()).hexdigest()
     return Path(cache_dir) / "index" / f"{stem}-{key[:16]}"
 
 
