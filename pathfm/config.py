@@ -142,6 +142,8 @@ class TrainConfig:
     rankme_every: int = 0  # 0 = off
     rankme_batch: int = 256
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    plateau_warn_steps: int = 1000  # warn once when the DINO loss stays at ln K this many steps after the lr
+                                    # warm-up (teacher and student uniform: not learning); 0 = never
     precision: str = "fp32"  # fp32 | bf16 (CUDA)
     sync_timing: bool = False  # wait for the GPU at each phase so time/* metrics are exact (benchmarks)
     init_checkpoint: str = ""  # start from a pathfm checkpoint (weights only), e.g. high-res post-training
@@ -326,6 +328,8 @@ def validate(cfg: Config) -> None:
         sec, name = k.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:
             raise ConfigError(f"config key '{k}' must be positive, got {getattr(getattr(cfg, sec), name)}")
+    if cfg.train.plateau_warn_steps < 0:
+        raise ConfigError(f"config key 'train.plateau_warn_steps' must be >= 0 (0 = no warning), got {cfg.train.plateau_warn_steps}")
     if cfg.train.keep_last < 1:
         raise ConfigError(f"config key 'train.keep_last' is {cfg.train.keep_last}; keep at least 1 checkpoint "
                           "(the one just written is what a requeued job resumes from)")

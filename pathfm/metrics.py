@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -19,6 +20,51 @@ def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     s = torch.linalg.svdvals(embeddings.double())  # (min(N, D),)
     p = s / s.sum() + eps
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def relative_entropy(probs: torch.Tensor) -> float:
+    """Mean entropy of the rows of probs (N, K), divided by ln K: 1 = uniform rows, 0 = one-hot rows.
+
+    On the teacher's DINO targets this says whether the teacher still says anything: at 1 every
+    image gets the same flat target and the DINO loss is ln K whatever the student does.
+    """
+    p = probs.double()
+    h = -(p * p.clamp(min=1e-30).log()).sum(-1).mean()
+    return float(h / math.log(probs.shape[-1]))
+
+
+def student_teacher_kl(dino_loss: float, teacher_probs: torch.Tensor) -> float:
+    """KL(teacher || student) of the DINO loss, in nats: cross entropy minus the teacher's mean entropy.
+
+    teacher_probs (n_t * B, K). Exact for pathfm's dino_loss, where every teacher crop is paired with
+    the same number of student crops. Near 0 with relative_entropy near 1 is the uniform plateau:
+    the student matches a teacher that is flat.
+    """
+    p = teacher_probs.double()
+    return dino_loss - float(-(p * p.clamp(min=1e-30).log()).sum(-1).mean())
+
+
+class PlateauWatch:
+    """Warns once when the DINO loss has stayed within `tol` (relative) of ln K for `patience` steps
+    in a row after `after_step` (the end of the lr warm-up): the uniform plateau, where teacher and
+    student outputs are flat and nothing but the KoLeo / KDE term moves the backbone."""
+
+    def __init__(self, num_prototypes: int, patience: int, after_step: int, tol: float = 0.01):
+        self.log_k, self.patience, self.after, self.tol = math.log(num_prototypes), patience, after_step, tol
+        self.run, self.fired = 0, False
+
+    def update(self, step: int, dino_loss: float) -> str | None:
+        """The warning text the one time it fires, else None."""
+        if self.patience <= 0 or self.fired or step < self.after:
+            return None
+        self.run = self.run + 1 if abs(dino_loss - self.log_k) <= self.tol * self.log_k else 0
+        if self.run < self.patience:
+            return None
+        self.fired = True
+        return (f"step {step}: the DINO loss has been at ln K = {self.log_k:.3f} (within {self.tol:.0%}) for "
+                f"{self.run} steps after warm-up: teacher and student outputs are uniform and the run is not "
+                "learning. See the README, 'What a healthy start looks like' (LayerScale init, prototypes, "
+                "teacher temperature, lr).")
 
 
 def peak_memory_gib(device: torch.device) -> float:

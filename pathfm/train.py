@@ -38,7 +38,8 @@ from pathfm.export import load_backbone, save_export
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
-from pathfm.metrics import Logger, StepTimer, peak_memory_gib, rankme
+from pathfm.metrics import (Logger, PlateauWatch, StepTimer, peak_memory_gib, rankme, relative_entropy,
+                            student_teacher_kl)
 from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
 from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
 
@@ -279,6 +280,7 @@ def main(cfg: Config) -> dict:
         logger.event(start_step, {"restart": restart_file, "argv": sys.argv})
     stop = StopSignal()
     nonfinite = NonFiniteSteps(t.max_nonfinite, nonfinite_total)
+    plateau = PlateauWatch(s.prototypes, t.plateau_warn_steps, after_step=o.warmup_steps)  # warns once if stuck at ln K
     status, step = "finished", start_step
     timer = StepTimer(device, sync=t.sync_timing)
     flops_per_step, peak = step_flops(cfg)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
@@ -362,6 +364,9 @@ def main(cfg: Config) -> dict:
             timer.start()
             continue
         nonfinite.run = 0
+        if env.is_main and (warning := plateau.update(step, float(losses["dino"].detach()))):
+            print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+            logger.event(step, {"warning": warning})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -375,7 +380,12 @@ def main(cfg: Config) -> dict:
 
         step_done = step + 1
         if step_done % t.log_every == 0 or step_done == t.steps or step == start_step:
-            values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}}, env)
+            # stuck or learning: teacher entropy / ln K (1 = flat targets), KL(teacher || student), RankMe of the
+            # teacher's CLS tokens on this batch (1 = every image the same embedding; at most 2B)
+            diag = {"diag/teacher_entropy": relative_entropy(t_cls_probs),
+                    "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), t_cls_probs),
+                    "diag/teacher_rankme_batch": rankme(t_tokens[:, 0].float())}
+            values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}, **diag}, env)
             values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                            "teacher_temp": teacher_temp, "grad_norm": grad_norm,
                            **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
