@@ -12,6 +12,7 @@ path without a device), and compares the batched views with the CPU mode's.
 """
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -47,6 +48,17 @@ def pil_dinov2(n_local: int = 8):
                     T.RandomSolarize(128, p=0.2), *norm])
     loc = T.Compose([T.RandomResizedCrop(96, (0.05, 0.32), interpolation=bicubic), *flips, *color, blur(0.5), *norm])
     return lambda img: [g1(img), g2(img)] + [loc(img) for _ in range(n_local)]
+
+
+def tiles_for_device_path(n: int, size: int) -> tuple[list[Image.Image], str]:
+    """The real tiles where shared/data has them (a GPU machine may not), else pathfm's synthetic H&E texture."""
+    try:
+        return load_tiles(n, size), "real H&E tiles"
+    except SystemExit:
+        from pathfm.data.synthetic import _tissue_tile
+
+        rng = np.random.default_rng(0)
+        return [Image.fromarray(_tissue_tile(rng, size)) for _ in range(n)], "synthetic H&E texture (no real tiles here)"
 
 
 def tile_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -121,6 +133,7 @@ def device_path_table(r: dict) -> str:
     rate, calls = r["samples_per_s"], r["torch_calls_per_batch"]
     return "\n".join([
         f"| device-side mode on {r['device']}, batch {r['batch']}, 2 x 224 + {r['n_local']} x 96 from {r['tile']} px "
+        f"{r['tiles']} "
         "| samples/s | torch calls per batch |",
         "|---|---|---|",
         f"| CPU mode, 1 thread (loader worker) | {rate['cpu_mode']:.1f} | - |",
@@ -138,13 +151,18 @@ def main():
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--device-path", action="store_true", help="device-side mode: per-crop vs batched render")
     parser.add_argument("--device", default="cpu", help="with --device-path: where the device-side mode runs")
+    parser.add_argument("--json", help="with --device-path: also write the result to this file")
     args = parser.parse_args()
-    images = load_tiles(args.batch, args.tile)
     if args.device_path:
-        print(device_path_table(device_path(tile_tensor(images), args.device, args.repeats)))
+        images, source = tiles_for_device_path(args.batch, args.tile)
+        result = {**device_path(tile_tensor(images), args.device, args.repeats), "tiles": source}
+        print(device_path_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         return
     torch.set_num_threads(1)
 
+    images = load_tiles(args.batch, args.tile)
     tiles = tile_tensor(images)  # (B, 3, T, T)
     multicrop, generator = MultiCrop(), torch.Generator().manual_seed(0)
     pipeline = pil_dinov2()

@@ -4,6 +4,7 @@
     python bench/gpu_check.py --out runs/gpu-check                  # one H100/H200-class GPU, < 8 minutes
     python bench/gpu_check.py --out /tmp/gpu-check --cpu-smoke      # any machine: tiny models, every section
     python bench/gpu_check.py --out runs/gpu-check-2 --sections fast_paths,device_augment   # the rest, later
+    python bench/gpu_check.py --out /tmp/gpu-check --cpu-smoke --all-items   # every item a CPU can run: minutes
 
 Sections, in order of value; every item runs in its own process, so a crash, a hang or an out-of-memory
 is that item's result and the check goes on:
@@ -13,8 +14,9 @@ is that item's result and the check goes on:
                   warm-up, MFU (pathfm.flops), peak memory, the step split; a batch that does not fit is
                   halved, and the item says so
   fast_paths      ViT-L/14 from a plain baseline (SDPA with PyTorch's kernel choice, eager, foreach AdamW,
-                  no activation checkpointing), one key changed per item: images/s against the baseline,
-                  and the loss after the measured steps equal to the baseline's within LOSS_RTOL
+                  no activation checkpointing, no stochastic depth), one key changed per item: images/s
+                  against the baseline, and the loss after the measured steps equal to the baseline's
+                  within LOSS_RTOL
   device_augment  data.device_augment's batched multi-crop on the GPU against its per-crop calls and the
                   CPU mode on one core, and its views against the CPU mode's (bench/augment.py --device-path)
 
@@ -22,8 +24,9 @@ The check keeps its own clock: an item starts only when its estimate (ESTIMATE_S
 including start-up and train.main's final checkpoint) ends before --budget-s, and a running item is
 stopped at --limit-s; a skipped item says why. DIR/results.json is rewritten after every item, so a
 killed check keeps what finished; DIR/results.md and stdout get the tables at the end. --cpu-smoke
-runs every section with tiny models on the CPU (GPU-only items are recorded as skipped, with the
-reason); tests/test_gpu_check.py runs it, so the check cannot rot between GPU visits.
+runs every section with tiny models on the CPU, one or two items each (CUDA-only items are recorded
+as skipped, with the reason; --all-items runs all the others); tests/test_gpu_check.py runs it, so
+the check cannot rot between GPU visits.
 
 No torch import here: the items import it, and pytest loads this file as a plugin (`-p gpu_check`) to
 select the CUDA tests.
@@ -59,11 +62,16 @@ ESTIMATE_S = {"cuda_tests": 100, "vits16": 40, "vitl14": 110, "vitg14": 200, "fa
               "device_augment": 30}
 
 THROUGHPUT = ("vits16", "vitl14", "vitg14")  # configs/<name>.yaml, as shipped
-# fast paths on ViT-L/14: the baseline is plain PyTorch, each item changes one key from it
+# the CPU smoke trains only these, unless --all-items (tests/test_configs_train.py trains every shipped
+# recipe; the check's code is the same for all items, and every item's config loads before anything runs)
+SMOKE_RUNS = {"throughput": ("vitl14",), "fast_paths": ("baseline", "sdpa_flash")}
+# fast paths on ViT-L/14: the baseline is plain PyTorch, each item changes one key from it. No stochastic
+# depth, so the losses compare the paths' arithmetic alone: compiled code draws other drop masks than eager
+# (1% apart on the CPU with drop_path 0.4), and mask-mode drop path costs the same FLOPs either way.
 BASELINE = ["model.attn_backend=sdpa", "model.sdpa_kernels=[]", "dist.compile=false", "optim.fused=false",
-            "dist.activation_checkpointing=none"]
-FAST_PATHS = {  # name: (override, what runs only on a GPU here)
-    "compile": ("dist.compile=true", "inductor takes minutes to compile the blocks on a CPU"),
+            "dist.activation_checkpointing=none", "model.drop_path=0.0"]
+FAST_PATHS = {  # name: (override, why a CPU cannot run it, or '')
+    "compile": ("dist.compile=true", ""),
     "xformers": ("model.attn_backend=xformers", "xformers' kernels need CUDA"),
     "fused_adamw": ("optim.fused=true", ""),
     "selective_ac": ("dist.activation_checkpointing=selective", ""),
@@ -71,7 +79,6 @@ FAST_PATHS = {  # name: (override, what runs only on a GPU here)
     "sdpa_cudnn": ("model.sdpa_kernels=[cudnn]", "the cuDNN SDPA kernel needs CUDA"),
     "sdpa_efficient": ("model.sdpa_kernels=[efficient]", "the memory-efficient SDPA kernel needs CUDA"),
 }
-SMOKE_FAST_PATHS = ("sdpa_flash",)  # the CPU smoke runs this one: the comparison with the baseline is exercised
 
 
 def training_spec(section: str, name: str, mode: str) -> tuple[str, list[str]]:
@@ -241,33 +248,43 @@ def probe() -> dict:
             "'memory_gib': p.total_memory / 2**30 if c else None, 'cudnn': torch.backends.cudnn.version() if c else None}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if r.returncode:
-        raise SystemExit(f"error: cannot import torch here: {r.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"error: cannot import torch here: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return {**json.loads(r.stdout), "xformers": importlib.util.find_spec("xformers") is not None}
 
 
-def plan(mode: str, sections: list[str], info: dict) -> list[tuple]:
+def smoke_skip(mode: str, all_items: bool, section: str, name: str, cuda_only: str = "") -> str:
+    """Why the CPU smoke skips this item ('' when it runs it)."""
+    if mode == "gpu":
+        return ""
+    if cuda_only:
+        return f"CPU smoke: {cuda_only}"
+    if all_items or name in SMOKE_RUNS[section]:
+        return ""
+    return f"CPU smoke: runs only {', '.join(SMOKE_RUNS[section])} to stay short (this item's config loads; --all-items runs it)"
+
+
+def plan(mode: str, sections: list[str], info: dict, all_items: bool = False) -> list[tuple]:
     """[(section, name, estimate_s, why it is skipped or '', run(out, clock, done) -> record)], in order of value;
     done maps (section, name) to the records so far (the fast paths compare with the baseline's)."""
     items = []
-    if "cuda_tests" in sections:
-        items.append(("cuda_tests", "pytest", ESTIMATE_S["cuda_tests"], "", lambda out, clock, done: cuda_tests(out, clock)))
-    for name in THROUGHPUT if "throughput" in sections else ():
-        items.append(("throughput", name, ESTIMATE_S[name], "",
-                      lambda out, clock, done, name=name: throughput(out, name, mode, clock)))
-    if "fast_paths" in sections:
-        items.append(("fast_paths", "baseline", ESTIMATE_S["fast_path"], "",
-                      lambda out, clock, done: fast_path(out, "baseline", None, mode, clock)))
-        for name, (_, gpu_only) in FAST_PATHS.items():
-            skip = "" if mode == "gpu" else f"CPU smoke: {gpu_only}" if gpu_only else "" if name in SMOKE_FAST_PATHS else \
-                f"CPU smoke: runs only {', '.join(SMOKE_FAST_PATHS)} to stay short (every variant's config is checked)"
-            if name == "xformers" and not info["xformers"]:
-                skip = skip or "xformers is not installed here (pip install xformers)"
-            items.append(("fast_paths", name, ESTIMATE_S.get(name, ESTIMATE_S["fast_path"]), skip,
-                          lambda out, clock, done, name=name: fast_path(out, name, done.get(("fast_paths", "baseline")),
-                                                                         mode, clock)))
-    if "device_augment" in sections:
-        items.append(("device_augment", "multicrop", ESTIMATE_S["device_augment"], "",
-                      lambda out, clock, done: device_augment(out, mode, clock)))
+
+    def add(section, name, estimate_s, run, skip=""):
+        if section in sections:
+            items.append((section, name, estimate_s, skip, run))
+
+    add("cuda_tests", "pytest", ESTIMATE_S["cuda_tests"], lambda out, clock, done: cuda_tests(out, clock))
+    for name in THROUGHPUT:
+        add("throughput", name, ESTIMATE_S[name], lambda out, clock, done, name=name: throughput(out, name, mode, clock),
+            smoke_skip(mode, all_items, "throughput", name))
+    add("fast_paths", "baseline", ESTIMATE_S["fast_path"],
+        lambda out, clock, done: fast_path(out, "baseline", None, mode, clock))
+    for name, (_, cuda_only) in FAST_PATHS.items():
+        skip = smoke_skip(mode, all_items, "fast_paths", name, cuda_only)
+        if name == "xformers" and not info["xformers"]:
+            skip = skip or "xformers is not installed here (pip install xformers)"
+        add("fast_paths", name, ESTIMATE_S.get(name, ESTIMATE_S["fast_path"]),
+            lambda out, clock, done, name=name: fast_path(out, name, done.get(("fast_paths", "baseline")), mode, clock), skip)
+    add("device_augment", "multicrop", ESTIMATE_S["device_augment"], lambda out, clock, done: device_augment(out, mode, clock))
     return items
 
 
@@ -275,6 +292,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results folder: results.json, results.md, the items' logs and runs")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: every section, GPU-only items skipped")
+    p.add_argument("--all-items", action="store_true", help="with --cpu-smoke: every item a CPU can run (compile too: minutes)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no item whose estimate ends later than this")
     p.add_argument("--limit-s", type=float, default=LIMIT_S, help="stop a running item at this time")
@@ -292,7 +310,7 @@ def main(argv=None) -> int:
     if mode == "gpu" and not info["cuda"]:
         raise SystemExit("error: no CUDA device here; run with --cpu-smoke to exercise the check on the CPU")
 
-    items = plan(mode, sections, info)
+    items = plan(mode, sections, info, args.all_items)
     check_configs(items, mode)
     results = {"mode": mode, "budget_s": args.budget_s, "limit_s": args.limit_s, "env": info, "items": []}
     done = {}
@@ -377,7 +395,7 @@ def markdown(results: dict) -> str:
             continue
         rate, calls = r["samples_per_s"], r["torch_calls_per_batch"]
         lines += ["", f"Device-side augmentation, batch {r['batch']}, 2 x 224 + {r['n_local']} x 96 from {r['tile']} px "
-                  f"on {r['device']} ({r.get('note', 'samples/s')}):", "",
+                  f"{r['tiles']}, on {r['device']}" + (f" ({r['note']})" if r.get("note") else "") + ":", "",
                   "| path | samples/s | torch calls per batch |", "|---|---|---|",
                   f"| CPU mode, one core | {fmt(rate.get('cpu_mode'))} | - |",
                   f"| device, per-crop calls | {fmt(rate.get('per_crop'))} | {calls['per_crop']} |",
