@@ -181,21 +181,29 @@ def run_local(point_dir: Path, nproc: int, job_args: dict, timeout_s: float, tor
            "--warmup", str(job_args["warmup"]), "--measure", str(job_args["measure"])]
     cmd += ["--data-only"] if job_args["data"] else []
     cmd += ["--memory-gib", str(job_args["memory_gib"])] if job_args["memory_gib"] else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    with open(point_dir / "log.txt", "w") as log:
-        # its own process group: a timeout kills torchrun and its workers together
+    returncode = run_logged(cmd, point_dir / "log.txt", timeout_s)
+    if returncode is None:
+        return f"not finished after {timeout_s:.0f} s (--point-timeout); log: {point_dir / 'log.txt'}"
+    if not list((point_dir / "ranks").glob("rank_*.json")):
+        tail = (point_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(empty)"]
+        return f"{'torchrun' if torchrun else 'pathfm.benchmark'} exited {returncode} with no result: {tail[0][:300]}; " \
+               f"log: {point_dir / 'log.txt'}"
+    return ""
+
+
+def run_logged(cmd: list[str], log_path: Path, timeout_s: float, env: dict | None = None) -> int | None:
+    """Run cmd with this checkout importable, stdout and stderr into log_path; its exit code, or None when
+    it was killed at timeout_s (with every process it started: it runs in its own process group)."""
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            proc.wait(timeout=timeout_s)
+            return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return f"not finished after {timeout_s:.0f} s (--point-timeout); log: {point_dir / 'log.txt'}"
-    if not list((point_dir / "ranks").glob("rank_*.json")):
-        tail = (point_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(empty)"]
-        return f"{'torchrun' if torchrun else 'pathfm.benchmark'} exited {proc.returncode} with no result: {tail[0][:300]}; " \
-               f"log: {point_dir / 'log.txt'}"
-    return ""
+            return None
 
 
 def partition_nodes(partition: str) -> int | None:
