@@ -12,7 +12,7 @@ import torch
 
 from pathfm.data import sampler as P
 from pathfm.data.failures import summarise
-from pathfm.data.index import IndexParams, build_index, mask_window, valid_runs
+from pathfm.data.index import IndexParams, build_index, integral_image, mask_window, valid_runs
 from pathfm.data.slides import SlideEntry, SlideError
 from pathfm.data.synthetic import write_synthetic_slide
 
@@ -63,11 +63,13 @@ def test_valid_runs_hand_computed():
                      [1, 0, 0],
                      [0, 0, 0]], np.uint8)
     # 2x2 windows (top-left grid 2x2): tissue shares 3/4, 1/4, 1/4, 0
-    rows, cols, lengths = valid_runs(mask, 2, 0.5)
+    integral = integral_image(mask)
+    assert integral[3, 3] == 3 and integral[1, 2] == 2  # tissue in mask[:3, :3] and in mask[:1, :2]
+    rows, cols, lengths = valid_runs(integral, 2, 0.5)
     assert (rows.tolist(), cols.tolist(), lengths.tolist()) == ([0], [0], [1])
-    rows, cols, lengths = valid_runs(mask, 2, 0.25)  # cells (0,0), (0,1) | (1,0): runs of 2 and 1
+    rows, cols, lengths = valid_runs(integral, 2, 0.25)  # cells (0,0), (0,1) | (1,0): runs of 2 and 1
     assert (rows.tolist(), cols.tolist(), lengths.tolist()) == ([0, 1], [0, 0], [2, 1])
-    assert valid_runs(mask, 4, 0.0)[0].size == 0  # window larger than the mask
+    assert valid_runs(integral, 4, 0.0)[0].size == 0  # window larger than the mask
 
 
 def test_index_holds_exactly_the_valid_positions(prepared):

@@ -165,6 +165,27 @@ def test_bad_files_name_the_file(tmp_path):
 # ---------------------------------------------------------------- tissue
 
 
+def test_tissue_from_rgb_is_the_saturation_and_value_rule_everywhere():
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    x = rgb.astype(np.int64)
+    value, chroma = x.max(-1), x.max(-1) - x.min(-1)
+    expected = (chroma / np.maximum(value, 1) > 0.08) & (value >= 40) & (value <= 245)
+    assert np.array_equal(S.tissue_from_rgb(rgb), expected)
+
+
+@pytest.mark.parametrize("which", ["synthetic", "cmu", "tcga"])
+def test_tissue_mask_is_the_same_through_the_jpeg_path_and_openslide(which, synth, monkeypatch):
+    if which != "synthetic":
+        need_real()
+    path = {"synthetic": synth, "cmu": CMU, "tcga": TCGA}[which]
+    slide = openslide.OpenSlide(str(path))
+    info = S.SlideInfo(str(path), 0.5, list(slide.level_dimensions), [float(d) for d in slide.level_downsamples], "")
+    fast = S.compute_tissue_mask(info, slide)
+    monkeypatch.setattr(S, "JpegTiffReader", lambda *a: (_ for _ in ()).throw(ValueError("not JPEG")))
+    slow = S.compute_tissue_mask(info, slide)
+    assert fast.any() and np.array_equal(fast, slow)
+
+
 def test_tissue_from_rgb_hand_values():
     rgb = np.array([[[240, 238, 241], [200, 120, 170], [20, 20, 20], [120, 60, 160]]], np.uint8)
     assert S.tissue_from_rgb(rgb).tolist() == [[False, True, False, True]]  # glass, eosin, pen, nucleus

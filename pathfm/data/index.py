@@ -91,18 +91,24 @@ def index_folder(cache_dir, entries: list[SlideEntry], params: IndexParams, stem
 # ---------------------------------------------------------------- one slide
 
 
-def valid_runs(mask: np.ndarray, window: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def integral_image(mask: np.ndarray) -> np.ndarray:
+    """(h + 1, w + 1) int32: entry (r, c) is the tissue count of mask[:r, :c]."""
+    h, w = mask.shape
+    integral = np.zeros((h + 1, w + 1), np.int32)
+    integral[1:, 1:] = np.asarray(mask, dtype=np.int32).cumsum(0).cumsum(1)
+    return integral
+
+
+def valid_runs(integral: np.ndarray, window: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-left mask cells whose window x window footprint is >= threshold tissue, as runs along rows.
 
-    Returns (rows, first columns, lengths), in row-major order. An integral image makes it O(h * w)
-    whatever the window; it is computed once per slide and mpp, at build time.
+    Takes the mask's integral image (computed once per slide, shared by every mpp), so it costs
+    O(h * w) whatever the window. Returns (rows, first columns, lengths), in row-major order.
     """
-    h, w = mask.shape
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
     if window > h or window > w:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    integral = np.zeros((h + 1, w + 1), np.int32)
-    integral[1:, 1:] = np.asarray(mask, dtype=np.int32).cumsum(0).cumsum(1)
     k = window
     sums = integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]  # (h-k+1, w-k+1)
     ok = np.zeros((sums.shape[0], sums.shape[1] + 2), np.int8)  # a False column either side closes every run
@@ -148,11 +154,11 @@ def _describe(row: int, entry: SlideEntry, params: IndexParams, mask_dir: str) -
         raise SlideError(f"{entry.path}: unreadable slide ({e})") from None
     finally:
         slide.close()
-    scale = mask_scale(info)
+    scale, integral = mask_scale(info), integral_image(mask)
     plans, runs = [], []
     for m in mpps:
         plan = plan_read(info, m, size) if m in servable else None
-        r = valid_runs(mask, mask_window(plan.footprint, scale), params.tissue_threshold) if plan else None
+        r = valid_runs(integral, mask_window(plan.footprint, scale), params.tissue_threshold) if plan else None
         if r is None or r[0].size == 0:
             plan, r = None, (np.zeros(0, np.int64),) * 3
         if r[0].size and max(r[0].max(), r[1].max()) >= 2**16:

@@ -23,6 +23,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from pathfm.data.jpegtiles import JpegTiffReader
+
 # A level serves a target mpp "exactly" when its mpp is within this relative distance: scanners
 # write 0.2527 or 0.499 for nominal 0.25 and 0.5, and a 1% resize only blurs.
 MPP_TOLERANCE = 0.05
@@ -202,10 +204,10 @@ def tissue_from_rgb(rgb: np.ndarray) -> np.ndarray:
     saturation (max - min) / max > 0.08 with value (max) in [40, 245] of 255 separates them on
     H&E scans without a per-slide threshold that would split an all-tissue slide in two.
     """
-    rgb = rgb.astype(np.int16)
-    value = rgb.max(axis=-1)
-    chroma = value - rgb.min(axis=-1)
-    return (chroma * 100 > 8 * np.maximum(value, 1)) & (value >= 40) & (value <= 245)
+    r, g, b = np.moveaxis(rgb, -1, 0).copy()  # contiguous planes: 20x faster than reducing over axis -1
+    value = np.maximum(np.maximum(r, g), b)
+    chroma = (value - np.minimum(np.minimum(r, g), b)).astype(np.int16)  # uint8 - smaller uint8: no wrap
+    return (chroma * 100 > 8 * np.maximum(value, 1).astype(np.int16)) & (value >= 40) & (value <= 245)
 
 
 def mask_scale(info: SlideInfo) -> float:
@@ -226,21 +228,31 @@ def compute_tissue_mask(info: SlideInfo, slide: openslide.OpenSlide) -> np.ndarr
     per_row = scale / info.downsamples[level]  # level rows per mask row
     # Read in horizontal bands of about 16 Mpx, so a single-level 100k px scan fits in memory.
     band = max(1, int(16e6 / (lw * per_row * per_row)))
+    try:  # JPEG-tiled TIFF: decode the stored tiles directly (the same pixels, 10x faster than OpenSlide)
+        jpeg = JpegTiffReader(info.path, info.dimensions)
+    except Exception:  # any other format (tifffile raises its own error types): OpenSlide
+        jpeg = None
     rows = []
-    for r0 in range(0, h, band):
-        r1 = min(h, r0 + band)
-        y0, y1 = round(r0 * per_row), min(lh, round(r1 * per_row))
-        if y1 <= y0:  # the mask's last row lies past the level's rounded edge
-            rows.append(np.full((r1 - r0, w, 3), 255, np.uint8))
-            continue
-        try:
-            region = slide.read_region((0, round(y0 * info.downsamples[level])), level, (lw, y1 - y0))
-        except openslide.OpenSlideError as e:
-            raise SlideError(f"{info.path}: unreadable slide while making the tissue mask ({e})") from None
-        # read_region gives premultiplied RGBA, transparent (0) outside the scanned area: make it white.
-        white = Image.new("RGB", region.size, (255, 255, 255))
-        white.paste(region, mask=region.split()[3])
-        rows.append(np.asarray(white.resize((w, r1 - r0), Image.BOX)))
+    try:
+        for r0 in range(0, h, band):
+            r1 = min(h, r0 + band)
+            y0, y1 = round(r0 * per_row), min(lh, round(r1 * per_row))
+            if y1 <= y0:  # the mask's last row lies past the level's rounded edge
+                rows.append(np.full((r1 - r0, w, 3), 255, np.uint8))
+                continue
+            if jpeg is not None:
+                rgb = Image.fromarray(np.ascontiguousarray(jpeg.read(level, 0, y0, lw, y1 - y0)))
+            else:
+                region = slide.read_region((0, round(y0 * info.downsamples[level])), level, (lw, y1 - y0))
+                # premultiplied RGBA, transparent (0) outside the scanned area: make it white
+                rgb = Image.new("RGB", region.size, (255, 255, 255))
+                rgb.paste(region, mask=region.split()[3])
+            rows.append(np.asarray(rgb.resize((w, r1 - r0), Image.BOX)))
+    except (openslide.OpenSlideError, OSError) as e:
+        raise SlideError(f"{info.path}: unreadable slide while making the tissue mask ({e})") from None
+    finally:
+        if jpeg is not None:
+            jpeg.close()
     thumb = np.concatenate(rows)  # (h, w, 3)
     return tissue_from_rgb(thumb).astype(np.uint8)
 
