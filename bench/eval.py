@@ -6,6 +6,9 @@
 
 knn: DINOv2's weighted vote for k in {10, 20, 100, 200}, chunked (512 test x 32768 train similarities at a time).
 linear: the 13-learning-rate grid, batch 256, `--steps` steps (391 = one pass over 100,000 embeddings).
+small: both probe protocols with their defaults (5 runs, 12,500 steps at most) on 9 embeddings.
+extract: eval/extract.py's embedding rate on an image folder against the model's forward rate on
+  already decoded batches, alternately (--images FOLDER, or the 9 shipped CRC tiles repeated).
 Peak memory is the process's maximum resident set size, which includes the embeddings themselves.
 """
 
@@ -18,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def peak_mib() -> float:
@@ -58,20 +62,91 @@ def bench_linear(n_train: int, dim: int, classes: int, steps: int) -> None:
           f"peak RSS {peak_mib():.0f} MiB, {torch.get_num_threads()} threads")
 
 
+def bench_small(dim: int, classes: int) -> None:
+    import torch
+
+    from eval.linear import run_probe
+
+    g = torch.Generator().manual_seed(0)
+    split = {"embeddings": torch.randn(classes, dim, generator=g), "labels": torch.arange(classes),
+             "classes": [str(c) for c in range(classes)]}
+    for grid in (True, False):
+        t = time.perf_counter()
+        r = run_probe({"train": split, "test": split}, grid=grid, runs=5)
+        steps = sum(run.get("steps", 12_500) for run in r["per_run"])
+        print(f"linear {'grid (13 lrs)' if grid else 'eva'}, {classes} x {dim} embeddings, 5 runs ({steps} steps): "
+              f"{time.perf_counter() - t:.1f} s")
+
+
+def bench_extract(images: str | None, n: int, arch: str, patch: int, size: int, workers: int, repeats: int) -> None:
+    """Images/s of extract() on a folder vs the same model's forward on decoded batches of the same size."""
+    import shutil
+    import statistics
+    import tempfile
+
+    import torch
+
+    from eval.backbone import EvalBackbone
+    from eval.datasets import open_dataset
+    from eval.extract import embed, extract
+    from pathfm.vit import ViTArgs, build_vit
+
+    tmp = None
+    if images is None:  # the 9 real CRC tiles, linked n/9 times each, one class folder per tile
+        src = ROOT.parent / "shared" / "data" / "tiles" / "nct_crc_he_100k_sample9"
+        tmp = images = tempfile.mkdtemp(prefix="bench-extract-")
+        for i, f in enumerate(sorted(src.rglob("*.tif"))):
+            (Path(tmp) / f.parent.name).mkdir()
+            for j in range(n // 9):
+                (Path(tmp) / f.parent.name / f"{j}.tif").symlink_to(f)
+    ds = open_dataset(images)
+    vit = build_vit(ViTArgs(arch=arch, patch_size=patch, img_size=size)).eval()
+    bb = EvalBackbone(vit, (0.5,) * 3, (0.5,) * 3, "bench", arch)
+    x = torch.randn(64, 3, size, size)
+    fwd, ext = [], []
+    with torch.inference_mode():
+        embed(vit, x)  # warm-up
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(max(1, len(ds) // 64)):
+                embed(vit, x)
+        fwd.append(64 * max(1, len(ds) // 64) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        extract(bb, ds, img_size=size, num_workers=workers, progress=False)
+        ext.append(len(ds) / (time.perf_counter() - t))
+    f, e = statistics.median(fwd), statistics.median(ext)
+    print(f"extract: {arch}/{patch} at {size} px, {len(ds)} images, {workers} workers, {torch.get_num_threads()} "
+          f"threads, medians of {repeats}: forward {f:.1f} img/s, extract {e:.1f} img/s, ratio {e / f:.2f}")
+    if tmp:
+        shutil.rmtree(tmp)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("knn", "linear", "both"), default="both")
+    p.add_argument("--part", choices=("knn", "linear", "both", "small", "extract"), default="both")
     p.add_argument("--train", type=int, default=None, help="training embeddings (knn 200000, linear 100000)")
     p.add_argument("--test", type=int, default=10_000)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--classes", type=int, default=9)
     p.add_argument("--steps", type=int, default=391)
+    p.add_argument("--images", help="extract: image folder (default: the shipped CRC tiles, repeated)")
+    p.add_argument("--n", type=int, default=576, help="extract: images when repeating the shipped tiles")
+    p.add_argument("--arch", default="vit_small")
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     if a.part == "both":  # separate processes, so each peak is its own
         for part in ("knn", "linear"):
             subprocess.run([sys.executable, __file__, "--part", part, "--test", str(a.test), "--dim", str(a.dim),
                             "--classes", str(a.classes), "--steps", str(a.steps)]
                            + (["--train", str(a.train)] if a.train else []), check=True)
+    elif a.part == "small":
+        bench_small(a.dim, a.classes)
+    elif a.part == "extract":
+        bench_extract(a.images, a.n, a.arch, a.patch, a.size, a.workers, a.repeats)
     elif a.part == "knn":
         bench_knn(a.train or 200_000, a.test, a.dim, a.classes)
     else:

@@ -30,6 +30,24 @@ def embeddings_for(args, splits: dict[str, str | None], out_folder) -> dict:
     return out
 
 
+def collapse_warnings(data: dict) -> list[str]:
+    """Warnings for (near-)identical embeddings, printed and returned for results.json: a probe on them scores
+    at chance or the majority class whatever the labels, so its number says the model collapsed, nothing more."""
+    import sys
+
+    from pathfm.metrics import collapse_warning, rankme, spread
+
+    out = []
+    for split, d in data.items():
+        x = d["embeddings"]
+        w = collapse_warning(spread(x), rankme(x), f"the {split} embeddings ({len(x)} x {x.shape[1]})")
+        if w:
+            out.append(w + "; the scores below are then chance level (or the majority class) and measure nothing "
+                       "but the collapse: evaluate a model that trained longer or check its training run")
+            print(f"WARNING: {out[-1]}", file=sys.stderr, flush=True)
+    return out
+
+
 def add_data_args(p: argparse.ArgumentParser, val: bool) -> None:
     g = p.add_argument_group("data (KIND:ROOT[:SPLIT] with KIND in folder, csv, crc, bach, mhist, pcam, breakhis)")
     g.add_argument("--train", help="training set, e.g. crc:/data/crc:train or an image folder")
@@ -49,23 +67,52 @@ def task_name(args) -> str:
     kind = spec.split(":", 1)[0]
     if kind in ("crc", "bach", "mhist", "pcam", "breakhis"):
         return kind
-    if args.embeddings and not spec:  # <task>/embeddings, as this module lays them out, or the folder's name
+    if args.embeddings and not spec:  # <task>/embeddings/<choice>, as this module lays them out, or the folder's name
         folder = Path(args.embeddings.rstrip("/"))
-        return folder.parent.name if folder.name == "embeddings" else folder.name
+        for up in (folder, folder.parent):
+            if up.name == "embeddings":
+                return up.parent.name
+        return folder.name
     return Path(spec.split(":")[0] if kind != "csv" else spec.split(":")[1]).stem or "task"
 
 
+def checkpoint_place(ckpt: str) -> tuple[Path, str]:
+    """(run folder, checkpoint label) of a --ckpt path: `last` and run folders name the step they point to, so
+    results of different steps never share a folder; an export folder is `export`."""
+    from pathfm.checkpoint import latest_checkpoint
+
+    path = Path(ckpt.rstrip("/"))
+    if path.name == "last" and path.is_file():
+        path = path.parent / path.read_text().strip()
+    if "checkpoints" in path.parts:
+        parts = path.parts
+        run = Path(*parts[: parts.index("checkpoints")])
+        step = path if path.name.startswith("step_") else latest_checkpoint(run / "checkpoints")
+        return run, step.name if step is not None else path.name
+    if (path / "model.json").is_file():  # an export folder: a run's export/ or one of its own
+        return (path.parent if path.name == "export" else path), "export"
+    if (path / "export" / "model.json").is_file():  # a run folder is evaluated through its export
+        return path, "export"
+    step = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    return path, step.name if step is not None else path.name
+
+
 def default_out(args, protocol: str) -> Path:
-    """runs/<run>/eval/<checkpoint leaf>/<task>/<protocol> for pathfm checkpoints, eval_results/... otherwise."""
+    """<run>/eval/<checkpoint>/<task>/<protocol> for pathfm checkpoints, eval_results/<model>/<task>/<protocol>
+    otherwise (timm baselines, embeddings without a model)."""
     task = task_name(args)
     if args.ckpt:
-        ckpt = Path(args.ckpt.rstrip("/"))
-        parts = ckpt.parts
-        run = Path(*parts[: parts.index("checkpoints")]) if "checkpoints" in parts else (
-            ckpt.parent if ckpt.name == "export" else ckpt)
-        return run / "eval" / ckpt.name / task / protocol
+        run, label = checkpoint_place(args.ckpt)
+        return run / "eval" / label / task / protocol
     name = args.timm if args.timm else Path(args.embeddings.rstrip("/")).name
-    return Path("eval_results") / name / task / protocol
+    return Path("eval_results") / name.replace("/", "_") / task / protocol
+
+
+def embeddings_folder(args, out: Path) -> Path:
+    """Where extracted embeddings go: beside the protocols of the same checkpoint and task (knn and linear share
+    them), one folder per embedding choice and size; inside --out when the user chose the results folder."""
+    base = out / "embeddings" if args.out else out.parent / "embeddings"
+    return base / f"{args.embedding}-{args.img_size}px"
 
 
 def prepare_out(args, protocol: str) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python eval/extract.py`: make the repository root importable
@@ -86,13 +85,14 @@ def extract(backbone, ds, how: str = "cls", batch_size: int = 64, num_workers: i
     Returns {"embeddings": (N, E) float32, "labels": (N,) int64, "classes", "items", "skipped": [paths]}.
     """
     import torch
+    from tqdm import tqdm
 
     model = backbone.model.to(device).eval()
     loader = torch.utils.data.DataLoader(_Transformed(ds, eval_transform(backbone.mean, backbone.std, img_size)),
                                          batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     cuda = torch.device(device).type == "cuda"
     embs, labels, kept, skipped = [], [], [], []
-    start, done = time.time(), 0
+    bar = tqdm(total=len(ds), desc=f"embedding {ds.name}", unit="img", disable=not progress, dynamic_ncols=True)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 on CUDA only
         for index, x, y, bad in loader:
             skipped += [ds.describe(i) for i in bad]
@@ -103,13 +103,10 @@ def extract(backbone, ds, how: str = "cls", batch_size: int = 64, num_workers: i
                 embs.append(embed(model, x.to(device, non_blocking=True), how).float().cpu())
                 labels.append(y)
                 kept.append(index)
-            done += len(bad) + (0 if x is None else len(x))
-            if progress:
-                rate = done / max(time.time() - start, 1e-9)
-                print(f"\r  {ds.name}: {done}/{len(ds)} images, {rate:.1f}/s, {len(skipped)} skipped",
-                      end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+            bar.update(len(bad) + (0 if x is None else len(x)))
+            if skipped:
+                bar.set_postfix(skipped=len(skipped))
+    bar.close()
     if not embs:
         raise RuntimeError(f"{ds.name}: no image could be read (e.g. {skipped[:3]})")
     kept = torch.cat(kept).tolist()

@@ -73,7 +73,8 @@ def knn_evaluate(train: dict, test: dict, ks=KS, temperature: float = TEMPERATUR
 
 
 def main(argv=None):
-    from eval.common import add_data_args, embeddings_for, markdown_table, prepare_out, provenance, task_name, write_results
+    from eval.common import (add_data_args, collapse_warnings, embeddings_folder, embeddings_for, markdown_table,
+                             prepare_out, provenance, task_name, write_results)
     from eval.extract import add_model_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,9 +84,10 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="vote weight exp(sim / T)")
     args = p.parse_args(argv)
     out = prepare_out(args, "knn")
-    data = embeddings_for(args, {"train": args.train, "test": args.test}, out.parent / "embeddings")
+    data = embeddings_for(args, {"train": args.train, "test": args.test}, embeddings_folder(args, out))
     if "test" not in data:
         raise SystemExit("--test DATASET is needed")
+    warnings = collapse_warnings(data)
     per_k = knn_evaluate(data["train"], data["test"], args.k, args.temperature)
     metrics = {"test": {f"{k}/{m}": {"mean": v, "stdev": 0.0, "values": [v]}
                         for k, r in per_k.items() for m, v in r.items() if m != "confusion_matrix"}}
@@ -95,7 +97,7 @@ def main(argv=None):
         **provenance(data), "config": {"k": args.k, "temperature": args.temperature},
         "metrics": metrics,
         "headline": {"metric": f"test/{head_k}/balanced_accuracy", **metrics["test"][f"{head_k}/balanced_accuracy"]},
-        "confusion_matrix": {k: r["confusion_matrix"] for k, r in per_k.items()},
+        "confusion_matrix": {k: r["confusion_matrix"] for k, r in per_k.items()}, "warnings": warnings,
     }
     write_results(out, results, markdown_table(metrics, f"kNN, {results['task']}"))
 

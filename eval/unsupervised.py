@@ -104,9 +104,11 @@ def slide_tiles(manifest, num: int, mpp: float, tile_size: int = 224, seed: int 
 
 
 def embed_tiles(backbone, tiles, how: str = "cls", size: int = 224, batch_size: int = 64, device: str = "cpu",
-                seed: int = 0):
-    """Embeddings of each tile (resize + centre crop, as for probes) and of two random views of it:
-    ((N, E), (N, E), (N, E))."""
+                seed: int = 0, num: int | None = None, view_tiles: int = 1024):
+    """Embeddings of each tile (resize + centre crop, as for probes), and of two random views of each of the
+    first `view_tiles` tiles (alignment needs no more; views cost two forwards a tile): ((N, E), (M, E), (M, E))."""
+    from tqdm import tqdm
+
     from torchvision import transforms as T
 
     from eval.extract import embed
@@ -121,13 +123,15 @@ def embed_tiles(backbone, tiles, how: str = "cls", size: int = 224, batch_size: 
     def flush():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             for store, images in zip(outs, batch):
-                store.append(embed(model, torch.stack(images).to(device), how).float().cpu())
-                images.clear()
+                if images:
+                    store.append(embed(model, torch.stack(images).to(device), how).float().cpu())
+                    images.clear()
 
+    bar = tqdm(tiles, total=num, desc="embedding tiles", unit="tile", dynamic_ncols=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the random views
-        for tile in tiles:
-            for images, t in zip(batch, (base_t, view_t, view_t)):
+        for i, tile in enumerate(bar):
+            for images, t in zip(batch if i < view_tiles else batch[:1], (base_t, view_t, view_t)):
                 images.append(norm(t(tile)))
             if len(batch[0]) == batch_size:
                 flush()
@@ -135,11 +139,11 @@ def embed_tiles(backbone, tiles, how: str = "cls", size: int = 224, batch_size: 
             flush()
     if not outs[0]:
         raise RuntimeError("no tiles to embed")
-    return tuple(torch.cat(o) for o in outs)
+    return tuple(torch.cat(o) if o else None for o in outs)
 
 
 def main(argv=None):
-    from eval.common import default_out, write_results
+    from eval.common import collapse_warnings, default_out, write_results
     from eval.extract import add_model_args, backbone_from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,13 +154,14 @@ def main(argv=None):
     p.add_argument("--num-tiles", type=int, default=4096)
     p.add_argument("--mpp", type=float, default=0.5, help="slide tiles: microns per pixel")
     p.add_argument("--cache-dir", default=".cache/tissue", help="slide tiles: tissue mask cache")
+    p.add_argument("--view-tiles", type=int, default=1024, help="tiles whose two augmented views give alignment")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="results folder (default: <run>/eval/<checkpoint>/unsupervised-<source>)")
+    p.add_argument("--out", help="results folder (default: <run>/eval/<checkpoint>/<source>/unsupervised)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     source = args.manifest or args.images
-    args.task, args.train, args.embeddings = f"unsupervised-{Path(source.rstrip('/')).stem}", None, None
-    out = Path(args.out) if args.out else default_out(args, "").parent / args.task
+    args.task, args.train, args.embeddings = Path(source.rstrip("/")).stem, None, None
+    out = Path(args.out) if args.out else default_out(args, "unsupervised")
     if (out / "results.json").exists() and not args.overwrite:
         raise SystemExit(f"{out}/results.json exists; pass --overwrite to replace it or --out to write elsewhere")
     out.mkdir(parents=True, exist_ok=True)
@@ -164,11 +169,14 @@ def main(argv=None):
     tiles = (slide_tiles(args.manifest, args.num_tiles, args.mpp, args.img_size, args.seed, args.cache_dir)
              if args.manifest else folder_tiles(args.images, args.num_tiles, args.seed))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base, v1, v2 = embed_tiles(backbone, tiles, args.embedding, args.img_size, args.batch_size, device, args.seed)
+    base, v1, v2 = embed_tiles(backbone, tiles, args.embedding, args.img_size, args.batch_size, device, args.seed,
+                               num=args.num_tiles, view_tiles=args.view_tiles)
     metrics = all_metrics(base, v1, v2)
+    warnings = collapse_warnings({"tile": {"embeddings": base}})
     results = {"protocol": "unsupervised", "task": args.task, "source": source, "model": backbone.describe(),
                "embedding": args.embedding, "metrics": metrics,
-               "headline": {"metric": "rankme", "mean": metrics["rankme"], "stdev": 0.0, "values": [metrics["rankme"]]}}
+               "headline": {"metric": "rankme", "mean": metrics["rankme"], "stdev": 0.0, "values": [metrics["rankme"]]},
+               "warnings": warnings}
     table = "\n".join([f"### label-free metrics, {source}", "", "| metric | value |", "|---|---:|"] +
                       [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()])
     write_results(out, results, table)

@@ -22,6 +22,26 @@ def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+COLLAPSE_SPREAD = 1e-3  # spread below this: mean cosine similarity above 0.999, the embeddings are one point
+
+
+def spread(embeddings: torch.Tensor) -> float:
+    """1 - |mean of the L2-normalised rows|^2 of (N, D) embeddings: the total variance of the unit vectors, which
+    is also 1 - their mean pairwise cosine similarity (self-pairs included). 0 = every row points the same way,
+    about 1 = spread over the sphere."""
+    u = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    return float(1 - u.mean(0).square().sum())
+
+
+def collapse_warning(spread_value: float, rankme_value: float, what: str) -> str | None:
+    """The warning for embeddings whose spread says they are (near-)identical, else None; a pure function of the
+    two numbers, so the trainer (teacher CLS tokens) and eval (probe embeddings) say the same thing."""
+    if spread_value >= COLLAPSE_SPREAD:
+        return None
+    return (f"{what} have collapsed: spread {spread_value:.2e} (mean cosine similarity {1 - spread_value:.4f}), "
+            f"RankMe {rankme_value:.2f}: every image gets (nearly) the same embedding")
+
+
 def relative_entropy(probs: torch.Tensor) -> float:
     """Mean entropy of the rows of probs (N, K), divided by ln K: 1 = uniform rows, 0 = one-hot rows.
 

@@ -38,8 +38,8 @@ from pathfm.export import load_backbone, save_export
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
-from pathfm.metrics import (Logger, PlateauWatch, StepTimer, peak_memory_gib, rankme, relative_entropy,
-                            student_teacher_kl)
+from pathfm.metrics import (Logger, PlateauWatch, StepTimer, collapse_warning, peak_memory_gib, rankme,
+                            relative_entropy, spread, student_teacher_kl)
 from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
 from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
 
@@ -281,7 +281,7 @@ def main(cfg: Config) -> dict:
     stop = StopSignal()
     nonfinite = NonFiniteSteps(t.max_nonfinite, nonfinite_total)
     plateau = PlateauWatch(s.prototypes, t.plateau_warn_steps, after_step=o.warmup_steps)  # warns once if stuck at ln K
-    status, step = "finished", start_step
+    status, step, collapse_warned = "finished", start_step, False
     timer = StepTimer(device, sync=t.sync_timing)
     flops_per_step, peak = step_flops(cfg)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
 
@@ -384,13 +384,22 @@ def main(cfg: Config) -> dict:
             # teacher's CLS tokens on this batch (1 = every image the same embedding; at most 2B)
             diag = {"diag/teacher_entropy": relative_entropy(t_cls_probs),
                     "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), t_cls_probs),
-                    "diag/teacher_rankme_batch": rankme(t_tokens[:, 0].float())}
+                    "diag/teacher_rankme_batch": rankme(t_tokens[:, 0].float()),
+                    "diag/teacher_spread": spread(t_tokens[:, 0].float())}  # 0 = every image the same CLS
             values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}, **diag}, env)
+            collapse = collapse_warning(values["diag/teacher_spread"], values["diag/teacher_rankme_batch"],
+                                        f"step {step_done}: the teacher's CLS embeddings of this batch")
+            values["diag/collapsed"] = float(collapse is not None)
+            if collapse and step >= o.warmup_steps and not collapse_warned and env.is_main:  # once, after warm-up
+                collapse_warned = True
+                print(f"WARNING: {collapse}; probes of this model will score at chance. Check the lr, the teacher "
+                      "temperature and momentum, and the KoLeo / KDE weight", file=sys.stderr, flush=True)
+                logger.event(step_done, {"warning": collapse})
             values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                            "teacher_temp": teacher_temp, "grad_norm": grad_norm,
                            **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
                            "images_per_s": global_batch / max(timer.total(), 1e-9), "memory_gib": peak_memory_gib(device),
-                           **data_stats(index, run_dir, mpp_mix),
+                           **(data_stats(index, run_dir, mpp_mix) if env.is_main else {}),
                            "nonfinite_steps": nonfinite.total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
             if peak:
                 values["mfu"] = mfu(flops_per_step, timer.total(), peak)

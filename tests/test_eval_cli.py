@@ -36,12 +36,12 @@ def test_knn_and_linear_scripts_on_real_crc_tiles(shared_data, tmp_path):
     # the run folder stands for its export; train through the CRC adapter, test through the image-folder reader
     _run("eval/knn.py", "--ckpt", tmp_path / "run", "--train", f"crc:{tiles}:train", "--test", tiles, "--k", "1", "3",
          *common)
-    out = tmp_path / "run" / "eval" / "run" / "crc" / "knn"
+    out = tmp_path / "run" / "eval" / "export" / "crc" / "knn"  # <run>/eval/<checkpoint>/<task>/<protocol>
     r = json.loads((out / "results.json").read_text())
     assert r["metrics"]["test"]["k1/accuracy"]["mean"] == 1.0  # train == test: each tile is its own neighbour
     assert r["counts"] == {"train": 9, "test": 9} and r["model"]["name"] == "vit_tiny_patch16_224"
     assert (out / "results.md").read_text().startswith("### kNN, crc")
-    emb = out.parent / "embeddings"
+    emb = out.parent / "embeddings" / "cls-64px"  # one folder per embedding choice and size
     manifest = json.loads((emb / "manifest.json").read_text())
     assert manifest["train"]["dim"] == 192 and manifest["test"]["dataset"] == str(tiles)
 
