@@ -394,7 +394,7 @@ def main(cfg: Config) -> dict:
                 collapse_warned = True
                 print(f"WARNING: {collapse}; probes of this model will score at chance. Check the lr, the teacher "
                       "temperature and momentum, and the KoLeo / KDE weight", file=sys.stderr, flush=True)
-                logger.event(step_done, {"warning": collapse})
+                logger.event(step_done, {"collapse": collapse})
             values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                            "teacher_temp": teacher_temp, "grad_norm": grad_norm,
                            **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
