@@ -67,12 +67,12 @@ def main(argv=None):
 
 def run_local(args, cfg, name, overrides):
     if args.nproc == 1:
-        from pathfm.train import main as train_main
+        from pathfm.train import STOPPED_EXIT, main as train_main
 
         cfg.train.name = name
         result = train_main(cfg)
         print(f"run folder: {result['run_dir']} (step {result['step']}, {result['status']})")
-        return 0
+        return STOPPED_EXIT if result["status"] == "interrupted" else 0
     # several local processes: exactly what torchrun does on a node
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "pathfm.train", "--config", str(args.config), *overrides]

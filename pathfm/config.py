@@ -147,6 +147,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (CUDA)
     sync_timing: bool = False  # wait for the GPU at each phase so time/* metrics are exact (benchmarks)
     init_checkpoint: str = ""  # start from a pathfm checkpoint (weights only), e.g. high-res post-training
+    allow_resume_changes: bool = False  # resume even when steps / schedules / batch / world size differ from the
+                                        # checkpoint's run (refused otherwise); recorded in the run folder
 
 
 @dataclass

@@ -118,18 +118,33 @@ class StepTimer:
         return sum(self.laps.values())
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short by a kill (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class Logger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool = True, resume_step: int | None = None):
+        """resume_step: the checkpoint's step when resuming. What the previous launch logged after it is dropped
+        (metrics.jsonl rewritten, TensorBoard told to purge), since those steps are done again: each step once."""
         self.enabled, self.total_steps = enabled, total_steps
         self.start_time, self.start_step = time.perf_counter(), None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= resume_step]
+            path.with_suffix(".jsonl.tmp").write_text("".join(keep))
+            path.with_suffix(".jsonl.tmp").replace(path)
+        self.jsonl = open(path, "a")
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
 
     def event(self, step: int, values: dict) -> None:
         """A record that is not a number to plot (a restart): metrics.jsonl only."""

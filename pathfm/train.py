@@ -133,15 +133,43 @@ def check_inputs(cfg: Config) -> None:
         raise SystemExit(f"config key 'train.init_checkpoint': '{cfg.train.init_checkpoint}' does not exist")
 
 
-def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> tuple[Path, str]:
-    """Create (or re-open for resume) the run folder; refuse one made by a different model.
+STOPPED_EXIT = 75  # exit status of a run stopped by a signal or train.stop_after, checkpoint saved: resume it
+                  # (EX_TEMPFAIL); 0 = finished, 1 = an error
+
+# what defines a run's trajectory: changing one on resume rebuilds the schedules mid-run
+TRAJECTORY_KEYS = ("train.steps", "optim.batch_size", "optim.base_lr", "optim.lr_ref_batch", "optim.lr_scaling",
+                   "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.weight_decay_final",
+                   "ssl.momentum_teacher", "ssl.momentum_teacher_final", "ssl.teacher_temp",
+                   "ssl.teacher_temp_warmup_start", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps")
+
+
+def trajectory_changes(saved: dict, cfg: Config, saved_world: int, world: int) -> dict:
+    """{setting: [old, new]} between the config a checkpoint was saved with (its meta's "config") and this launch,
+    for the settings that define the trajectory, plus the world size and global batch."""
+    now, out = to_dict(cfg), {}
+    for key in TRAJECTORY_KEYS:
+        sec, name = key.split(".")
+        old = saved.get(sec, {}).get(name)
+        if old is not None and old != now[sec][name]:
+            out[key] = [old, now[sec][name]]
+    if saved_world != world:
+        batch = saved.get("optim", {}).get("batch_size", cfg.optim.batch_size)
+        out["world size"] = [saved_world, world]
+        out["global batch"] = [batch * saved_world, cfg.optim.batch_size * world]
+    return out
+
+
+def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> tuple[Path, str, dict]:
+    """Create (or re-open for resume) the run folder; refuse one made by a different model, and a resume that
+    changes the trajectory (trajectory_changes) unless train.allow_resume_changes.
 
     The first launch writes config.yaml; every later launch (a resume, maybe with other overrides) adds
     config.restart_N.yaml with its own resolved config and command line, so the folder never shows one
-    launch's settings for another's steps. Returns (run folder, the restart file's name or "").
+    launch's settings for another's steps. Returns (run folder, the restart file's name or "", the allowed
+    trajectory changes).
     """
     run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
-    restart_file = ""
+    restart_file, changes = "", {}
     if env.is_main:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -162,12 +190,24 @@ def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> tuple[Path, str]:
                 diff = ", ".join(f"{k}: {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
                 raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({diff}); "
                                  "pick a new train.name or train.output_dir")
+            last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+            if last is not None:
+                meta = json.loads((last / "meta.json").read_text())
+                changes = trajectory_changes(meta.get("config", {}), cfg, meta.get("world_size", 1), env.world_size)
+            said = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
+            if changes and not cfg.train.allow_resume_changes:
+                raise SystemExit(f"error: run folder '{run_dir}' was trained (to its step {meta['step']}) with other "
+                                 f"settings ({said}); resuming would change its schedules mid-run. Add "
+                                 "train.allow_resume_changes=true to continue with the new values, or pick a new "
+                                 "train.name")
+            if changes:
+                header += f"# resumed with train.allow_resume_changes: {said}\n"
             restart_file = f"config.restart_{len(list(run_dir.glob('config.restart_*.yaml'))) + 1}.yaml"
             (run_dir / restart_file).write_text(header + to_yaml(cfg))
         else:
             old_cfg.write_text(header + to_yaml(cfg))
         (run_dir / "env.json").write_text(json.dumps(environment(env), indent=2) + "\n")
-    return run_dir, restart_file
+    return run_dir, restart_file, changes
 
 
 def environment(env: pdist.DistEnv) -> dict:
@@ -244,7 +284,7 @@ def main(cfg: Config) -> dict:
     check_inputs(cfg)
     env = pdist.init_distributed()
     device = env.device
-    run_dir, restart_file = prepare_run_folder(cfg, env)
+    run_dir, restart_file, resume_changes = prepare_run_folder(cfg, env)
     s, o, t = cfg.ssl, cfg.optim, cfg.train
     ibot = s.objective == "dinov2"
 
@@ -275,9 +315,10 @@ def main(cfg: Config) -> dict:
                           failures_dir=run_dir / "read_failures")
     heldout = heldout_batch(cfg, index, views, env, loader) if t.rankme_every else None
     mpp_mix = Counter()  # magnifications of the tiles this rank trained on since the last log
-    logger = Logger(run_dir, t.steps, enabled=env.is_main)
+    logger = Logger(run_dir, t.steps, enabled=env.is_main, resume_step=start_step if start_step else None)
     if restart_file:  # where this launch took over, and with which settings
-        logger.event(start_step, {"restart": restart_file, "argv": sys.argv})
+        logger.event(start_step, {"restart": restart_file, "argv": sys.argv,
+                                  **({"resume_changes": resume_changes} if resume_changes else {})})
     stop = StopSignal()
     nonfinite = NonFiniteSteps(t.max_nonfinite, nonfinite_total)
     plateau = PlateauWatch(s.prototypes, t.plateau_warn_steps, after_step=o.warmup_steps)  # warns once if stuck at ln K
@@ -497,4 +538,4 @@ def cli(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(STOPPED_EXIT if cli()["status"] == "interrupted" else 0)

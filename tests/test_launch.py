@@ -121,10 +121,11 @@ def test_requeue_decision(monkeypatch):
 
 def test_sbatch_body_forwards_usr2_and_requeues(tmp_path):
     """The template's shell logic with stand-ins for srun/scancel/scontrol: USR2 to the batch
-    script reaches the task, which exits 0 (checkpoint saved), and the script requeues the job."""
+    script reaches the task, which exits 75 (STOPPED_EXIT: checkpoint saved), and the script requeues the job
+    and ends with 0."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    (bin_ / "srun").write_text(f"#!/bin/bash\necho $$ > {tmp_path}/task.pid\ntrap 'echo stopped > {tmp_path}/task; exit 0' USR2\n"
+    (bin_ / "srun").write_text(f"#!/bin/bash\necho $$ > {tmp_path}/task.pid\ntrap 'echo stopped > {tmp_path}/task; exit 75' USR2\n"
                                "while :; do sleep 0.1; done\n")
     (bin_ / "scancel").write_text(f"#!/bin/bash\nkill -USR2 $(cat {tmp_path}/task.pid)\n")
     (bin_ / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/scontrol\n")
