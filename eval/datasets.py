@@ -58,7 +58,7 @@ class LabelledImages:
             return Image.fromarray(np.asarray(self._h5[self.items[i]]))  # (96, 96, 3) uint8
         try:
             with Image.open(self.items[i]) as im:
-                return im.convert("RGB")
+                return to_rgb(im)
         except (OSError, ValueError):
             return None
 
@@ -73,6 +73,18 @@ class LabelledImages:
 
 # ---------------------------------------------------------------------------------------------
 # generic readers
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB 8-bit. PIL's convert("RGB") clips 16-bit and 32-bit images (modes I;16*, I, F) at 255, turning them
+    white: scale them from their type's range (uint16: 0-65535) instead."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255) else 255.0
+        if im.mode == "F":
+            top = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 def images_under(folder: Path, extensions=IMAGE_EXTENSIONS) -> list[Path]:
@@ -103,7 +115,11 @@ def image_folder(root, classes: list[str] | None = None, name: str | None = None
     items, labels = [], []
     for label, c in enumerate(classes):
         if (root / c).is_dir():
-            for p in images_under(root / c):
+            found_here = images_under(root / c)
+            if not found_here:
+                raise DatasetError(f"{root / c}: class folder with no images ({', '.join(IMAGE_EXTENSIONS)}); add its "
+                                   "images or remove the folder")
+            for p in found_here:
                 items.append(str(p))
                 labels.append(label)
     return _checked(LabelledImages(name or root.name, list(classes), items, labels), root)

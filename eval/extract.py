@@ -195,7 +195,10 @@ def backbone_from_args(args):
     the DINOv2 family to 518 px, which would refuse 224 px inputs)."""
     from eval.backbone import load_eval_backbone
 
-    return load_eval_backbone(args.ckpt, args.timm, args.weights, img_size=args.img_size)
+    try:
+        return load_eval_backbone(args.ckpt, args.timm, args.weights, img_size=args.img_size)
+    except (ValueError, FileNotFoundError) as e:  # the user's path or name: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 def extract_kwargs(args) -> dict:

@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default="", help="run name (folder under train.output_dir); default: config stem")
     p.add_argument("--local", action="store_true", help="run on this machine, no SLURM")
     p.add_argument("--nproc", type=int, default=1, help="with --local: processes (torchrun, gloo on CPU)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
     s = p.add_argument_group("SLURM (flags override the profile)")
     s.add_argument("--nodes", type=int)
     slurm.add_resource_flags(s)
@@ -67,10 +68,10 @@ def main(argv=None):
 
 def run_local(args, cfg, name, overrides):
     if args.nproc == 1:
-        from pathfm.train import STOPPED_EXIT, main as train_main
+        from pathfm.train import STOPPED_EXIT, main_for_user
 
         cfg.train.name = name
-        result = train_main(cfg)
+        result = main_for_user(cfg, args.debug)
         print(f"run folder: {result['run_dir']} (step {result['step']}, {result['status']})")
         return STOPPED_EXIT if result["status"] == "interrupted" else 0
     # several local processes: exactly what torchrun does on a node
@@ -104,6 +105,9 @@ def run_slurm(args, cfg, name):
     script = slurm.sbatch_script(res, job_name, ["--config", str(config_path)], run_dir / "slurm")
 
     if args.dry_run:
+        if cfg.data.manifest and not Path(cfg.data.manifest).is_file():  # it may exist only on the cluster
+            print(f"warning: data.manifest '{cfg.data.manifest}' does not exist on this machine; the job will fail "
+                  "unless it exists where the job runs", file=sys.stderr)
         print(f"run folder: {run_dir} (not created)\nsubmitit.SlurmExecutor parameters:")
         print(json.dumps(slurm.executor_parameters(res, job_name), indent=2))
         print(f"world size: {res.world_size}, global batch: {cfg.optim.batch_size * res.world_size}")

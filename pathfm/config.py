@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A config problem, with the dotted key at fault in the message."""
 
 
+ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")  # pathfm.vit.ARCHS (no torch here)
+
+
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"  # vit_small | vit_base | vit_large | vit_giant2 (pathfm.vit.ARCHS)
@@ -260,7 +263,12 @@ def _yaml_load(path: Path) -> dict:
         list("-+0123456789."),
     )
     with open(path) as f:
-        return yaml.load(f, Loader=Loader) or {}
+        try:
+            return yaml.load(f, Loader=Loader) or {}
+        except yaml.YAMLError as e:  # one line: where, and what the parser expected
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
@@ -292,6 +300,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 def validate(cfg: Config) -> None:
     """Value checks that types cannot express, so bad values fail before heavy work starts."""
     from_choices = {
+        "model.arch": ARCH_NAMES,
         "model.ffn": ("mlp", "swiglu"),
         "model.attn_backend": ("auto", "sdpa", "xformers"),
         "model.drop_path_mode": ("mask", "subset"),
@@ -330,6 +339,16 @@ def validate(cfg: Config) -> None:
         sec, name = k.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:
             raise ConfigError(f"config key '{k}' must be positive, got {getattr(getattr(cfg, sec), name)}")
+    for k in ("crops.n_local", "optim.warmup_steps", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps",
+              "train.stop_after", "train.rankme_every", "data.num_workers", "optim.clip_grad"):
+        sec, name = k.split(".")
+        if getattr(getattr(cfg, sec), name) < 0:
+            raise ConfigError(f"config key '{k}' must be >= 0, got {getattr(getattr(cfg, sec), name)}")
+    for lo, hi in (("crops.global_scale_min", "crops.global_scale_max"), ("crops.local_scale_min", "crops.local_scale_max"),
+                   ("ssl.mask_ratio_min", "ssl.mask_ratio_max")):
+        a, b = (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in (lo, hi))
+        if not 0.0 <= a <= b <= 1.0:
+            raise ConfigError(f"config keys '{lo}' and '{hi}' must satisfy 0 <= min <= max <= 1, got {a} and {b}")
     if cfg.train.plateau_warn_steps < 0:
         raise ConfigError(f"config key 'train.plateau_warn_steps' must be >= 0 (0 = no warning), got {cfg.train.plateau_warn_steps}")
     if cfg.train.keep_last < 1:

@@ -12,6 +12,7 @@ export sidecar records them so eva's MODEL_EXTRA_KWARGS can pass them on.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -155,8 +156,22 @@ def read_state_dict(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         sd = load_file(str(path))
+    elif path.is_dir():
+        raise ValueError(f"weights file '{path}' is a folder; give the .pth / .safetensors file (an export folder's "
+                         "model.pth, or use --ckpt for pathfm checkpoints)")
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            try:  # mapped: only the names and shapes are read until a tensor is used
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) torch.save file
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"weights file '{path}' is not a PyTorch state dict ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else 'empty or truncated'})") from None
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"weights file '{path}' holds no state dict (found {type(sd).__name__})")
     for key in ("teacher", "model", "state_dict"):  # common wrappers
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -232,7 +247,10 @@ def main(argv=None) -> Path:
                                 description="Write a checkpoint's teacher backbone as timm weights (model.pth) + sidecar (model.json).")
     p.add_argument("checkpoint", help="a step folder, a checkpoints/last pointer, a checkpoints folder or a run folder")
     p.add_argument("-o", "--out", required=True, help="output folder (created)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     a = p.parse_args(argv)
+    if (Path(a.out) / "model.pth").exists() and not a.overwrite:
+        raise SystemExit(f"error: {a.out}/model.pth exists; pass --overwrite to replace it or -o another folder")
     try:
         out = export_checkpoint(a.checkpoint, a.out)
     except FileNotFoundError as e:

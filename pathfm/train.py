@@ -17,6 +17,7 @@ from collections import Counter
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,12 +30,13 @@ from torch.distributed.fsdp import FSDPModule
 
 from pathfm import checkpoint as ckpt
 from pathfm import dist as pdist
-from pathfm.config import Config, load_config, to_dict, to_yaml
+from pathfm.config import Config, ConfigError, load_config, to_dict, to_yaml
 from pathfm.data.failures import summarise as summarise_read_failures
 from pathfm.data.index import summary as index_summary
 from pathfm.data.loader import Views, build_loader, slide_index, tile_dataset, views_generator
 from pathfm.data.sampler import FAILURES_TO_DROP
-from pathfm.export import load_backbone, save_export
+from pathfm.data.slides import SlideError
+from pathfm.export import load_backbone, read_state_dict, save_export
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
@@ -131,6 +133,11 @@ def check_inputs(cfg: Config) -> None:
             raise SystemExit(f"config key '{key}': file '{path}' does not exist")
     if cfg.train.init_checkpoint and not Path(cfg.train.init_checkpoint).exists():
         raise SystemExit(f"config key 'train.init_checkpoint': '{cfg.train.init_checkpoint}' does not exist")
+    if cfg.model.init_weights:
+        try:
+            read_state_dict(cfg.model.init_weights)  # mapped, so cheap: a file that is no state dict fails here
+        except ValueError as e:
+            raise SystemExit(f"config key 'model.init_weights': {e}") from None
 
 
 STOPPED_EXIT = 75  # exit status of a run stopped by a signal or train.stop_after, checkpoint saved: resume it
@@ -524,17 +531,36 @@ def crop_grid(global_crops, local_crops, crops_cfg, n: int = 4) -> torch.Tensor:
     return make_grid(images.clamp(0, 1).float().cpu(), nrow=rows[0].shape[0])
 
 
+def main_for_user(cfg: Config, debug: bool = False) -> dict:
+    """main(cfg) for a command line: an error the user caused (a config value, slide, manifest or weights file) is
+    one line naming it, and a run folder this launch created is removed; --debug keeps the traceback."""
+    run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
+    fresh = not run_dir.exists()
+    try:
+        return main(cfg)
+    except (ConfigError, SlideError) as e:
+        if debug:
+            raise
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise SystemExit(f"error: {e}") from None
+
+
 def cli(argv=None) -> dict:
     import argparse
 
     p = argparse.ArgumentParser(description="pathfm training (run under torchrun, srun, or alone)")
     p.add_argument("--config", required=True, help="YAML file, or a name in configs/")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3")
     a = p.parse_args(argv)
-    cfg = load_config(a.config, a.overrides)
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     if not cfg.train.name:
         cfg.train.name = Path(a.config).stem
-    return main(cfg)
+    return main_for_user(cfg, a.debug)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_csv_dataset_splits_relative_paths_and_unknown_class(tmp_path):
 
 def test_empty_folder_and_unreadable_image(tmp_path):
     (tmp_path / "empty" / "classA").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="no images found"):
+    with pytest.raises(DatasetError, match="classA: class folder with no images"):
         image_folder(tmp_path / "empty")
     with pytest.raises(DatasetError, match="does not exist"):
         open_dataset(str(tmp_path / "nowhere"))
