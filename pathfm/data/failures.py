@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,7 +86,9 @@ def summarise(folder: Path, out_csv: Path, drop_at: int) -> tuple[int, int]:
     if not per_slide:
         return 0, 0
     out_csv = Path(out_csv)
-    tmp = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_csv.name}.", suffix=".tmp", dir=out_csv.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "read_failures", "dropped", "last_reason"])

@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import pickle
 import shutil
+import tempfile
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -262,12 +263,12 @@ class SlideIndex:
 
     def cell(self, i: int, j: int, rng: np.random.Generator) -> tuple[int, int]:
         """A uniformly drawn valid mask cell (row, column) of slide i at mpp column j: O(log runs)."""
-        a, b = int(self.segments[i, j]), int(self.segments[i, j + 1])
+        a, b = self.segments[i, j: j + 2].tolist()
         ends = self.ends[a:b]  # a view of the mapped file: the search touches a few pages
-        target = int(rng.integers(int(ends[-1])))
-        k = int(np.searchsorted(ends, target, side="right"))  # the run holding the target-th cell
-        row, col = self.runs[a + k]
-        return int(row), int(col) + target - (int(ends[k - 1]) if k else 0)
+        target = int(rng.random() * int(ends[-1]))  # uniform over the segment's cells
+        k = int(ends.searchsorted(np.uint32(target), side="right"))  # its run (a uint32 key: no casting, 4x faster)
+        row, col = self.runs[a + k].tolist()
+        return row, col + target - (int(ends[k - 1]) if k else 0)
 
     def cells(self, i: int, j: int) -> np.ndarray:
         """Every valid cell of slide i at mpp column j as (n, 2) (row, column): for tests and tools."""
@@ -315,9 +316,7 @@ def prepare_parts(out: Path, params: IndexParams, manifest_id: str) -> Path:
             raise SlideIndexError(f"{out}: holds a build for other parameters or another manifest "
                               f"({old['params']} vs {stamp['params']}); use another -o or delete {parts}")
     else:
-        tmp = stamp_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stamp))
-        os.replace(tmp, stamp_path)
+        _atomic(stamp_path, lambda f: f.write(json.dumps(stamp).encode()))  # ranks may race here: same content
     return parts
 
 
@@ -426,7 +425,7 @@ def merge_parts(entries: list[SlideEntry], out, params: IndexParams, *, manifest
 
 def _copy_runs(out: Path, usable: list[dict], where: dict, total: int) -> None:
     """runs.npy and ends.npy, filled slide by slide from the journals (slides in manifest order)."""
-    tmp_runs, tmp_ends = out / f".runs.{os.getpid()}.tmp.npy", out / f".ends.{os.getpid()}.tmp.npy"
+    tmp_runs, tmp_ends = _temporary(out / "runs.npy"), _temporary(out / "ends.npy")
     runs = np.lib.format.open_memmap(tmp_runs, "w+", np.uint16, (total, 2))
     ends = np.lib.format.open_memmap(tmp_ends, "w+", np.uint32, (total,))
     handles, at = {}, 0
@@ -458,8 +457,17 @@ def _write_unusable(f, bad, entries):
     f.write(text.getvalue().encode())
 
 
+def _temporary(path: Path) -> Path:
+    """A fresh name beside `path`, unique across processes, threads and nodes (pids repeat across nodes)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp makes it private; an index is shared with the lab
+    return Path(name)
+
+
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write through a unique temporary file and rename: readers see the old file or the new one."""
+    tmp = _temporary(path)
     with open(tmp, "wb") as f:
         write(f)
     os.replace(tmp, path)

@@ -250,8 +250,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         j = _pick(mpp_cumulative, rng)
         mpp = self.index.params.mpps[j]
         row, col = self.index.cell(index, j, rng)
-        jitter = rng.random(2)  # a uniform point inside the chosen mask cell, in level-0 pixels
-        x, y = (col + jitter[0]) * slide.mask_scale, (row + jitter[1]) * slide.mask_scale
+        jx, jy = rng.random(2).tolist()  # a uniform point inside the chosen mask cell, in level-0 pixels
+        x, y = (col + jx) * slide.mask_scale, (row + jy) * slide.mask_scale
         plan = slide.plans[mpp]
         lx, ly = self._place(slide, plan, x / plan.downsample, y / plan.downsample)
         return index, mpp, round(lx * plan.downsample), round(ly * plan.downsample)
@@ -301,7 +301,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
 
 def _pick(cumulative: np.ndarray, rng: np.random.Generator) -> int:
     """Index drawn with probability proportional to its weight, given the cumulative weights."""
-    return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return int(cumulative.searchsorted(rng.random() * cumulative[-1], side="right"))
 
 
 def _snap(start: int, tile: int, region: int, limit: int) -> int:
