@@ -295,6 +295,7 @@ def main(cfg: Config) -> dict:
     s, o, t = cfg.ssl, cfg.optim, cfg.train
     ibot = s.objective == "dinov2"
 
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if env.is_main else (lambda msg: None)  # phases, once
     # --- data: the slide index, opened (data.index, or built before) or built once, each rank a share of the slides
     index = slide_index(cfg, rank=env.rank, world_size=env.world_size, wait=lambda: pdist.long_barrier(env))
     if env.is_main and index is not None:
@@ -302,6 +303,8 @@ def main(cfg: Config) -> dict:
 
     # --- models: student and teacher start equal (and equal on every rank); the teacher never gets gradients
     student, teacher, loss_state = build_models(cfg, env)
+    say(f"models: {cfg.model.arch}/{cfg.model.patch_size}, "
+        f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f} M student parameters, {env.world_size} rank(s)")
     n_prefix = student.backbone.num_prefix_tokens
 
     # --- optimizer and schedules (plain arrays indexed by step)
@@ -317,6 +320,7 @@ def main(cfg: Config) -> dict:
         pdist.teardown()
         return {"run_dir": str(run_dir), "step": start_step, "status": "finished"}
 
+    say(f"training steps {start_step + 1}-{t.steps}: first batch from {cfg.data.num_workers} loader worker(s)")
     views = Views(cfg, cfg.model.patch_size, ibot)
     loader = build_loader(cfg, index, rank=env.rank, world_size=env.world_size, start_step=start_step, views=views,
                           failures_dir=run_dir / "read_failures")
@@ -335,8 +339,10 @@ def main(cfg: Config) -> dict:
 
     def save(step_done):
         meta = {**meta_common, "nonfinite_total": nonfinite.total}
-        ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, teacher=teacher, optimizer=optimizer,
-                             loss_state=loss_state, meta=meta, rank=env.rank, keep_last=t.keep_last)
+        folder = ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, teacher=teacher,
+                                      optimizer=optimizer, loss_state=loss_state, meta=meta, rank=env.rank,
+                                      keep_last=t.keep_last)
+        say(f"checkpoint saved: {folder} (step {step_done})")
 
     for batch in loader:
         step = batch["step"]
@@ -475,6 +481,7 @@ def main(cfg: Config) -> dict:
         vit, _ = ckpt.load_teacher_backbone(run_dir / "checkpoints")
         save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
                     img_size=cfg.crops.global_size)  # exports run at the resolution they trained at
+        say(f"export written: {run_dir / 'export'} (timm weights of the teacher backbone, step {step})")
     logger.close()
     pdist.teardown()
     return {"run_dir": str(run_dir), "step": step, "status": status}

@@ -81,3 +81,13 @@ def test_dry_run_warns_about_a_manifest_that_is_not_here(tmp_path):
                         "--dry-run", "data.source=manifest", f"data.manifest={tmp_path}/nope.csv"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "warning: data.manifest" in p.stderr and "does not exist on this machine" in p.stderr
+
+
+def test_trainer_says_each_phase_once(tmp_path, capsys):
+    from pathfm.train import main
+
+    main(load_config("smoke", [f"train.output_dir={tmp_path}", "train.name=run", "data.source=random",
+                               "train.steps=2", "train.rankme_every=0", "data.num_workers=0"]))
+    err = capsys.readouterr().err
+    for phase in ("models: vit_tiny/16", "training steps 1-2", "checkpoint saved:", "export written:"):
+        assert err.count(phase) == 1, (phase, err)

@@ -171,10 +171,12 @@ def write_synthetic_slide(path, size: int = 4096, *, seed: int = 0, mpp: float =
 
 def ensure_synthetic_slides(cache_dir, n: int, size: int, seed: int) -> list[Path]:
     """n synthetic slides under cache_dir, written on the first call and reused afterwards."""
-    paths = []
-    for i in range(n):
-        path = Path(cache_dir) / f"synthetic-{size}px-seed{seed + i}-v{SYNTHETIC_VERSION}.svs"
-        if not path.exists():
-            write_synthetic_slide(path, size, seed=seed + i)
-        paths.append(path)
+    from tqdm import tqdm
+
+    paths = [Path(cache_dir) / f"synthetic-{size}px-seed{seed + i}-v{SYNTHETIC_VERSION}.svs" for i in range(n)]
+    missing = [(i, p) for i, p in enumerate(paths) if not p.exists()]
+    # a bar only when there is something to write (seconds per slide); a cached set stays silent
+    for i, path in tqdm(missing, desc=f"writing synthetic slides ({size} px) to {cache_dir}", unit="slide",
+                        disable=not missing):
+        write_synthetic_slide(path, size, seed=seed + i)
     return paths
