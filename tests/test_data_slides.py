@@ -186,6 +186,42 @@ def test_tissue_mask_is_the_same_through_the_jpeg_path_and_openslide(which, synt
     assert fast.any() and np.array_equal(fast, slow)
 
 
+@pytest.mark.parametrize("which", ["synthetic", "bigtiff", "cmu", "tcga"])
+def test_tiff_directories_read_as_tifffile_reads_them(which, synth, tmp_path):
+    """The JPEG reader's own TIFF directory parsing gives tifffile's tile grid, offsets, counts and tables."""
+    import tifffile
+
+    if which in ("cmu", "tcga"):
+        need_real()
+    path = {"synthetic": synth, "cmu": CMU, "tcga": TCGA}.get(which)
+    if which == "bigtiff":
+        path = tmp_path / "big.tif"
+        rgb = np.random.default_rng(0).integers(0, 255, (600, 520, 3), dtype=np.uint8)
+        tifffile.imwrite(path, rgb, tile=(256, 256), compression="jpeg", photometric="rgb", bigtiff=True)
+    dims = [tuple(d) for d in openslide.OpenSlide(str(path)).level_dimensions] if which != "bigtiff" else [(520, 600)]
+    if which == "tcga":  # JPEG 2000 tiles: not for this reader, OpenSlide reads it
+        with pytest.raises(ValueError, match="no tiled JPEG RGB page"):
+            JpegTiffReader(str(path), dims)
+        return
+    ours = JpegTiffReader(str(path), dims).levels
+    with tifffile.TiffFile(path) as tif:
+        ref = {(p.imagewidth, p.imagelength): p for p in reversed(tif.pages) if p.is_tiled and p.compression == 7}
+        for level, d in zip(ours, dims):
+            page = ref[d]
+            assert (level.width, level.height, level.tile_w, level.tile_h) == (*d, page.tilewidth, page.tilelength)
+            assert np.array_equal(level.offsets, page.dataoffsets) and np.array_equal(level.counts, page.databytecounts)
+            assert level.prefix.endswith((page.jpegtables or b"\xff\xd8\xff\xd9")[2:-2])
+
+
+def test_tiff_directory_errors_are_value_errors(tmp_path, synth):
+    from pathfm.data.jpegtiles import tiff_pages
+
+    for name, data in {"text": b"not a tiff", "cut": synth.read_bytes()[:12]}.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError), open(tmp_path / name, "rb") as f:
+            tiff_pages(f)
+
+
 def test_tissue_from_rgb_hand_values():
     rgb = np.array([[[240, 238, 241], [200, 120, 170], [20, 20, 20], [120, 60, 160]]], np.uint8)
     assert S.tissue_from_rgb(rgb).tolist() == [[False, True, False, True]]  # glass, eosin, pen, nucleus

@@ -68,7 +68,7 @@ class TileReader:
         if self.reader in ("auto", "jpeg"):
             try:
                 handle = JpegTiffReader(path, slide.info.dimensions)
-            except Exception as e:  # not a JPEG-tiled TIFF (tifffile raises its own error types)
+            except Exception as e:  # not a JPEG-tiled TIFF (or not a TIFF at all)
                 if self.reader == "jpeg":
                     raise SlideError(f"{path}: reader='jpeg' needs a tiled JPEG TIFF ({e})") from None
         if handle is None:

@@ -230,7 +230,7 @@ def compute_tissue_mask(info: SlideInfo, slide: openslide.OpenSlide) -> np.ndarr
     band = max(1, int(16e6 / (lw * per_row * per_row)))
     try:  # JPEG-tiled TIFF: decode the stored tiles directly (the same pixels, 10x faster than OpenSlide)
         jpeg = JpegTiffReader(info.path, info.dimensions)
-    except Exception:  # any other format (tifffile raises its own error types): OpenSlide
+    except Exception:  # any other format: OpenSlide
         jpeg = None
     rows = []
     try:
