@@ -11,6 +11,7 @@ never overwritten.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import random
 import shutil
@@ -94,6 +95,24 @@ def _app_state(student, teacher, optimizer, loss_state) -> dict:
     }
 
 
+class DiskFullError(OSError):
+    """No space for a checkpoint; the message names the folder and the size, the previous one is intact."""
+
+
+def _no_space(ckpt_dir: Path, name: str, tmp: Path, models) -> DiskFullError:
+    """Remove the half-written folder and say what was needed (parameters and the two AdamW moments)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    student, teacher = models
+    need = sum(p.numel() * p.element_size() for p in student.parameters()) * 3
+    need += sum(p.numel() * p.element_size() for p in teacher.parameters())
+    free = shutil.disk_usage(ckpt_dir).free
+    last = ckpt_dir / "last"
+    kept = f"the previous checkpoint {last.read_text().strip()} is intact" if last.exists() else "no earlier checkpoint"
+    return DiskFullError(errno.ENOSPC, f"no space left on the device of {ckpt_dir} while writing {name}: it needs "
+                         f"about {need / 1e6:,.0f} MB, {free / 1e6:,.0f} MB are free; {kept}. Free space (or lower "
+                         "train.keep_last) and run the same command again to resume")
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimizer, loss_state, meta: dict,
                     rank: int = 0, keep_last: int = 3) -> Path:
     """Save on every rank (collective), keeping the newest keep_last (>= 1) step folders. Returns the step folder."""
@@ -109,13 +128,19 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    with _quiet_dcp():
-        dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    _barrier()
+    try:
+        with _quiet_dcp():
+            dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
+    except BaseException as e:  # DCP wraps a writer's OSError in a CheckpointException (a BaseException)
+        if not _is_no_space(e):
+            raise
+        raise _no_space(ckpt_dir, final.name, tmp, (student, teacher)) from None
     if rank == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
         tmp.rename(final)
         pointer_tmp = ckpt_dir / "last.tmp"
         pointer_tmp.write_text(final.name + "\n")
@@ -125,6 +150,18 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
             shutil.rmtree(p, ignore_errors=True)
     _barrier()
     return final
+
+
+def _is_no_space(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain, or in a DCP CheckpointException's per-rank failures."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            return True
+        failures = getattr(e, "failures", {}).values()  # rank -> (exception, stack)
+        if any(_is_no_space(f[0] if isinstance(f, tuple) else f) for f in failures):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state, rank: int = 0) -> dict:

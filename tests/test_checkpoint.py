@@ -5,6 +5,11 @@ Saving on N ranks and loading on M is tested with real gloo process groups in te
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -182,3 +187,28 @@ def test_import_leaves_the_process_warning_filters_alone():
             "assert not ours, ours")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real full file system (a 140 MB tmpfs: one smoke checkpoint of about 89 MB fits, two do not)."""
+    root = Path(__file__).resolve().parents[1]
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=140m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mount refused here")
+    try:
+        cmd = [sys.executable, "-m", "pathfm.train", "--config", "configs/smoke.yaml", f"train.output_dir={disk}",
+               f"data.cache_dir={root / '.cache' / 'pathfm-tests'}", "train.steps=3", "train.ckpt_every=1",
+               "train.keep_last=3", "data.num_workers=0", "train.rankme_every=0"]
+        p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+        assert p.returncode == 1, p.stderr[-2000:]
+        last_line = p.stderr.strip().splitlines()[-1]
+        assert last_line.startswith("error: no space left on the device of") and "MB are free" in last_line
+        assert "the previous checkpoint step_0000001 is intact" in last_line and "Traceback" not in p.stderr
+        ckpts = disk / "smoke" / "checkpoints"
+        assert sorted(q.name for q in ckpts.iterdir()) == ["last", "step_0000001"]  # no half-written temp folder
+        assert json.loads((ckpts / "step_0000001" / "meta.json").read_text())["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)])

@@ -222,6 +222,22 @@ def test_tiff_directory_errors_are_value_errors(tmp_path, synth):
             tiff_pages(f)
 
 
+def test_empty_and_truncated_slides_say_so(tmp_path, synth):
+    from pathfm.data.index import IndexParams, describe_slide
+
+    data = synth.read_bytes()
+    cases = {"empty.svs": b"", "header-cut.svs": data[:4000], "tiles-cut.svs": data[: len(data) * 2 // 3]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(S.SlideError, match="empty file .0 bytes"):
+        S.open_slide(str(tmp_path / "empty.svs"))
+    with pytest.raises(S.SlideError, match="truncated"):
+        S.open_slide(str(tmp_path / "header-cut.svs"))
+    record = describe_slide(0, S.SlideEntry(str(tmp_path / "tiles-cut.svs")), IndexParams(64, (0.5,), 0.4), str(tmp_path))
+    assert "truncated" in record["reason"] and f"{len(data) * 2 // 3:,} bytes" in record["reason"]
+    assert S.truncated(str(synth)) == ""  # an intact slide reads as intact
+
+
 def test_tissue_from_rgb_hand_values():
     rgb = np.array([[[240, 238, 241], [200, 120, 170], [20, 20, 20], [120, 60, 160]]], np.uint8)
     assert S.tissue_from_rgb(rgb).tolist() == [[False, True, False, True]]  # glass, eosin, pen, nucleus

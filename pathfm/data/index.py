@@ -47,7 +47,7 @@ import openslide
 
 from pathfm.data.slides import (MASK_MAX_SIDE, MASK_MPP, MASK_VERSION, ReadPlan, SlideEntry, SlideError, SlideInfo,
                                 file_identity, load_or_compute_tissue_mask, mask_scale, open_slide, plan_read,
-                                read_manifest, slide_mpp, usable_mpps)
+                                read_manifest, slide_mpp, truncated, usable_mpps)
 
 FORMAT = 2  # bump when the folder layout changes (it is part of cached index folders' names)
 
@@ -138,6 +138,10 @@ def describe_slide(row: int, entry: SlideEntry, params: IndexParams, mask_dir: s
 def _describe(row: int, entry: SlideEntry, params: IndexParams, mask_dir: str) -> dict:
     size, mpps = params.tile_size, list(params.mpps)
     slide = open_slide(entry.path)
+    cut = truncated(entry.path)  # OpenSlide opens a slide whose tiles are cut off; its reads would all fail
+    if cut:
+        slide.close()
+        raise SlideError(cut)
     try:
         mpp = slide_mpp(slide, entry.path, entry.mpp)
         info = SlideInfo(entry.path, mpp, list(slide.level_dimensions),

@@ -23,7 +23,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from pathfm.data.jpegtiles import JpegTiffReader
+from pathfm.data.jpegtiles import COUNTS, OFFSETS, JpegTiffReader, tiff_pages
 
 # A level serves a target mpp "exactly" when its mpp is within this relative distance: scanners
 # write 0.2527 or 0.499 for nominal 0.25 and 0.5, and a 1% resize only blurs.
@@ -116,15 +116,33 @@ def open_slide(path: str, cache: openslide.OpenSlideCache | None = None) -> open
     """Open with OpenSlide, turning every failure into a SlideError that names the file."""
     if not os.path.exists(path):
         raise SlideError(f"{path}: no such file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise SlideError(f"{path}: empty file (0 bytes); copy the slide again")
     try:
         slide = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(f"{path}: not a slide OpenSlide can read (unsupported or not an image)") from None
+        raise SlideError(truncated(path) or f"{path}: not a slide OpenSlide can read (unsupported or not an image)") from None
     except (openslide.OpenSlideError, OSError) as e:
-        raise SlideError(f"{path}: unreadable slide ({e})") from None
+        raise SlideError(truncated(path) or f"{path}: unreadable slide ({e})") from None
     if cache is not None:
         slide.set_cache(cache)  # one bounded cache shared by every handle in this process
     return slide
+
+
+def truncated(path: str) -> str:
+    """A message when `path` is a TIFF cut short (its directories or tiles point past its end), else ""."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            pages = tiff_pages(f)
+    except ValueError as e:
+        return f"{path}: truncated TIFF ({size:,} bytes): {e}; copy the slide again" if "truncated" in str(e) else ""
+    for tags in pages:
+        if OFFSETS in tags and COUNTS in tags and len(tags[OFFSETS]) == len(tags[COUNTS]):
+            end = int((tags[OFFSETS] + tags[COUNTS]).max(initial=0))
+            if end > size:
+                return f"{path}: truncated ({size:,} bytes, its tiles reach byte {end:,}); copy the slide again"
+    return ""
 
 
 def slide_mpp(slide: openslide.OpenSlide, path: str, manifest_mpp: float | None) -> float:
