@@ -545,6 +545,10 @@ def main_for_user(cfg: Config, debug: bool = False) -> dict:
     fresh = not run_dir.exists()
     try:
         return main(cfg)
+    except ckpt.DiskFullError as e:  # keep the run folder: it holds the previous checkpoint and the metrics
+        if debug:
+            raise
+        raise SystemExit(f"error: {e.strerror}") from None
     except (ConfigError, SlideError) as e:
         if debug:
             raise
