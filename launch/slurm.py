@@ -223,6 +223,39 @@ def requeue_if_allowed(max_requeues: int, environ=os.environ) -> bool:
     return True
 
 
+# Pending reasons that waiting does not cure: the job asks for more than the partition, account or QOS allow
+HOPELESS = {
+    "PartitionNodeLimit": "more nodes than the partition has or allows: lower --nodes or pick another --partition",
+    "PartitionTimeLimit": "a longer --time than the partition allows",
+    "PartitionConfig": "more than the partition's nodes offer (nodes, CPUs, GPUs or memory): lower --nodes or the per-task request",
+    "QOSMaxNodePerJobLimit": "more nodes than the QOS allows per job",
+    "QOSMaxWallDurationPerJobLimit": "a longer --time than the QOS allows",
+    "AssocMaxNodesPerJob": "more nodes than your account may use per job",
+    "AssocMaxWallDurationPerJob": "a longer --time than your account may use",
+    "InvalidAccount": "an account you cannot use: check --account",
+    "InvalidQOS": "a QOS you cannot use: check --qos",
+    "BadConstraints": "a --constraint no node satisfies",
+    "ReqNodeNotAvail": "nodes that are down or reserved (it may start later if they come back)",
+}
+
+
+def pending_reason(job_id: str, seconds: float = 5.0, poll_s: float = 1.0) -> str | None:
+    """Watch a submitted job for a few seconds; the warning to print when SLURM keeps it pending for a
+    reason that waiting does not cure, else None (running, or pending for resources / priority)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r"], capture_output=True, text=True)
+        state, _, reason = out.stdout.strip().partition("|")
+        if state == "PENDING" and reason in HOPELESS:
+            return (f"warning: job {job_id} is pending with reason {reason}: it asks for {HOPELESS[reason]}. "
+                    f"It will not start by waiting; cancel it with `scancel {job_id}`")
+        if state != "PENDING" or time.monotonic() >= deadline:
+            return None
+        time.sleep(poll_s)
+
+
 def submit(fn, res: Resources, job_name: str, folder: Path):
     """Submit `fn()` with submitit; SLURM's refusal (bad partition, ...) becomes a LaunchError with sbatch's words."""
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_requeues)

@@ -139,7 +139,10 @@ def run_slurm(args, cfg, name):
         raise
     print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.ntasks_per_node} task(s)")
     print(f"run folder: {run_dir}")
-    print(f"logs: {job.paths.stdout} (and .err, one pair per task)")
+    print(f"logs: {job.paths.stdout} (and .err, one pair per task)", flush=True)
+    warning = slurm.pending_reason(job.job_id)
+    if warning:
+        print(warning, file=sys.stderr)
     return job
 
 

@@ -124,3 +124,13 @@ def test_index_build_runs_as_an_array_job_and_a_merge(tmp_path):
                         workers=1, mask_dir=out / "masks", progress=False)
     for name in ("slides.npy", "plans.npy", "segments.npy", "runs.npy", "ends.npy", "paths.bin", "unusable.csv"):
         assert (out / name).read_bytes() == (local.folder / name).read_bytes(), name
+
+
+def test_a_job_that_cannot_start_is_named_at_submission(tmp_path):
+    """--nodes 4 on the 2-node partition: SLURM accepts it and keeps it pending (PartitionNodeLimit)."""
+    proc, run_dir = launch(tmp_path, "--nodes", "4", "train.steps=2")
+    job_id = proc.stdout.split("submitted job ")[1].split(":")[0]
+    subprocess.run(["scancel", job_id])
+    assert proc.returncode == 0, proc.stderr
+    assert f"job {job_id} is pending with reason Partition" in proc.stderr  # NodeLimit or Config, by request
+    assert "lower --nodes" in proc.stderr and "will not start by waiting" in proc.stderr
