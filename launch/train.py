@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,16 @@ def run_local(args, cfg, name, overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "pathfm.train", "--config", str(args.config), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.call(cmd, env=env)
+    status_file = Path(cfg.train.output_dir) / name / "status.json"
+    started = time.time()
+    rc = subprocess.call(cmd, env=env)
+    # torchrun reports any worker's non-zero exit as 1: the run folder says whether it was a clean stop
+    if rc and status_file.is_file() and status_file.stat().st_mtime >= started:
+        if json.loads(status_file.read_text())["status"] == "interrupted":
+            from pathfm.train import STOPPED_EXIT
+
+            return STOPPED_EXIT
+    return rc
 
 
 def run_slurm(args, cfg, name):

@@ -482,6 +482,8 @@ def main(cfg: Config) -> dict:
         save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
                     img_size=cfg.crops.global_size)  # exports run at the resolution they trained at
         say(f"export written: {run_dir / 'export'} (timm weights of the teacher backbone, step {step})")
+    if env.is_main:  # for scripts and launchers (torchrun turns a worker's exit status 75 into 1)
+        (run_dir / "status.json").write_text(json.dumps({"status": status, "step": step}) + "\n")
     logger.close()
     pdist.teardown()
     return {"run_dir": str(run_dir), "step": step, "status": status}

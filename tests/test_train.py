@@ -285,8 +285,13 @@ def test_readme_two_process_command_runs_a_gloo_group(tmp_path):
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/smoke.yaml", "--local", "--nproc", "2",
            f"train.output_dir={tmp_path}", f"data.cache_dir={ROOT / '.cache' / 'pathfm-tests'}", "train.steps=2",
            "train.rankme_every=0", "data.num_workers=0"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # stopped after one step: the launcher says so with the documented status, not torchrun's 1
+    stopped = subprocess.run([*cmd, "train.stop_after=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert json.loads((tmp_path / "smoke" / "status.json").read_text()) == {"status": "interrupted", "step": 1}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # resumes on 2 ranks
     assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "smoke" / "status.json").read_text()) == {"status": "finished", "step": 2}
     run_dir = tmp_path / "smoke"
     meta = json.loads((run_dir / "env.json").read_text())
     assert meta["world_size"] == 2 and meta["launcher"] == "torchrun"
