@@ -12,8 +12,8 @@ training sub-tile. Every sub-tile is colour-normalised first (per-channel mean a
 the set's; Reinhard's method in RGB): with one tile per class, mean colour alone names the class
 (87% on the raw sub-tiles), so without it the probe would measure colour, not tissue. Each
 checkpoint's teacher backbone is compared with the same architecture at its random initialisation
-(the run's step 0) and with raw pixels (the best of several average-pooling sizes on the test
-split: a baseline given every advantage). The uncorrected probe is reported beside it.
+(the run's step 0) and with raw pixels (the best of average-pooling 1-16 px and one mean colour
+per sub-tile, chosen on the test split: a baseline given every advantage). The uncorrected probe is reported beside it.
 Trailing arguments are dotted config overrides, applied after the recipe's.
 """
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 SLIDES = (("slides/CMU-1-Small-Region.svs", ""), ("slides/TCGA-CR-7395-01A-01-TS1.svs", "0.5"))  # TCGA: no mpp in the file
 TILES = "tiles/nct_crc_he_100k_sample9"
-POOLS = (1, 2, 4, 8, 16)
+POOLS = (1, 2, 4, 8, 16, 64)  # 64: one mean colour per 64 px sub-tile
 
 
 def write_manifest(data: Path, out: Path) -> Path:
@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(step_dir)
 
     log_k = math.log(cfg.ssl.prototypes)
-    first_rankme = next((r["rankme/teacher_cls"] for r in rows if "rankme/teacher_cls" in r), None)
+    first_rankme = next((r["diag/teacher_rankme_batch"] for r in rows if "diag/teacher_rankme_batch" in r), None)
     results = {"config": str(a.config), "overrides": a.overrides, "steps": cfg.train.steps, "train_seconds": train_s,
                "threads": torch.get_num_threads(), "ln_k": log_k, "first_rankme": first_rankme,
                "first_loss_dino": next(r["loss/dino"] for r in rows if "loss/dino" in r),
@@ -177,12 +177,12 @@ def main(argv=None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"{cfg.train.steps} steps in {train_s / 60:.1f} min ({torch.get_num_threads()} threads); ln K = {log_k:.3f}; "
-             f"first DINO loss {results['first_loss_dino']:.3f}, first held-out RankMe {fmt(first_rankme, '.1f')}",
+             f"first DINO loss {results['first_loss_dino']:.3f}, teacher RankMe at step 1 (batch) {fmt(first_rankme, '.2f')}",
              "", "| step | DINO loss | teacher entropy / ln K | held-out RankMe | kNN, colour-normalised | kNN, raw colour |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {fmt(r['loss_dino'], '.3f')} | {fmt(r['teacher_entropy'], '.3f')} | "
               f"{fmt(r['rankme_heldout'], '.1f')} | {r['knn_normalised']:.3f} | {r['knn_raw']:.3f} |" for r in table]
-    lines += [f"| random init (step 0) | | | | {baselines['random_init']['normalised']:.3f} | {baselines['random_init']['raw']:.3f} |",
+    lines += [f"| 0 (random init) | | | | {baselines['random_init']['normalised']:.3f} | {baselines['random_init']['raw']:.3f} |",
               f"| raw pixels (best pooling) | | | | {pixels['normalised']:.3f} | {pixels['raw']:.3f} |"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, table, baselines, log_k, out / "curves.png")
