@@ -186,21 +186,24 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             self.reader = TileReader(self.reader_kind)
         self._drop_failed_elsewhere()
         rng = np.random.default_rng([self.seed, self.rank, step])
-        tiles, locations = [], []
-        while len(tiles) < self.batch_size:
+        B, T = self.batch_size, self.tile_size
+        slot = np.random.default_rng([self.seed, self.rank, step, 2]).permutation(B)  # shuffles the visits together
+        # Each tile is copied into its slot as soon as it is decoded, so the decoder's buffer is freed and
+        # reused at once: 32 live decoded tiles waiting for a np.stack cost a page fault per 4 KB.
+        tiles, locations, n = np.empty((B, T, T, 3), np.uint8), [None] * B, 0
+        while n < B:
             index = self._draw_slide(rng)
-            for _ in range(min(self.tiles_per_visit, self.batch_size - len(tiles))):
+            for _ in range(min(self.tiles_per_visit, B - n)):
                 got = self._sample(index, rng)
                 if got is None:  # read failure: leave this slide, draw another
                     break
-                tiles.append(got[0])
-                locations.append(got[1])
-        order = rng.permutation(len(tiles))
+                tiles[slot[n]], locations[slot[n]] = got
+                n += 1
         # (B, 3, T, T) as a view of (B, T, T, 3): torch's channels_last layout, no transposing copy
-        batch = torch.from_numpy(np.stack([tiles[i] for i in order])).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(tiles).permute(0, 3, 1, 2)
         if self.transform is not None:
             batch = self.transform(batch, views_generator(self.seed, self.rank, step))
-        return {"step": step, "tiles": batch, "skipped": self.skipped, "locations": [locations[i] for i in order]}
+        return {"step": step, "tiles": batch, "skipped": self.skipped, "locations": locations}
 
     def _sample(self, index: int, rng: np.random.Generator):
         """(tile, location) from slide `index`, retrying positions that fail the HSV filter; None on a read error."""
