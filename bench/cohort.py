@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -73,7 +72,7 @@ def from_record(record: dict, entries: list[SlideEntry], out: Path) -> I.SlideIn
     parts = I.prepare_parts(out, PARAMS, I.manifest_identity(entries))
     with open(parts / "copies.journal", "wb") as f:
         for row, e in enumerate(entries):
-            pickle.dump({**record, "row": row, "path": e.path}, f, protocol=5)
+            I.write_record(f, {**record, "row": row, "path": e.path})
     return I.merge_parts(entries, out, PARAMS)
 
 

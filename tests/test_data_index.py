@@ -77,7 +77,13 @@ def test_two_processes_build_the_same_index(reference, cohort, tmp_path):
     same_index(reference.folder, tmp_path / "par")
 
 
-def test_a_killed_build_resumes_without_redoing_finished_slides(reference, cohort, tmp_path, monkeypatch):
+# what a kill mid-write leaves at the end of a journal: a cut header, or a whole header and a cut payload
+TORN = {"header": pickle.dumps({"row": 99, "runs": list(range(1000))})[:40],
+        "payload": pickle.dumps({"row": 3, "path": "x", "payload": 5000}) + b"\x80" * 100}
+
+
+@pytest.mark.parametrize("torn", sorted(TORN))
+def test_a_killed_build_resumes_without_redoing_finished_slides(reference, cohort, tmp_path, monkeypatch, torn):
     entries, out = entries_of(cohort), tmp_path / "killed"
     real_describe, described = I.describe_slide, []
 
@@ -92,7 +98,7 @@ def test_a_killed_build_resumes_without_redoing_finished_slides(reference, cohor
         I.build_index(entries, out, PARAMS, workers=1, mask_dir=cohort / "masks", progress=False)
     journal = out / "parts" / "local.journal"
     with open(journal, "ab") as f:  # and the kill tore a record being written
-        f.write(pickle.dumps({"row": 99, "runs": list(range(1000))})[:40])
+        f.write(TORN[torn])
     with pytest.raises(SlideError, match="not a slide index, no index.json .a build is in progress"):
         I.SlideIndex(out)
 
