@@ -2,6 +2,7 @@
 
     python bench/data.py --seconds 4              # prints these rows after the single-slide table
     python bench/cohort.py --seconds 4            # only these rows
+    python bench/cohort.py --costs                # µs a tile: draw, cell, JPEG decode in and out of a batch
 
 Stand-ins, as the issue allows: hard-linked copies of one synthetic 40000 x 40000 px slide at 0.5 µm/px
 (2 x 2 cm, the size of a TCGA diagnostic slide), each a distinct slide to pathfm while the bytes stay in
@@ -198,6 +199,52 @@ def cohort_rows(src: Path, work: Path, *, seconds: float, batch: int, build_slid
     return results
 
 
+def per_tile_costs(src: Path, work: Path, batch: int = 32, n: int = 2000) -> dict:
+    """µs of pathfm's own work per tile (a draw, a cell) and of one JPEG decode: in a tight loop over
+    the same bytes, and inside the batch loop (timed around each call), for the 0.5 µm/px aligned row."""
+    import simplejpeg
+
+    from pathfm.data import jpegtiles
+
+    index = I.build_index([SlideEntry(str(src))], work / "index-costs", I.IndexParams(224, (0.5,), 0.4), workers=1,
+                          mask_dir=work / "build-masks-1", progress=False)
+    ds = SlideTileDataset(index, batch_size=batch, tile_size=224, mpps=[0.5], mpp_weights=None, seed=0, rank=0,
+                          world_size=1, grid_aligned=True, reader="jpeg")
+    ds.batch(0)
+    rng = np.random.default_rng(0)
+
+    def us(fn, reps=n):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps * 1e6
+
+    out = {"draw_tile": us(lambda: ds.draw_tile(0, rng)), "cell": us(lambda: index.cell(0, 0, rng))}
+    reader = ds.reader.handles[index.path(0)]
+    blobs = [reader.tile_bytes(0, x // 256, y // 256) for _, _, x, y in (ds.draw(rng) for _ in range(n))]
+    it = iter(blobs)
+    out["decode_tight"] = us(lambda: simplejpeg.decode_jpeg(next(it), colorspace="RGB"), len(blobs))
+    spent, calls, real = [0.0], [0], jpegtiles.JpegTiffReader.decode_tile
+
+    def timed(self, *a):
+        start = time.perf_counter()
+        result = real(self, *a)
+        spent[0] += time.perf_counter() - start
+        calls[0] += 1
+        return result
+
+    jpegtiles.JpegTiffReader.decode_tile = timed
+    try:
+        out["tile_in_batch"] = us(lambda: ds.batch(1 + calls[0]), n // batch) / batch
+        out["decode_in_batch"] = spent[0] / calls[0] * 1e6
+    finally:
+        jpegtiles.JpegTiffReader.decode_tile = real
+    print("\n| µs a tile (0.5 µm/px, grid-aligned, jpeg) | value |\n|---|---|")
+    for k, v in out.items():
+        print(f"| {k} | {v:.1f} |")
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=40000)
@@ -205,10 +252,14 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--cache", default=".cache/pathfm/bench")
     p.add_argument("--build-slides", type=int, default=8)
+    p.add_argument("--costs", action="store_true", help="only the per-tile cost split (draw, decode in and out of a batch)")
     a = p.parse_args()
     slide = Path(a.cache) / f"synthetic-{a.size}.svs"
     if not slide.exists():
         from pathfm.data.synthetic import write_synthetic_slide
 
         write_synthetic_slide(slide, a.size, seed=0)
-    cohort_rows(slide, Path(a.cache) / "cohort", seconds=a.seconds, batch=a.batch, build_slides=a.build_slides)
+    if a.costs:
+        per_tile_costs(slide, Path(a.cache) / "cohort", a.batch)
+    else:
+        cohort_rows(slide, Path(a.cache) / "cohort", seconds=a.seconds, batch=a.batch, build_slides=a.build_slides)
