@@ -22,15 +22,16 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 class BuildTask:
     """Array task k of n: describes manifest rows i with i % n == k, with every CPU of its allocation."""
 
-    def __init__(self, manifest: str, out: str, params, n_tasks: int, mask_dir: str | None):
+    def __init__(self, manifest: str, out: str, params, n_tasks: int, mask_dir: str | None, timeout_s: float = 600.0):
         self.manifest, self.out, self.params, self.n_tasks, self.mask_dir = manifest, out, params, n_tasks, mask_dir
+        self.timeout_s = timeout_s
 
     def __call__(self, task: int) -> int:
         from pathfm.data.index import build_part
         from pathfm.data.slides import read_manifest
 
         return build_part(read_manifest(self.manifest), self.out, self.params, part=f"task-{task:05d}",
-                          share=(task, self.n_tasks), mask_dir=self.mask_dir, progress=False)
+                          share=(task, self.n_tasks), mask_dir=self.mask_dir, progress=False, timeout_s=self.timeout_s)
 
 
 class MergeTask:
@@ -44,7 +45,7 @@ class MergeTask:
         return summary(merge_parts(read_manifest(self.manifest), self.out, self.params, manifest_path=self.manifest))
 
 
-def submit(manifest: str, out: str, params, *, tasks: int, res, mask_dir=None):
+def submit(manifest: str, out: str, params, *, tasks: int, res, mask_dir=None, timeout_s: float = 600.0):
     """-> (array jobs, merge job). Each task is one SLURM task on one node (no GPUs asked for)."""
     import submitit
 
@@ -60,7 +61,7 @@ def submit(manifest: str, out: str, params, *, tasks: int, res, mask_dir=None):
 
     try:
         jobs = executor("pathfm-index", array_parallelism=tasks).map_array(
-            BuildTask(manifest, out, params, tasks, mask_dir), list(range(tasks)))
+            BuildTask(manifest, out, params, tasks, mask_dir, timeout_s), list(range(tasks)))
         array_id = jobs[0].job_id.split("_")[0]
         merge = executor("pathfm-index-merge", additional={"dependency": f"afterok:{array_id}"}).submit(
             MergeTask(manifest, out, params))
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
         res = slurm.resources(slurm.load_profile(a.profile or "cpu-ci"), cpus_per_task=a.cpus_per_task, mem=a.mem,
                               time=a.time, partition=a.partition, account=a.account, qos=a.qos, constraint=a.constraint)
         tasks = max(1, min(a.tasks, len(entries)))
-        jobs, merge = submit(str(Path(a.manifest).resolve()), str(out), params, tasks=tasks, res=res, mask_dir=a.mask_dir)
+        jobs, merge = submit(str(Path(a.manifest).resolve()), str(out), params, tasks=tasks, res=res, mask_dir=a.mask_dir,
+                            timeout_s=a.timeout)
     except (SlideError, slurm.LaunchError) as e:
         raise SystemExit(f"error: {e}")
     print(f"submitted index build: array job {jobs[0].job_id.split('_')[0]} ({tasks} tasks), merge job "

@@ -77,6 +77,8 @@ class DataConfig:
     manifest: str = ""  # CSV: path[, mpp][, weight][, group]
     index: str = ""  # a built slide index (python -m pathfm.data.index); "" = built from the manifest on first use
     index_workers: int = 0  # processes per rank that build the index when it is missing (0: the rank's CPUs)
+    index_timeout_s: float = 600.0  # seconds one slide may take to open, read and describe in the index build; over it: unusable (0: no limit)
+    stall_timeout_s: float = 600.0  # a loader with no batch for this long ends the run (exit 75, requeue) naming the slides (0: no limit; needs num_workers > 0)
     tiles_per_visit: int = 8  # tiles read from a slide per visit (one file open per visit; visits are shuffled)
     synthetic_slides: int = 3
     synthetic_size: int = 4096  # level-0 width and height of each synthetic slide
@@ -330,6 +332,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.tiles_per_visit < 1 or cfg.data.index_workers < 0:
         raise ConfigError("config keys 'data.tiles_per_visit' must be >= 1 and 'data.index_workers' >= 0, got "
                           f"{cfg.data.tiles_per_visit} and {cfg.data.index_workers}")
+    for key in ("index_timeout_s", "stall_timeout_s"):
+        if not getattr(cfg.data, key) >= 0:
+            raise ConfigError(f"config key 'data.{key}' must be >= 0 seconds (0: no limit), got {getattr(cfg.data, key)}")
     if not 0.0 <= cfg.data.tissue_threshold <= 1.0:
         raise ConfigError(f"config key 'data.tissue_threshold' must be in [0, 1], got {cfg.data.tissue_threshold}")
     if cfg.data.mpp_weights and len(cfg.data.mpp_weights) != len(cfg.data.mpps):

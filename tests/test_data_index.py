@@ -95,7 +95,7 @@ def test_a_killed_build_resumes_without_redoing_finished_slides(reference, cohor
 
     monkeypatch.setattr(I, "describe_slide", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
-        I.build_index(entries, out, PARAMS, workers=1, mask_dir=cohort / "masks", progress=False)
+        I.build_index(entries, out, PARAMS, workers=1, mask_dir=cohort / "masks", progress=False, timeout_s=0)
     journal = out / "parts" / "local.journal"
     with open(journal, "ab") as f:  # and the kill tore a record being written
         f.write(TORN[torn])
@@ -103,7 +103,7 @@ def test_a_killed_build_resumes_without_redoing_finished_slides(reference, cohor
         I.SlideIndex(out)
 
     monkeypatch.setattr(I, "describe_slide", lambda row, *a: described.append(row) or real_describe(row, *a))
-    I.build_index(entries, out, PARAMS, workers=1, mask_dir=cohort / "masks", progress=False)
+    I.build_index(entries, out, PARAMS, workers=1, mask_dir=cohort / "masks", progress=False, timeout_s=0)
     assert sorted(described) == list(range(len(entries)))  # every slide described exactly once
     same_index(reference.folder, out)
 
@@ -147,7 +147,7 @@ def test_trainer_builds_the_index_split_across_ranks(cohort, tmp_path, monkeypat
 
     cfg = load_config("smoke", [f"data.manifest={cohort / 'manifest.csv'}", "data.source=manifest",
                                 f"data.cache_dir={tmp_path}", "data.tile_size=224", "data.mpps=[0.5,1.0,2.0]",
-                                "data.index_workers=1"])  # in-process, so the patched describe_slide sees every row
+                                "data.index_workers=1", "data.index_timeout_s=0"])  # in-process: the patched describe_slide sees every row
     real_describe, by_rank = I.describe_slide, {}
 
     def describe(row, entry, *a):

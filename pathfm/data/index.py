@@ -33,11 +33,13 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import pickle
 import shutil
-import tempfile
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ from pathfm.data.slides import (MASK_MAX_SIDE, MASK_MPP, MASK_VERSION, ReadPlan,
                                 file_identity, load_or_compute_tissue_mask, mask_scale, open_slide, plan_read,
                                 read_manifest, slide_mpp, truncated, usable_mpps)
 
+DESCRIBE_TIMEOUT_S = 600.0  # default limit for opening, reading and describing one slide in the build
 FORMAT = 2  # bump when the folder layout changes (it is part of cached index folders' names)
 
 SLIDE_DTYPE = np.dtype([("row", "i8"), ("mpp", "f8"), ("weight", "f8"), ("group", "i4"), ("mask_scale", "f8"),
@@ -349,9 +352,11 @@ def cpu_count() -> int:
 
 
 def build_part(entries: list[SlideEntry], out, params: IndexParams, *, part: str = "local", share: tuple[int, int] = (0, 1),
-               workers: int = 0, mask_dir=None, progress: bool = True) -> int:
+               workers: int = 0, mask_dir=None, progress: bool = True, timeout_s: float = DESCRIBE_TIMEOUT_S) -> int:
     """Describe this part's share of the manifest (rows i with i % n == k for share (k, n)) that no
     journal holds yet, with `workers` processes (0: one per CPU), appending to parts/<part>.journal.
+    A slide that takes longer than timeout_s, or kills its process, is listed unusable with the reason
+    (timeout_s=0: no limit, and with workers=1 the slides are described in this process).
     Returns the number of slides described now."""
     out = Path(out)
     parts = prepare_parts(out, params, manifest_identity(entries))
@@ -374,23 +379,101 @@ def build_part(entries: list[SlideEntry], out, params: IndexParams, *, part: str
         def write(record):
             write_record(f, record)
             bar.update(1)
-        if workers <= 1:
+        if workers <= 1 and not timeout_s:  # in this process: no time limit can be kept, nothing to fork
             for a in args:
                 write(describe_slide(*a))
         else:
-            # fork: workers start in 0.1 s. spawn and forkserver re-import the main module (the trainer's
-            # or a launcher's, with torch): 3.5 s a worker, measured. The workers use numpy and OpenSlide
-            # only (no CUDA, no torch threads), which is what makes forking safe here.
-            context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with context.Pool(workers) as pool:
-                for record in pool.imap_unordered(_describe_star, args, chunksize=1):
-                    write(record)
+            describe_in_processes(args, workers, timeout_s, write)
     bar.close()
     return len(todo)
 
 
-def _describe_star(args):
-    return describe_slide(*args)
+def describe_in_processes(args: list[tuple], workers: int, timeout_s: float, write) -> None:
+    """describe_slide(*a) for each a in `args` in `workers` forked processes, one slide at a time each,
+    write(record) as they finish. A slide that takes longer than timeout_s (a stalled mount, a FIFO) gets its
+    process killed; a process that dies (OOM killer, a segfault in a C library) is noticed at once. Either way
+    the slide is recorded unusable with the reason, a fresh process takes its place and the build goes on.
+    (multiprocessing.Pool cannot do this: its imap waits forever for the task of a killed worker.)"""
+    # fork: workers start in 0.1 s. spawn and forkserver re-import the main module (the trainer's or a
+    # launcher's, with torch): 3.5 s a worker, measured. The workers use numpy and OpenSlide only (no CUDA,
+    # no torch threads), which is what makes forking safe here.
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pending, idle, running = list(reversed(args)), [], {}  # running: connection -> (process, args, deadline)
+
+    def start():
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_describe_loop, args=(theirs,), daemon=True, name="pathfm-index-reader")
+        process.start()
+        theirs.close()
+        return process, ours
+
+    def unusable(a, reason):
+        row, entry = a[0], a[1]
+        write({"row": row, "path": entry.path, "reason": f"{entry.path}: {reason}"})
+
+    try:
+        idle = [start() for _ in range(min(workers, len(args)))]
+        while pending or running:
+            while idle and pending:
+                process, conn = idle.pop()
+                a = pending.pop()
+                conn.send(a)
+                running[conn] = (process, a, time.monotonic() + timeout_s if timeout_s else math.inf)
+            soonest = min(deadline for _, _, deadline in running.values())
+            wait_s = None if soonest == math.inf else max(0.0, soonest - time.monotonic())
+            mp.connection.wait([*running, *(p.sentinel for p, _, _ in running.values())], timeout=wait_s)
+            for conn, (process, a, deadline) in list(running.items()):
+                record = None
+                if conn.poll():  # a result (read it before asking whether the process still lives)
+                    try:
+                        record = conn.recv()
+                    except (EOFError, OSError):
+                        pass  # it died while sending
+                if record is not None:
+                    del running[conn]
+                    write(record)
+                    idle.append((process, conn))
+                    continue
+                if process.is_alive() and time.monotonic() < deadline:
+                    continue
+                del running[conn]
+                if process.is_alive():  # over its time: it will not come back (it may never: a read in D state)
+                    process.kill()
+                    reason = f"timed out after {timeout_s:g} s while describing it (limit: --timeout / data.index_timeout_s)"
+                else:
+                    code = process.exitcode
+                    reason = (f"reader process died: signal {-code} ({signal.Signals(-code).name}) while describing it"
+                              if code is not None and code < 0 else f"reader process exited with status {code} while describing it")
+                process.join(timeout=1.0)
+                conn.close()
+                unusable(a, reason)
+                if pending:
+                    idle.append(start())
+    finally:
+        for process, conn in idle:
+            try:
+                conn.send(None)  # done: exit
+            except OSError:
+                pass
+        for process, conn in [*idle, *((p, c) for c, (p, _, _) in running.items())]:
+            process.join(timeout=1.0)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=1.0)
+            conn.close()
+
+
+def _describe_loop(conn) -> None:
+    """A build worker: describe the slides it is sent, one at a time, until it is sent None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the workers
+    while True:
+        try:
+            a = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if a is None:
+            return
+        conn.send(describe_slide(*a))
 
 
 def merge_parts(entries: list[SlideEntry], out, params: IndexParams, *, manifest_path: str = "") -> "SlideIndex":
@@ -498,14 +581,14 @@ def _atomic(path: Path, write) -> None:
 
 
 def build_index(entries: list[SlideEntry], out, params: IndexParams, *, workers: int = 0, mask_dir=None,
-                manifest_path: str = "", progress: bool = True) -> SlideIndex:
+                manifest_path: str = "", progress: bool = True, timeout_s: float = DESCRIBE_TIMEOUT_S) -> SlideIndex:
     """Build (or finish, or just open) the index of `entries` in `out` on this machine."""
     out = Path(out)
     if (out / "index.json").exists():
         index = SlideIndex(out)
         index.check(params, manifest_identity(entries))
         return index
-    build_part(entries, out, params, workers=workers, mask_dir=mask_dir, progress=progress)
+    build_part(entries, out, params, workers=workers, mask_dir=mask_dir, progress=progress, timeout_s=timeout_s)
     return merge_parts(entries, out, params, manifest_path=manifest_path)
 
 
@@ -533,7 +616,7 @@ def main(argv=None) -> int:
         entries = read_manifest(a.manifest)
         start = time.perf_counter()
         index = build_index(entries, a.output, params_from_args(a), workers=a.workers, mask_dir=a.mask_dir,
-                            manifest_path=a.manifest)
+                            manifest_path=a.manifest, timeout_s=a.timeout)
     except SlideError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -549,6 +632,9 @@ def add_build_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--mpps", type=float, nargs="+", default=d.mpps)
     p.add_argument("--tissue-threshold", type=float, default=d.tissue_threshold)
     p.add_argument("--mask-dir", default=None, help="tissue-mask cache (default: INDEX/masks)")
+    p.add_argument("--timeout", type=float, default=d.index_timeout_s,
+                   help="seconds one slide may take to open, read and describe; a slide over it is listed unusable "
+                        "(0: no limit)")
 
 
 def params_from_args(a) -> IndexParams:

@@ -112,7 +112,7 @@ def slide_index(cfg, *, rank: int = 0, world_size: int = 1, wait=lambda: None) -
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the node's CPUs are shared by its ranks
         workers = d.index_workers or max(1, cpu_count() // local)
         build_part(entries, folder, params, part=f"rank-{rank:05d}", share=(rank, world_size), workers=workers,
-                   mask_dir=Path(d.cache_dir) / "masks", progress=rank == 0)
+                   mask_dir=Path(d.cache_dir) / "masks", progress=rank == 0, timeout_s=d.index_timeout_s)
         wait()
         if rank == 0 and not (folder / "index.json").exists():
             merge_parts(entries, folder, params, manifest_path=d.manifest)
