@@ -80,6 +80,9 @@ class DataConfig:
     index_timeout_s: float = 600.0  # seconds one slide may take to open, read and describe in the index build; over it: unusable (0: no limit)
     stall_timeout_s: float = 600.0  # a loader with no batch for this long ends the run (exit 75, requeue) naming the slides (0: no limit; needs num_workers > 0)
     tiles_per_visit: int = 8  # tiles read from a slide per visit (one file open per visit; visits are shuffled)
+    read_ahead_mb: float = 16.0  # per loader worker: stored JPEG tiles read ahead of their decode, at most this many MB
+                                 # held (hides shared-storage latency; 0: each read waits in turn)
+    read_threads: int = 16  # per loader worker: reads in flight at once (with read_ahead_mb > 0)
     synthetic_slides: int = 3
     synthetic_size: int = 4096  # level-0 width and height of each synthetic slide
     cache_dir: str = ".cache/pathfm"  # synthetic slides and tissue masks
@@ -340,12 +343,12 @@ def validate(cfg: Config) -> None:
     if cfg.data.mpp_weights and len(cfg.data.mpp_weights) != len(cfg.data.mpps):
         raise ConfigError("config key 'data.mpp_weights' must have one weight per entry of data.mpps")
     for k in ("optim.batch_size", "train.steps", "model.patch_size", "crops.global_size", "crops.local_size",
-              "train.log_every", "train.ckpt_every"):
+              "train.log_every", "train.ckpt_every", "data.read_threads"):
         sec, name = k.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:
             raise ConfigError(f"config key '{k}' must be positive, got {getattr(getattr(cfg, sec), name)}")
     for k in ("crops.n_local", "optim.warmup_steps", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps",
-              "train.stop_after", "train.rankme_every", "data.num_workers", "optim.clip_grad"):
+              "train.stop_after", "train.rankme_every", "data.num_workers", "optim.clip_grad", "data.read_ahead_mb"):
         sec, name = k.split(".")
         if getattr(getattr(cfg, sec), name) < 0:
             raise ConfigError(f"config key '{k}' must be >= 0, got {getattr(getattr(cfg, sec), name)}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import simplejpeg
 import tifffile
 import torch
 
@@ -198,11 +199,78 @@ def test_grid_aligned_decodes_one_stored_tile(prepared, monkeypatch):
     assert len(decoded) == 16
 
 
-def test_jpeg_and_openslide_readers_give_the_same_tiles(prepared):
+def test_mix_path_pixels_at_each_magnification(prepared):
+    """A magnification a level serves is that level's pixels, as OpenSlide reads them; one 2^k coarser than a
+    level (1 µm/px from 0.5 µm/px here) is libjpeg-turbo's 1/2^k scaled decode of the stored tiles, cut at
+    the region with no resize, within about a grey level of OpenSlide's pixels resized (PSNR >= 30 dB)."""
     fast, slow = dataset(prepared, reader="jpeg", batch_size=24), dataset(prepared, reader="openslide", batch_size=24)
     a, b = fast.batch(1), slow.batch(1)
-    assert a["locations"] == b["locations"]
-    assert torch.equal(a["tiles"], b["tiles"])  # includes 1 µm/px tiles resized from level 0
+    assert a["locations"] == b["locations"] and {loc[1] for loc in a["locations"]} == {0.5, 1.0, 2.0}
+    scaled = 0
+    for got, resized, (i, mpp, x, y) in zip(a["tiles"], b["tiles"], a["locations"]):
+        slide = prepared.slide(i)
+        level, lx, ly, r, scale = P.TileReader.region(slide, mpp, x, y, 64)
+        assert scale == (2 if mpp == 1.0 else 1)
+        if scale == 1:
+            assert torch.equal(got, resized)
+            continue
+        scaled += 1
+        reader = P.JpegTiffReader(slide.info.path, slide.info.dimensions)
+        t = slide.tile_grid[level][0]  # the stored tiles each decoded at 1/2, pasted, cut at the region
+        cols, rows = range(lx // t, (lx + r - 1) // t + 1), range(ly // t, (ly + r - 1) // t + 1)
+        mosaic = np.concatenate([np.concatenate([simplejpeg.decode_jpeg(reader.tile_bytes(level, c, row), min_width=t // 2,
+                                 min_height=t // 2) for c in cols], 1) for row in rows], 0)
+        ox, oy = (lx - cols[0] * t) // 2, (ly - rows[0] * t) // 2
+        assert torch.equal(got.permute(1, 2, 0), torch.from_numpy(mosaic[oy:oy + 64, ox:ox + 64]))
+        mse = (got.double() - resized.double()).pow(2).mean()
+        assert 10 * torch.log10(255**2 / mse) >= 30
+    assert scaled >= 4
+
+
+@pytest.mark.parametrize("hsv_filter", [False, True])
+def test_reads_in_flight_keep_the_stream_bit_for_bit(prepared, hsv_filter, monkeypatch):
+    """Reads ahead of the decode, any number in flight: the same tiles, locations and resumed stream."""
+    redone = []
+    real_redo = P._Draws.redo
+    monkeypatch.setattr(P._Draws, "redo", lambda self, d, same_visit: redone.append(same_visit) or real_redo(self, d, same_visit))
+    reference = dataset(prepared, batch_size=16, hsv_filter=hsv_filter)
+    expected = [reference.batch(step) for step in range(4)]
+    for nbytes in (1, 20_000, 1 << 24):  # one tile at a time, a few, all of the next step's too
+        ds = dataset(prepared, batch_size=16, hsv_filter=hsv_filter, read_ahead_bytes=nbytes, read_threads=4)
+        it = iter(ds)
+        for want in expected[:3]:
+            got = next(it)
+            assert got["locations"] == want["locations"] and torch.equal(got["tiles"], want["tiles"])
+        resumed = dataset(prepared, batch_size=16, hsv_filter=hsv_filter, read_ahead_bytes=nbytes, start_step=3)
+        got = next(iter(resumed))
+        assert got["step"] == 3 and torch.equal(got["tiles"], expected[3]["tiles"])
+        for d in (ds, resumed):
+            d.reader.ahead.pool.shutdown()
+    assert (True in redone) == hsv_filter  # the filter's redraws were exercised
+
+
+def test_reads_in_flight_stay_within_their_memory_bound(prepared):
+    bound = 100_000  # bytes: a few draws' stored tiles (up to 4 of at most 18 KB each on these slides)
+    ds = dataset(prepared, batch_size=16, read_ahead_bytes=bound, read_threads=8)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    ahead = ds.reader.ahead
+    largest = max(int(c) for i in range(len(prepared)) for lv in P.JpegTiffReader(prepared.path(i), prepared.slide(i).info.dimensions).levels
+                  for c in lv.counts)
+    assert 2 * largest < ahead.peak <= bound  # several reads in flight at once, never more than the bound
+    assert 0 < ahead.held <= bound  # the next step's reads, started while this one was made
+    ahead.pool.shutdown()
+
+
+def test_reads_in_flight_give_the_same_failures_and_drops(tmp_path, slide_dir):
+    index, good, bad = damaged_copy(slide_dir, tmp_path)
+    sync = dataset(index, batch_size=16, mpps=[0.5], tiles_per_visit=4)
+    ahead = dataset(index, batch_size=16, mpps=[0.5], tiles_per_visit=4, read_ahead_bytes=1 << 20)
+    a, b = sync.batch(0), next(iter(ahead))
+    assert a["locations"] == b["locations"] and torch.equal(a["tiles"], b["tiles"])
+    assert b["skipped"] == P.FAILURES_TO_DROP and ahead.dropped[1]
+    ahead.reader.ahead.pool.shutdown()
 
 
 def test_tiles_from_the_index_are_the_readers_tiles_at_those_positions(prepared):

@@ -37,11 +37,17 @@ TILE_W, TILE_H, OFFSETS, COUNTS, TABLES = 322, 323, 324, 325, 347
 _TAGS = {WIDTH, LENGTH, BITS, COMPRESSION, PHOTOMETRIC, SAMPLES, PLANAR, TILE_W, TILE_H, OFFSETS, COUNTS, TABLES}
 _TYPES = {1: "u1", 3: "u2", 4: "u4", 7: "u1", 16: "u8"}  # BYTE, SHORT, LONG, UNDEFINED, LONG8
 MAX_PAGES = 256
+MAX_TILE_SIDE = 4096  # a stored tile's side: 50 MB decoded (Aperio writes 240-256 px, others up to 1024)
 
 
 def tiff_pages(f) -> list[dict]:
     """The top-level pages (IFDs) of a classic or Big TIFF: {tag: values} for the tags above only.
-    Raises ValueError on anything that is not a well-formed TIFF."""
+    Raises ValueError on anything that is not a well-formed TIFF.
+
+    What the file says is believed only as far as its size allows, so no field makes this allocate more
+    than the file holds: at most MAX_PAGES directories, each with at most (file size / entry size)
+    entries, each tag's values at most the file's size in bytes (more is "truncated"); see _Level and
+    JpegTiffReader.tile_bytes for tile sizes, offsets and byte counts."""
     try:
         return _tiff_pages(f)
     except struct.error as e:  # a directory cut short
@@ -57,6 +63,8 @@ def _tiff_pages(f) -> list[dict]:
     if magic not in (42, 43):
         raise ValueError(f"not a TIFF file (magic {magic})")
     big = magic == 43
+    f.seek(0, os.SEEK_END)
+    file_size = f.tell()
     pointer, count_fmt, entry = ("Q", "Q", 20) if big else ("I", "H", 12)
     next_ifd = struct.unpack(order + pointer, head[8:16] if big else head[4:8])[0]
     pages, seen = [], set()
@@ -64,6 +72,8 @@ def _tiff_pages(f) -> list[dict]:
         seen.add(next_ifd)
         f.seek(next_ifd)
         (n,) = struct.unpack(order + count_fmt, f.read(struct.calcsize(count_fmt)))
+        if n * entry > file_size:  # a BigTIFF count can claim 2**64 entries
+            raise ValueError(f"truncated TIFF directory ({n} entries, the file has {file_size:,} bytes)")
         raw = f.read(n * entry)
         next_ifd = struct.unpack(order + pointer, f.read(struct.calcsize(pointer)))[0]
         if len(raw) != n * entry:
@@ -76,6 +86,8 @@ def _tiff_pages(f) -> list[dict]:
             dtype = np.dtype(order + _TYPES[typ])
             inline = e[12:] if big else e[8:]
             size = dtype.itemsize * count
+            if size > file_size:  # read() would allocate the claimed size before finding the end of the file
+                raise ValueError(f"truncated TIFF tag {tag} ({count:,} values, the file has {file_size:,} bytes)")
             if size <= len(inline):
                 data = inline[:size]
             else:
@@ -91,13 +103,19 @@ def _tiff_pages(f) -> list[dict]:
 class _Level:
     """One pyramid level: tile grid, byte ranges and the JPEG prefix to put before each tile."""
 
-    def __init__(self, tags: dict):
+    def __init__(self, tags: dict, file_size: int):
         self.width, self.height = int(tags[WIDTH][0]), int(tags[LENGTH][0])
         self.tile_w, self.tile_h = int(tags[TILE_W][0]), int(tags[TILE_H][0])
+        # bounds on what the tags make this allocate: a tile (decoded, or blank when never scanned) is at
+        # most MAX_TILE_SIDE a side; a tile's bytes lie inside the file, so a read is at most the file's size
+        if not (0 < self.tile_w <= MAX_TILE_SIDE and 0 < self.tile_h <= MAX_TILE_SIDE):
+            raise ValueError(f"stored tiles of {self.tile_w}x{self.tile_h} px (this reader takes 1-{MAX_TILE_SIDE} px a side)")
         self.cols = -(-self.width // self.tile_w)
         self.offsets, self.counts = tags[OFFSETS], tags[COUNTS]
         if not len(self.offsets) == len(self.counts) == self.cols * -(-self.height // self.tile_h):
             raise ValueError(f"{len(self.offsets)} tile offsets for a {self.width}x{self.height} level")
+        if len(self.counts) and (self.counts.min() < 0 or (self.offsets + self.counts).max() > file_size):
+            raise ValueError(f"tiles reach byte {int((self.offsets + self.counts).max()):,} of a {file_size:,} byte file")
         tables = tags.get(TABLES, b"")
         # prefix replaces each tile's SOI marker: SOI [+ Adobe RGB] [+ tables without SOI/EOI]
         photometric = int(tags[PHOTOMETRIC][0]) if PHOTOMETRIC in tags else -1
@@ -125,9 +143,10 @@ class JpegTiffReader:
         self._fd = None
         pages = {}
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             for tags in tiff_pages(f):
                 if _is_rgb_jpeg_tiled(tags) and (int(tags[WIDTH][0]), int(tags[LENGTH][0])) not in pages:
-                    pages[(int(tags[WIDTH][0]), int(tags[LENGTH][0]))] = _Level(tags)
+                    pages[(int(tags[WIDTH][0]), int(tags[LENGTH][0]))] = _Level(tags, size)
         missing = [d for d in level_dimensions if tuple(d) not in pages]
         if missing:
             raise ValueError(f"{path}: no tiled JPEG RGB page for level size(s) {missing}")
@@ -149,20 +168,50 @@ class JpegTiffReader:
         data = os.pread(self._fd, int(lv.counts[i]), int(lv.offsets[i]))
         if len(data) != lv.counts[i] or data[:2] != b"\xff\xd8":
             raise OSError(f"{self.path}: level {level} tile ({col}, {row}) is truncated or not JPEG")
-        return lv.prefix + data[2:]
+        stream = lv.prefix + data[2:]
+        # the decoder allocates what the frame header (SOF) says: check it against the TIFF's tile size first
+        # (a header claiming 65500 x 65500 px would make it allocate 12 GiB); 4 µs a tile
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(stream)
+        except ValueError as e:
+            raise OSError(f"{self.path}: level {level} tile ({col}, {row}): {e}") from None
+        if (w, h) != (lv.tile_w, lv.tile_h):
+            raise OSError(f"{self.path}: level {level} tile ({col}, {row}): its JPEG header says {w}x{h} px, "
+                          f"the TIFF's tiles are {lv.tile_w}x{lv.tile_h}")
+        return stream
 
-    def decode_tile(self, level: int, col: int, row: int) -> np.ndarray:
-        """(tile_h, tile_w, 3) uint8, including any padding past the image edge."""
+    def tile_range(self, level: int, col: int, row: int) -> tuple[int, int]:
+        """(offset, byte count) of one stored tile in the file: what a read ahead of the decode fetches."""
+        lv = self.levels[level]
+        i = row * lv.cols + col
+        return int(lv.offsets[i]), int(lv.counts[i])
+
+    def stored_tiles(self, level: int, x: int, y: int, w: int, h: int) -> list[tuple[int, int]]:
+        """(col, row) of the stored tiles that region (x, y, w, h) of a level covers, in read order."""
+        lv = self.levels[level]
+        return [(col, row) for row in range(y // lv.tile_h, (y + h - 1) // lv.tile_h + 1)
+                for col in range(x // lv.tile_w, (x + w - 1) // lv.tile_w + 1)]
+
+    def decode_tile(self, level: int, col: int, row: int, data: bytes | None = None, scale: int = 1) -> np.ndarray:
+        """(tile_h, tile_w, 3) uint8 / scale, including any padding past the image edge. data: the tile's
+        stream when already read (tile_bytes); scale 2, 4 or 8: libjpeg-turbo's scaled IDCT, which decodes
+        straight to 1/scale of the size (cheaper than a full decode, and no resize afterwards)."""
         lv = self.levels[level]
         if lv.counts[row * lv.cols + col] == 0:  # never scanned: blank, as OpenSlide renders it
-            return np.full((lv.tile_h, lv.tile_w, 3), 255, np.uint8)
+            return np.full((lv.tile_h // scale, lv.tile_w // scale, 3), 255, np.uint8)
         try:
-            return simplejpeg.decode_jpeg(self.tile_bytes(level, col, row), colorspace="RGB")
+            data = self.tile_bytes(level, col, row) if data is None else data
+            if scale == 1:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB")
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=lv.tile_w // scale, min_height=lv.tile_h // scale)
         except ValueError as e:  # simplejpeg reports corrupt streams as ValueError
             raise OSError(f"{self.path}: level {level} tile ({col}, {row}): {e}") from None
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 region (possibly a strided view) whose top-left is (x, y) in level pixels.
+    def read(self, level: int, x: int, y: int, w: int, h: int, *, scale: int = 1, fetched=None) -> np.ndarray:
+        """(h, w, 3) uint8 region (possibly a strided view) whose top-left is (x, y) in level pixels;
+        with scale s, the region decoded at 1/s of its size, (h/s, w/s, 3): x, y, w, h and the stored
+        tile size must then be multiples of s. fetched: {(col, row): a callable returning the tile's
+        stream} for tiles already read ahead; the others are read here.
 
         The region must lie inside the level. One stored tile is decoded when it fits in one.
         """
@@ -170,19 +219,23 @@ class JpegTiffReader:
         if x < 0 or y < 0 or x + w > lv.width or y + h > lv.height:
             raise ValueError(f"{self.path}: region ({x}, {y}, {w}, {h}) outside level {level} "
                              f"of size {lv.width}x{lv.height}")
+        if (x | y | w | h | lv.tile_w | lv.tile_h) % scale:
+            raise ValueError(f"{self.path}: region ({x}, {y}, {w}, {h}) not on the 1/{scale} grid of level {level}")
+        data = lambda col, row: fetched[col, row]() if fetched and (col, row) in fetched else None  # noqa: E731
         c0, c1 = x // lv.tile_w, (x + w - 1) // lv.tile_w
         r0, r1 = y // lv.tile_h, (y + h - 1) // lv.tile_h
+        x, y, w, h, tw, th = x // scale, y // scale, w // scale, h // scale, lv.tile_w // scale, lv.tile_h // scale
         if c0 == c1 and r0 == r1:  # the grid-aligned case: no copy into a mosaic
-            tile = self.decode_tile(level, c0, r0)
-            ox, oy = x - c0 * lv.tile_w, y - r0 * lv.tile_h
+            tile = self.decode_tile(level, c0, r0, data(c0, r0), scale)
+            ox, oy = x - c0 * tw, y - r0 * th
             return tile[oy:oy + h, ox:ox + w]  # a view: the caller's np.stack copies it once
         out = np.empty((h, w, 3), np.uint8)
         for row in range(r0, r1 + 1):
             for col in range(c0, c1 + 1):
-                tile = self.decode_tile(level, col, row)
-                # overlap of this tile with the region, in level coordinates
-                tx, ty = col * lv.tile_w, row * lv.tile_h
+                tile = self.decode_tile(level, col, row, data(col, row), scale)
+                # overlap of this tile with the region, in (scaled) level coordinates
+                tx, ty = col * tw, row * th
                 ax, ay = max(x, tx), max(y, ty)
-                bx, by = min(x + w, tx + lv.tile_w), min(y + h, ty + lv.tile_h)
+                bx, by = min(x + w, tx + tw), min(y + h, ty + th)
                 out[ay - y:by - y, ax - x:bx - x] = tile[ay - ty:by - ty, ax - tx:bx - tx]
         return out

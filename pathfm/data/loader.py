@@ -131,7 +131,8 @@ def tile_dataset(cfg, index: SlideIndex, *, rank: int, world_size: int, start_st
         mpp_weights=d.mpp_weights or None, seed=cfg.train.seed if seed is None else seed, rank=rank,
         world_size=world_size, start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned,
         hsv_filter=d.hsv_filter, group_balance=d.group_balance, transform=transform,
-        tiles_per_visit=d.tiles_per_visit, failures_dir=failures_dir)
+        tiles_per_visit=d.tiles_per_visit, failures_dir=failures_dir,
+        read_ahead_bytes=int(d.read_ahead_mb * 2**20), read_threads=d.read_threads)
 
 
 def build_loader(cfg, index: SlideIndex | None, *, rank: int, world_size: int, start_step: int, views: Views,

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import openslide
@@ -43,21 +45,64 @@ READERS = ("auto", "openslide", "jpeg")  # auto: the JPEG fast path where the fi
 MAX_OPEN_HANDLES = 64  # per worker: a 10k-slide manifest must not hold 10k open files
 
 
+class ReadAhead:
+    """Stored-tile reads kept in flight on a few threads, so that waiting on slow storage (a network file
+    system, milliseconds a read) overlaps decoding instead of adding to it.
+
+    At most `max_bytes` of tile streams are held at once, counting those being read and those read but
+    not decoded yet (one tile larger than that is still read, alone). The threads only call os.pread
+    (which releases the GIL); decoding stays in the worker's own thread.
+    """
+
+    def __init__(self, max_bytes: int, threads: int):
+        self.max_bytes, self.threads = max_bytes, threads
+        self.pool = None  # started on first use, in the process that reads (threads do not survive a fork)
+        self.held = self.peak = 0  # bytes held now, and the most ever held (tests check the bound)
+        self.pending: dict = {}  # future -> the handle it reads from, until consumed or dropped
+
+    def room(self, nbytes: int) -> bool:
+        return self.held == 0 or self.held + nbytes <= self.max_bytes
+
+    def submit(self, handle, level: int, col: int, row: int, nbytes: int):
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="pathfm-read")
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+        future = self.pool.submit(handle.tile_bytes, level, col, row)
+        self.pending[future] = handle
+        return future
+
+    def release(self, futures, nbytes: int) -> None:
+        """The reads of one tile are decoded or no longer wanted: their bytes stop counting."""
+        self.held -= nbytes
+        for future in futures:
+            future.cancel()  # not started yet: never read
+            self.pending.pop(future, None)
+
+    def settle(self, handle) -> None:
+        """Wait for the reads in flight from `handle`, so that closing it cannot pull a file from under them."""
+        for future in [f for f, h in self.pending.items() if h is handle]:
+            future.cancel() or future.exception()  # wait; an error belongs to whoever consumes it
+        self.pending = {f: h for f, h in self.pending.items() if not f.done()}
+
+
 class TileReader:
     """Reads tiles for one worker: lazily opened handles (OpenSlide or the JPEG fast path).
 
     Handles are opened in the worker (they cannot be pickled and must not cross a fork), kept
     in a bounded LRU, share one OpenSlideCache, and are closed and forgotten after an error so
-    the next read reopens the file instead of reusing a broken handle.
+    the next read reopens the file instead of reusing a broken handle. With read_ahead_bytes > 0
+    the sampler reads stored tiles ahead of their decode on `read_threads` threads (ReadAhead).
     """
 
-    def __init__(self, reader: str = "auto"):
+    def __init__(self, reader: str = "auto", read_ahead_bytes: int = 0, read_threads: int = 16):
         if reader not in READERS:
             raise ValueError(f"reader={reader!r}: expected one of {READERS}")
         self.reader = reader
         self.cache = openslide.OpenSlideCache(OPENSLIDE_CACHE_BYTES)
         self.handles: OrderedDict[str, object] = OrderedDict()
         self.opens = 0  # files opened so far (the cost visits amortise)
+        self.ahead = ReadAhead(read_ahead_bytes, read_threads) if read_ahead_bytes > 0 else None
 
     def handle(self, slide: IndexedSlide):
         path = slide.info.path
@@ -76,40 +121,64 @@ class TileReader:
         self.opens += 1
         self.handles[path] = handle
         if len(self.handles) > MAX_OPEN_HANDLES:
-            self.handles.popitem(last=False)[1].close()
+            self._close(self.handles.popitem(last=False)[1])
         return handle
+
+    def _close(self, handle) -> None:
+        if self.ahead is not None:
+            self.ahead.settle(handle)
+        handle.close()
 
     def forget(self, path: str) -> None:
         handle = self.handles.pop(path, None)
         if handle is not None:
             try:
-                handle.close()
+                self._close(handle)
             except Exception:  # closing a broken handle may fail too; it is dropped either way
                 pass
 
-    def read(self, slide: IndexedSlide, mpp: float, x: int, y: int, size: int) -> np.ndarray:
-        """(size, size, 3) uint8 tile at target mpp whose top-left is level-0 (x, y)."""
+    @staticmethod
+    def region(slide: IndexedSlide, mpp: float, x: int, y: int, size: int) -> tuple[int, int, int, int, int]:
+        """(level, lx, ly, side, scale): the square region of the read level that makes the tile at level-0
+        (x, y), and the JPEG decode scale (decode_scale) it is read at."""
         plan = slide.plans[mpp]
         lw, lh = slide.info.dimensions[plan.level]
-        r = plan.region
-        lx = min(round(x / plan.downsample), lw - r)
-        ly = min(round(y / plan.downsample), lh - r)
+        scale = decode_scale(plan.region, size)
+        r = plan.region - plan.region % scale
+        return plan.level, min(round(x / plan.downsample), lw - r), min(round(y / plan.downsample), lh - r), r, scale
+
+    def read(self, slide: IndexedSlide, mpp: float, x: int, y: int, size: int, fetched=None) -> np.ndarray:
+        """(size, size, 3) uint8 tile at target mpp whose top-left is level-0 (x, y); fetched: stored tiles
+        already read ahead ({(col, row): callable giving the stream}, JPEG reader only)."""
+        level, lx, ly, r, scale = self.region(slide, mpp, x, y, size)
         try:
             handle = self.handle(slide)
             if isinstance(handle, JpegTiffReader):
-                region = handle.read(plan.level, lx, ly, r, r)
+                region = handle.read(level, lx, ly, r, r, scale=scale, fetched=fetched)
             else:
+                plan = slide.plans[mpp]
                 xy0 = (round(lx * plan.downsample), round(ly * plan.downsample))
-                rgba = np.asarray(handle.read_region(xy0, plan.level, (r, r)))  # (r, r, 4)
+                rgba = np.asarray(handle.read_region(xy0, level, (r, r)))  # (r, r, 4)
                 region = rgba[..., :3]
                 if rgba[..., 3].min() < 255:  # unscanned area: premultiplied transparent -> white
                     region = (region + (255 - rgba[..., 3:])).astype(np.uint8)
         except Exception:
             self.forget(slide.info.path)
             raise
-        if r != size:  # the remainder between the level's mpp and the target (antialiased)
+        if region.shape[0] != size:  # the remainder between the level's mpp and the target (antialiased)
             region = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((size, size), Image.BILINEAR))
         return region
+
+
+def decode_scale(region: int, size: int) -> int:
+    """1, 2, 4 or 8: the JPEG reader decodes a region of `region` px read for a tile of `size` px at
+    1/scale (libjpeg-turbo's scaled IDCT), the largest scale that leaves at least `size` px. A 1 µm/px
+    tile from a 0.5 µm/px level (448 px -> 224) is then 4-9 half-size decodes and no resize, instead of
+    full decodes and an antialiased resize; the pixels differ from that resize by about one grey level."""
+    scale = 1
+    while scale < 8 and region >= 2 * scale * size:
+        scale *= 2
+    return scale
 
 
 def worker_steps(start_step: int):
@@ -135,7 +204,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
     def __init__(self, index: SlideIndex, *, batch_size: int, tile_size: int, mpps: list[float],
                  mpp_weights: list[float] | None, seed: int, rank: int, world_size: int, start_step: int = 0,
                  reader: str = "auto", grid_aligned: bool = False, hsv_filter: bool = False,
-                 group_balance: bool = False, transform=None, tiles_per_visit: int = 8, failures_dir=None):
+                 group_balance: bool = False, transform=None, tiles_per_visit: int = 8, failures_dir=None,
+                 read_ahead_bytes: int = 0, read_threads: int = 16):
         if not len(index):
             raise SlideError(f"SlideTileDataset: the index {index.folder} has no usable slide")
         if mpp_weights and len(mpp_weights) != len(mpps):
@@ -156,6 +226,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self.reader_kind, self.grid_aligned, self.group_balance = reader, grid_aligned, group_balance
         self.hsv = HSVFilter() if hsv_filter else None
         self.transform, self.tiles_per_visit, self.failures_dir = transform, tiles_per_visit, failures_dir
+        self.read_ahead_bytes, self.read_threads = read_ahead_bytes, read_threads
         self._reset_worker_state()
 
     def _reset_worker_state(self, name: str = "main") -> None:
@@ -164,6 +235,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self.dropped = np.zeros(len(self.index), bool)
         self._slide_cumulative = None
         self._views: OrderedDict[int, tuple[IndexedSlide, np.ndarray]] = OrderedDict()
+        self._draws: dict[int, _Draws] = {}  # step -> its draws made ahead of their reads
+        self._epoch = 0  # bumped when a slide is dropped: draws made before it are stale
 
     @property
     def skipped(self) -> int:
@@ -172,38 +245,122 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         self._reset_worker_state(f"worker{info.id:03d}" if info else "main")  # each worker process starts clean
-        return (self.batch(step) for step in worker_steps(self.start_step))
+        steps = worker_steps(self.start_step)
+        step = next(steps)
+        for upcoming in steps:  # the next step's reads start while this one decodes
+            yield self.batch(step, upcoming=upcoming)
+            step = upcoming
 
     # -- one step
 
-    def batch(self, step: int) -> dict:
+    def batch(self, step: int, upcoming: int | None = None) -> dict:
         """The whole batch of a step; deterministic in (seed, rank, step) barring read errors.
 
         Tiles come in visits: a slide, then up to `tiles_per_visit` tiles from it (each with its own
         magnification and position), so a handle is opened at most once per visit even when there are
-        more slides than open handles; the visits are then shuffled together."""
+        more slides than open handles; the visits are then shuffled together.
+
+        With read-ahead, the positions are drawn before the tiles are read (_Draws): the reads of the
+        next tiles, and of the `upcoming` step's first ones, are in flight while a tile decodes. A draw
+        assumes every tile before it is kept; when one is not (a read error, the HSV filter), the draws
+        after it are redone from the generator state just after it, so the stream is the same bit for bit
+        at any read-ahead."""
         if self.reader is None:
-            self.reader = TileReader(self.reader_kind)
+            self.reader = TileReader(self.reader_kind, self.read_ahead_bytes, self.read_threads)
         self._drop_failed_elsewhere()
-        rng = np.random.default_rng([self.seed, self.rank, step])
         B, T = self.batch_size, self.tile_size
         slot = np.random.default_rng([self.seed, self.rank, step, 2]).permutation(B)  # shuffles the visits together
         # Each tile is copied into its slot as soon as it is decoded, so the decoder's buffer is freed and
         # reused at once: 32 live decoded tiles waiting for a np.stack cost a page fault per 4 KB.
-        tiles, locations, n = np.empty((B, T, T, 3), np.uint8), [None] * B, 0
-        while n < B:
-            index = self._draw_slide(rng)
-            for _ in range(min(self.tiles_per_visit, B - n)):
-                got = self._sample(index, rng)
-                if got is None:  # read failure: leave this slide, draw another
-                    break
-                tiles[slot[n]], locations[slot[n]] = got
-                n += 1
+        tiles, locations = np.empty((B, T, T, 3), np.uint8), [None] * B
+        draws = self._draws_of(step)
+        draws.epoch = None  # in use: a slide dropped from now on is handled by redo(), not by drawing anew
+        for old in [s for s in self._draws if s != step and s != upcoming]:
+            self._discard(self._draws.pop(old))
+        while (d := draws.next()) is not None:
+            if self.reader.ahead is not None:
+                self._read_ahead([step] if upcoming is None else [step, upcoming])
+            index = d.location[0]
+            try:
+                tile = self.reader.read(self.slide(index)[0], *d.location[1:], T,
+                                        {k: f.result for k, f in d.reads.items()} if d.reads else None)
+            except Exception as e:  # any read failure: count, maybe drop, leave this slide
+                self._failed(index, e)
+                draws.redo(d, same_visit=False)
+                continue
+            finally:
+                self._discard_draw(d)
+            if self.hsv is not None and d.tries < HSV_TRIES - 1 and not self.hsv.accepts(tile):
+                draws.redo(d, same_visit=True)  # another position on the same slide
+                continue
+            tiles[slot[d.n]], locations[slot[d.n]] = tile, d.location
+        del self._draws[step]
         # (B, 3, T, T) as a view of (B, T, T, 3): torch's channels_last layout, no transposing copy
         batch = torch.from_numpy(tiles).permute(0, 3, 1, 2)
         if self.transform is not None:
             batch = self.transform(batch, views_generator(self.seed, self.rank, step))
         return {"step": step, "tiles": batch, "skipped": self.skipped, "locations": locations}
+
+    # -- draws made ahead of their reads
+
+    def _draws_of(self, step: int) -> "_Draws":
+        draws = self._draws.get(step)
+        if draws is None or draws.epoch not in (None, self._epoch):  # a slide was dropped since: draw again
+            if draws is not None:
+                self._discard(draws)
+            draws = self._draws[step] = _Draws(self, step)
+        return draws
+
+    def _read_ahead(self, steps: list[int]) -> None:
+        """Start the reads of the next draws of these steps, in stream order, while there is room."""
+        ahead = self.reader.ahead
+        for step in steps:
+            draws = self._draws_of(step)
+            while True:
+                if draws.submitted < len(draws.made):
+                    d = draws.made[draws.submitted]
+                else:
+                    try:
+                        d = draws.draw()
+                    except Exception:  # e.g. every slide dropped: raised again when this step is made
+                        return
+                    if d is None:
+                        break
+                if not self._submit(d, ahead):
+                    return
+                draws.submitted += 1
+
+    def _submit(self, d: "_Draw", ahead: ReadAhead) -> bool:
+        """Start the reads of the stored tiles draw d needs; False when they do not fit in the bound."""
+        index, mpp, x, y = d.location
+        slide = self.slide(index)[0]
+        try:
+            handle = self.reader.handle(slide)
+        except Exception:  # the read, at its turn, opens again and reports the error
+            d.reads = {}
+            return True
+        if not isinstance(handle, JpegTiffReader):  # OpenSlide reads itself
+            d.reads = {}
+            return True
+        level, lx, ly, r, _ = self.reader.region(slide, mpp, x, y, self.tile_size)
+        ranges = {k: handle.tile_range(level, *k)[1] for k in handle.stored_tiles(level, lx, ly, r, r)}
+        nbytes = sum(ranges.values())
+        if not ahead.room(nbytes):
+            return False
+        d.reads = {k: ahead.submit(handle, level, *k, n) for k, n in ranges.items() if n > 0}
+        d.nbytes = nbytes
+        return True
+
+    def _discard_draw(self, d: "_Draw") -> None:
+        if d.reads:
+            self.reader.ahead.release(d.reads.values(), d.nbytes)
+        d.reads, d.nbytes = None, 0
+
+    def _discard(self, draws: "_Draws") -> None:
+        for d in draws.made:
+            self._discard_draw(d)
+        draws.made.clear()
+        draws.submitted = 0
 
     def _sample(self, index: int, rng: np.random.Generator):
         """(tile, location) from slide `index`, retrying positions that fail the HSV filter; None on a read error."""
@@ -234,6 +391,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
     def _drop(self, index: int) -> None:
         self.dropped[index] = True
         self._slide_cumulative = None
+        self._epoch += 1
         if self.reader is not None:
             self.reader.forget(self.index.path(index))
         log.warning("dropping %s after %d read errors (in all workers and ranks)", self.index.path(index), FAILURES_TO_DROP)
@@ -284,7 +442,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         tw, th = slide.tile_grid[plan.level] if slide.tile_grid else (0, 0)
         if self.grid_aligned and tw and th:
             lx, ly = _snap(lx, tw, r, lw), _snap(ly, th, r, lh)
-        return lx, ly
+        scale = decode_scale(r, self.tile_size)  # a scaled JPEG decode starts on its grid (< 1 output px away)
+        return lx - lx % scale, ly - ly % scale
 
     def _draw_slide(self, rng: np.random.Generator) -> int:
         if self._slide_cumulative is None:  # first draw, or a slide was dropped
@@ -300,6 +459,60 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                 raise SlideError(f"no slide of {self.index.folder} serves mpps {list(np.array(self.index.params.mpps)[self.used_columns])}")
             self._slide_cumulative = np.cumsum(weights)
         return _pick(self._slide_cumulative, rng)
+
+
+@dataclass
+class _Draw:
+    """One drawn tile and where the drawing was: slot n of the batch, `left` tiles left in its visit (this
+    one included), `tries` HSV draws before it, the generator state just after it."""
+
+    location: tuple[int, float, int, int]  # (slide index, mpp, x, y)
+    n: int
+    left: int
+    tries: int
+    state: dict
+    reads: dict | None = None  # (col, row) -> future of the stored tile's stream, once submitted
+    nbytes: int = 0
+
+
+class _Draws:
+    """The draws of one step, made ahead of the reads, each assuming every tile before it is kept."""
+
+    def __init__(self, ds: SlideTileDataset, step: int):
+        self.ds, self.epoch = ds, ds._epoch
+        self.rng = np.random.default_rng([ds.seed, ds.rank, step])
+        self.n = self.left = self.tries = 0  # tiles kept so far; left in this visit; HSV draws of this tile
+        self.index = -1  # the visit's slide
+        self.made: deque[_Draw] = deque()  # drawn, not yet read
+        self.submitted = 0  # the first `submitted` of `made` have their reads in flight
+
+    def draw(self) -> _Draw | None:
+        """The next draw, or None when the batch is full."""
+        ds = self.ds
+        if self.n >= ds.batch_size:
+            return None
+        if self.left == 0:  # a new visit
+            self.index = ds._draw_slide(self.rng)
+            self.left = min(ds.tiles_per_visit, ds.batch_size - self.n)
+        location = ds.draw_tile(self.index, self.rng)
+        d = _Draw(location, self.n, self.left, self.tries, self.rng.bit_generator.state)
+        self.n, self.left, self.tries = self.n + 1, self.left - 1, 0
+        self.made.append(d)
+        return d
+
+    def next(self) -> _Draw | None:
+        if not self.made and self.draw() is None:
+            return None
+        self.submitted = max(0, self.submitted - 1)
+        return self.made.popleft()
+
+    def redo(self, d: _Draw, same_visit: bool) -> None:
+        """Tile d was not kept: forget the draws after it and draw again from just after it, either the same
+        tile's next try on the same slide (HSV filter) or a new visit (read failure)."""
+        self.ds._discard(self)
+        self.rng.bit_generator.state = d.state
+        self.n, self.index = d.n, d.location[0]
+        self.left, self.tries = (d.left, d.tries + 1) if same_visit else (0, 0)
 
 
 def _pick(cumulative: np.ndarray, rng: np.random.Generator) -> int:

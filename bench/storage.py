@@ -1,0 +1,148 @@
+"""Tiles/s of one loader worker when every read of the slide costs 0, 1 or 5 ms more, against the page cache.
+
+    python bench/storage.py [--seconds 3] [--repeats 3] [--delays 0,1,5] [--batch 32]
+
+The slow storage is a real file system: bench/slowfs.c, a FUSE passthrough (compiled here with gcc and
+libfuse3; `apt-get install fuse3 libfuse3-dev gcc pkg-config`) that opens files with direct_io (no page
+cache on the mount: every read reaches it, as on a network file system with a cohort larger than the
+node's memory) and sleeps its delay in every read, on up to 128 daemon threads. One mount per delay
+serves the folder of bench/data.py's synthetic 40000 x 40000 px slide; the same slide is also read
+directly (page cache) in the same run. Rows: grid-aligned 0.5 µm/px (JPEG reader) and the mix
+0.5/1/2 µm/px (unaligned, auto reader), each with reads waiting in turn (data.read_ahead_mb=0) and
+with reads in flight (the default data.read_ahead_mb and data.read_threads). Every measurement is one
+process, 1 torch thread, timed alternately over --repeats rounds; the table gives medians.
+Needs /dev/fuse and root (or fusermount3 rights); says so and exits if the mount fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pathfm.config import DataConfig  # noqa: E402
+from pathfm.data.index import IndexParams, build_index  # noqa: E402
+from pathfm.data.sampler import SlideTileDataset  # noqa: E402
+from pathfm.data.slides import SlideEntry  # noqa: E402
+from pathfm.data.synthetic import write_synthetic_slide  # noqa: E402
+
+MIX = [0.5, 1.0, 2.0]
+PATHS = {"aligned 0.5 µm/px": dict(mpps=[0.5], grid_aligned=True, reader="jpeg"), "mix 0.5/1/2 µm/px": dict()}
+
+
+class MountedIndex:
+    """The slide index with the slide's path moved to a mount: the same slide, read through it."""
+
+    def __init__(self, index, folder: Path, mount: Path):
+        self._index, self._folder, self._mount = index, str(folder), str(mount)
+
+    def __getattr__(self, name):
+        return getattr(self._index, name)
+
+    def __len__(self):
+        return len(self._index)
+
+    def path(self, i):
+        return self._index.path(i).replace(self._folder, self._mount, 1)
+
+    def slide(self, i):
+        s = self._index.slide(i)
+        return dataclasses.replace(s, info=dataclasses.replace(s.info, path=self.path(i)))
+
+
+def build_slowfs(cache: Path) -> Path:
+    exe, src = cache / "slowfs", ROOT / "bench" / "slowfs.c"
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(src), *flags], check=True)
+    return exe
+
+
+def mount(exe: Path, source: Path, point: Path, delay_ms: float) -> None:
+    point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["fusermount3", "-u", "-q", str(point)], check=False)  # a mount left by a killed run
+    env = {**os.environ, "SLOWFS_SOURCE": str(source), "SLOWFS_DELAY_US": str(int(delay_ms * 1000))}
+    subprocess.run([str(exe), str(point), "-o", "max_threads=128"], env=env, check=True)  # returns once mounted
+
+
+def tiles_per_s(index, seconds: float, batch: int, **kw) -> float:
+    """Tiles/s of one worker's stream (SlideTileDataset's iterator: it reads the next step's tiles ahead)."""
+    ds = SlideTileDataset(index, **{**dict(batch_size=batch, tile_size=224, mpps=MIX, mpp_weights=None, seed=0, rank=0,
+                                           world_size=1), **kw})
+    it = iter(ds)
+    next(it)  # warm-up: the open, the first reads
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        n += len(next(it)["tiles"])
+    rate = n / (time.perf_counter() - start)
+    if ds.reader.ahead is not None:
+        ds.reader.ahead.pool.shutdown(cancel_futures=True)
+    return rate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=40000)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--delays", default="0,1,5", help="ms added to every read, comma-separated")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--cache", default=".cache/pathfm/bench")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cache = Path(args.cache).resolve()
+    slides = cache / "slides"  # the slide alone in a folder: the mounts serve only it
+    path = slides / f"synthetic-{args.size}.svs"
+    if not path.exists():
+        slides.mkdir(parents=True, exist_ok=True)
+        if (cache / path.name).exists():  # bench/data.py's copy
+            os.link(cache / path.name, path)
+        else:
+            write_synthetic_slide(path, args.size, seed=0)
+    index = build_index([SlideEntry(str(path))], cache / f"index-storage-{args.size}", IndexParams(224, tuple(MIX), 0.4),
+                        workers=1, mask_dir=cache / "masks", progress=False)
+    ahead = dict(read_ahead_bytes=int(DataConfig.read_ahead_mb * 2**20), read_threads=DataConfig.read_threads)
+    delays = [float(d) for d in args.delays.split(",")]
+    exe = build_slowfs(cache)
+    points = {d: cache / f"mnt-{d:g}ms" for d in delays}
+    try:
+        for d, point in points.items():
+            mount(exe, slides, point, d)
+        indexes = {"page cache": index, **{f"{d:g} ms": MountedIndex(index, slides, p) for d, p in points.items()}}
+        times = {}
+        for r in range(args.repeats):  # alternate everything, so the machine's load hits every row alike
+            for name, kw in PATHS.items():
+                for where, idx in indexes.items():
+                    for mode, extra in (("in turn", dict(read_ahead_bytes=0)), ("in flight", ahead)):
+                        rate = tiles_per_s(idx, args.seconds, args.batch, **kw, **extra)
+                        times.setdefault((name, where, mode), []).append(rate)
+                        print(f"round {r + 1}: {name}, {where}, reads {mode}: {rate:.0f} tiles/s", file=sys.stderr, flush=True)
+    finally:
+        for point in points.values():
+            subprocess.run(["fusermount3", "-u", "-q", str(point)], check=False)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n| per worker, tiles/s (median of {args.repeats}) | reads | page cache | "
+          + " | ".join(f"+{d:g} ms a read" for d in delays) + " |")
+    print("|---|---|---|" + "---|" * len(delays))
+    for name in PATHS:
+        for mode in ("in turn", "in flight"):
+            base = med[name, "page cache", "in turn"]
+            cells = [f"{med[name, 'page cache', mode]:.0f}"] + [
+                f"{med[name, f'{d:g} ms', mode]:.0f} ({med[name, f'{d:g} ms', mode] / base:.2f}x)" for d in delays]
+            print(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+    print(f"\n(x: against the page-cache rate with reads in turn, today's path; reads in flight: "
+          f"data.read_ahead_mb={DataConfig.read_ahead_mb:g}, data.read_threads={DataConfig.read_threads}; "
+          f"load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+if __name__ == "__main__":
+    main()
