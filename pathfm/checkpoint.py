@@ -228,7 +228,8 @@ def load_teacher_backbone(path: str | Path):
     vit = vit.to_empty(device="cpu")
     state = {"teacher": {"backbone." + k: v for k, v in vit.state_dict().items()}}
     # no_dist: a read by this process alone, also inside a distributed job (e.g. rank 0 exporting)
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     vit.load_state_dict({k[len("backbone."):]: v for k, v in state["teacher"].items()}, strict=True)
     return vit.eval(), meta
 

@@ -61,7 +61,8 @@ def timm_export(model: VisionTransformer, img_size: int | None = None) -> tuple[
         kwargs["init_values"] = init_values
     if a.ffn != ARCHS[a.arch][3]:
         raise ValueError(f"{a.arch} with ffn={a.ffn} has no timm counterpart")
-    sd = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if k != "mask_token"}
+    # no copy of fp32 CPU weights: an export holds the model once; other dtypes and devices are copied
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k != "mask_token"}
     if size != a.img_size:
         grid = size // a.patch_size
         with torch.no_grad():
@@ -72,10 +73,12 @@ def timm_export(model: VisionTransformer, img_size: int | None = None) -> tuple[
 
 
 def save_export(model: VisionTransformer, folder: str | Path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                extra: dict | None = None, img_size: int | None = None) -> Path:
-    """Write `<folder>/model.pth` (plain timm state dict) and `<folder>/model.json` (the sidecar).
+                extra: dict | None = None, img_size: int | None = None, run_dir: str | Path | None = None) -> Path:
+    """Write `<folder>/model.pth` (plain timm state dict) and `<folder>/model.json` (the sidecar), and the
+    release beside them (pathfm.release): config.json, model.safetensors and a README.md model card.
 
     img_size: the training resolution (see timm_export); the sidecar records it and the sizes accepted.
+    run_dir: the run folder the model card reads (config, metrics, probe results); None: a card without them.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +101,9 @@ def save_export(model: VisionTransformer, folder: str | Path, mean=(0.5, 0.5, 0.
         **(extra or {}),
     }
     (folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    from pathfm.release import write_release
+
+    write_release(folder, name, kwargs, sd, model, mean, std, Path(run_dir) if run_dir else None, sidecar.get("step"))
     return folder / "model.pth"
 
 
@@ -108,7 +114,8 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     vit, meta = load_teacher_backbone(step_dir)
     img_size = meta.get("config", {}).get("crops", {}).get("global_size")
     return save_export(vit, out_dir, mean=meta["mean"], std=meta["std"], img_size=img_size,
-                       extra={"step": meta["step"], "checkpoint": str(step_dir.resolve())})
+                       extra={"step": meta["step"], "checkpoint": str(step_dir.resolve())},
+                       run_dir=step_dir.parent.parent)  # <run>/checkpoints/step_N
 
 
 # ---------------------------------------------------------------------------------------------

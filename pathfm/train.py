@@ -480,7 +480,7 @@ def main(cfg: Config) -> dict:
         # from the final checkpoint, so a sharded (FSDP) teacher exports the same way as a plain one
         vit, _ = ckpt.load_teacher_backbone(run_dir / "checkpoints")
         save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
-                    img_size=cfg.crops.global_size)  # exports run at the resolution they trained at
+                    img_size=cfg.crops.global_size, run_dir=run_dir)  # at the resolution they trained at; card from the run
         say(f"export written: {run_dir / 'export'} (timm weights of the teacher backbone, step {step})")
     if env.is_main:  # for scripts and launchers (torchrun turns a worker's exit status 75 into 1)
         (run_dir / "status.json").write_text(json.dumps({"status": status, "step": step}) + "\n")
