@@ -113,9 +113,16 @@ def _no_space(ckpt_dir: Path, name: str, tmp: Path, models) -> DiskFullError:
                          "train.keep_last) and run the same command again to resume")
 
 
+PROBE_HOLD = "probe.hold"  # in a step folder: a probe has not read it yet (eval/watch.py removes it once it has)
+MAX_HELD = 2  # held folders kept beyond keep_last: a probe process that died cannot make them pile up
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimizer, loss_state, meta: dict,
-                    rank: int = 0, keep_last: int = 3) -> Path:
-    """Save on every rank (collective), keeping the newest keep_last (>= 1) step folders. Returns the step folder."""
+                    rank: int = 0, keep_last: int = 3, hold: bool = False) -> Path:
+    """Save on every rank (collective), keeping the newest keep_last (>= 1) step folders. Returns the step folder.
+
+    hold: mark the folder for a probe (PROBE_HOLD); pruning keeps a held folder until the probe has copied the
+    teacher out of it (seconds), at most MAX_HELD of them beyond keep_last."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last} would delete the checkpoint just written; keep at least 1")
     ckpt_dir = Path(ckpt_dir)
@@ -136,6 +143,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
         if rank == 0:
             world = dist.get_world_size() if dist.is_initialized() else 1
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
+            if hold:
+                (tmp / PROBE_HOLD).write_text("")
     except BaseException as e:  # DCP wraps a writer's OSError in a CheckpointException (a BaseException)
         if not _is_no_space(e):
             raise
@@ -146,8 +155,11 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
         pointer_tmp.write_text(final.name + "\n")
         pointer_tmp.replace(ckpt_dir / "last")
         old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for p in old[: max(len(old) - keep_last, 0)]:
-            shutil.rmtree(p, ignore_errors=True)
+        excess = old[: max(len(old) - keep_last, 0)]
+        held = [p for p in excess if (p / PROBE_HOLD).exists()][-MAX_HELD:]
+        for p in excess:
+            if p not in held:
+                shutil.rmtree(p, ignore_errors=True)
     _barrier()
     return final
 

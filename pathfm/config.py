@@ -24,12 +24,12 @@ class ConfigError(ValueError):
     """A config problem, with the dotted key at fault in the message."""
 
 
-ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")  # pathfm.vit.ARCHS (no torch here)
+ARCH_NAMES = ("vit_tiny", "vit_tiny_d6", "vit_small", "vit_base", "vit_large", "vit_giant2")  # pathfm.vit.ARCHS (no torch here)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # vit_small | vit_base | vit_large | vit_giant2 (pathfm.vit.ARCHS)
+    arch: str = "vit_small"  # vit_tiny | vit_tiny_d6 | vit_small | vit_base | vit_large | vit_giant2 (pathfm.vit.ARCHS)
     patch_size: int = 16
     img_size: int = 224  # size the position embeddings are stored at
     num_registers: int = 0
@@ -40,7 +40,8 @@ class ModelConfig:
     drop_path_mode: str = "mask"  # mask | subset (DINOv2: residual branches run only on the kept images, saving FLOPs)
     attn_backend: str = "auto"  # auto | sdpa | xformers (auto: xformers when it works here)
     sdpa_kernels: list[str] = field(default_factory=list)  # flash | efficient | cudnn | math; [] = PyTorch chooses
-    init_weights: str = ""  # timm / DINOv2 backbone file to start from ("" = random init)
+    init_weights: str = ""  # timm / DINOv2 backbone file, or a pathfm export folder, to start from ("" = random init)
+    init_heads: bool = True  # also load the DINO / iBOT heads an export folder holds (heads.safetensors beside the weights)
 
 
 @dataclass
@@ -154,9 +155,27 @@ class TrainConfig:
                                     # warm-up (teacher and student uniform: not learning); 0 = never
     precision: str = "fp32"  # fp32 | bf16 (CUDA)
     sync_timing: bool = False  # wait for the GPU at each phase so time/* metrics are exact (benchmarks)
+    head_warmup_steps: int = -1  # continued pretraining: the backbone and its EMA untouched this many steps while fresh
+                                 # heads learn; -1 = auto: train.steps // 10 when model.init_weights gives a backbone
+                                 # without heads, else 0
     init_checkpoint: str = ""  # start from a pathfm checkpoint (weights only), e.g. high-res post-training
     allow_resume_changes: bool = False  # resume even when steps / schedules / batch / world size differ from the
                                         # checkpoint's run (refused otherwise); recorded in the run folder
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (pathfm.distill); teacher "" = self-distillation (the student's EMA)."""
+
+    teacher: str = ""  # a pathfm checkpoint / run folder, a pathfm export folder, or a timm / DINOv2 state dict file
+    loss: str = "auto"  # auto (heads when the teacher has them, else features) | heads (DINO + iBOT on the teacher's
+                        # head outputs) | features (cosine to the teacher's CLS and patch tokens via learned projections)
+    teacher_input: str = "match_grid"  # match_grid: the teacher sees the global crops resized to the student's token
+                                       # grid x its patch size (patch targets line up) | same: the same pixels (refused
+                                       # when the grids then differ and patch-level targets are on)
+    patch_targets: bool = True  # iBOT / patch-feature targets from the teacher (false: CLS-level only)
+    feature_weight_cls: float = 1.0  # features loss: weight of the CLS cosine term
+    feature_weight_patch: float = 1.0  # features loss: weight of the patch cosine term
 
 
 @dataclass
@@ -168,6 +187,22 @@ class DistConfig:
 
 
 @dataclass
+class ProbesConfig:
+    """Downstream probes of every checkpoint, run beside training (eval/watch.py), never inside its step."""
+
+    tasks: list[str] = field(default_factory=list)  # NAME[@knn+linear]=TRAIN,TEST with eval/'s dataset specs
+                                                    # (KIND:ROOT:SPLIT, an image folder, a CSV[:SPLIT]); [] = off
+    every: int = 1  # probe every k-th regular checkpoint (and the final one); 1 = all, also those a signal wrote
+    protocol: str = "knn"  # protocols of a task without @...: knn | linear | knn+linear
+    max_tiles: int = 0  # per split, a fixed random subset of this many tiles (quick curves on big sets); 0 = all
+    embedding: str = "cls"  # cls | cls_mean | lastN (eval/extract.py)
+    img_size: int = 224  # eva's resize + centre crop
+    threads: int = 1  # torch threads of the probe process (it runs at nice 19 on the trainer's machine)
+    runner: str = "local"  # local: the trainer's main rank starts the probe process | job: a SLURM job of its own
+                           # (launch/train.py sets it when it submits one) | none: only `launch/eval.py --watch`
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
@@ -176,6 +211,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +238,8 @@ def _coerce(key, value, tp):
     origin = typing.get_origin(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:  # probes.tasks=crc=... on a command line: one item
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list of {item.__name__}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
@@ -318,6 +357,8 @@ def validate(cfg: Config) -> None:
         "optim.lr_scaling": ("sqrt", "linear", "none"),
         "train.precision": ("fp32", "bf16"),
         "dist.activation_checkpointing": ("none", "full", "selective"),
+        "distill.loss": ("auto", "heads", "features"),
+        "distill.teacher_input": ("match_grid", "same"),
     }
     for key, choices in from_choices.items():
         sec, name = key.split(".")
@@ -357,6 +398,8 @@ def validate(cfg: Config) -> None:
         a, b = (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in (lo, hi))
         if not 0.0 <= a <= b <= 1.0:
             raise ConfigError(f"config keys '{lo}' and '{hi}' must satisfy 0 <= min <= max <= 1, got {a} and {b}")
+    if cfg.train.head_warmup_steps < -1:
+        raise ConfigError(f"config key 'train.head_warmup_steps' must be >= 0, or -1 (auto), got {cfg.train.head_warmup_steps}")
     if cfg.train.plateau_warn_steps < 0:
         raise ConfigError(f"config key 'train.plateau_warn_steps' must be >= 0 (0 = no warning), got {cfg.train.plateau_warn_steps}")
     if cfg.train.keep_last < 1:
@@ -366,6 +409,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.manifest' is set ({cfg.data.manifest}) but data.source is "
                           f"'{cfg.data.source}', which would ignore it; add data.source=manifest to train on it")
     check_patch_grid(cfg)
+    if any(x not in PROBE_PROTOCOLS for x in cfg.probes.protocol.split("+")):
+        raise ConfigError(f"config key 'probes.protocol' is {cfg.probes.protocol!r}; expected knn, linear or knn+linear")
+    probe_tasks(cfg)
+    if cfg.probes.every < 1 or cfg.probes.max_tiles < 0 or cfg.probes.threads < 1:
+        raise ConfigError("config keys 'probes.every' and 'probes.threads' must be >= 1 and 'probes.max_tiles' >= 0, got "
+                          f"{cfg.probes.every}, {cfg.probes.threads} and {cfg.probes.max_tiles}")
+    if cfg.probes.runner not in ("local", "job", "none"):
+        raise ConfigError(f"config key 'probes.runner' is {cfg.probes.runner!r}; expected one of local, job, none")
 
 
 
@@ -380,6 +431,71 @@ def check_patch_grid(cfg: Config) -> None:
             nearest = f"{lower} or {upper}" if lower > 0 else f"{upper}"
             raise ConfigError(f"config key '{key}' is {size}, not a multiple of model.patch_size={p}: the last "
                               f"{size % p} px of every crop would never reach the model; use {nearest}")
+
+
+DATASET_KINDS = ("folder", "csv", "crc", "bach", "mhist", "pcam", "breakhis")  # eval.datasets.READERS (no eval import)
+PROBE_PROTOCOLS = ("knn", "linear")
+PROBE_TASK_FORM = "NAME[@knn+linear]=TRAIN,TEST, e.g. crc=crc:/data/crc:train,crc:/data/crc:val"
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    name: str
+    protocols: tuple  # ("knn",), ("knn", "linear"), ...
+    train: str  # eval/ dataset specs
+    test: str
+
+    def roots(self) -> list[str]:
+        """The file or folder each spec reads (KIND: and :SPLIT stripped)."""
+        out = []
+        for spec in (self.train, self.test):
+            kind, _, rest = spec.partition(":")
+            rest = rest if kind in DATASET_KINDS else spec
+            head, _, split = rest.rpartition(":")
+            out.append(head if head and split in ("train", "val", "valid", "test", "all") else rest)
+        return out
+
+
+def parse_probe_task(text: str, default_protocol: str = "knn", key: str = "probes.tasks") -> ProbeTask:
+    """'crc@knn+linear=crc:/data/crc:train,crc:/data/crc:val' -> ProbeTask; a malformed spec, a name that cannot be a
+    folder or TensorBoard tag, an unknown protocol or dataset kind is a ConfigError naming the key."""
+    import re
+
+    def bad(why):
+        return ConfigError(f"config key '{key}' is {text!r}: {why}; expected {PROBE_TASK_FORM}")
+
+    head, eq, specs = text.partition("=")
+    if not eq:
+        raise bad("no '=' between the task name and its datasets")
+    name, _, protocols = head.strip().partition("@")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise bad(f"task name {name!r} must be letters, digits, '_', '.' or '-' (it names folders and TensorBoard tags)")
+    protocols = tuple((protocols or default_protocol).split("+"))
+    for proto in protocols:
+        if proto not in PROBE_PROTOCOLS:
+            raise bad(f"unknown protocol {proto!r} (known: {', '.join(PROBE_PROTOCOLS)})")
+    parts = [x.strip() for x in specs.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise bad(f"{len([x for x in parts if x])} dataset(s) after '='; give a train and a test set separated by one ','")
+    for spec in parts:
+        kind = spec.split(":", 1)[0]
+        if ":" in spec and kind not in DATASET_KINDS and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]+", kind):
+            raise bad(f"unknown dataset kind {kind!r} in {spec!r} (known: {', '.join(DATASET_KINDS)})")
+    return ProbeTask(name, protocols, parts[0], parts[1])
+
+
+def probe_tasks(cfg: Config) -> list[ProbeTask]:
+    tasks = [parse_probe_task(t, cfg.probes.protocol, f"probes.tasks[{i}]") for i, t in enumerate(cfg.probes.tasks)]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'probes.tasks' names a task twice ({names}); give each task its own name")
+    return tasks
+
+
+def probe_wanted(step: int, final_step: int, ckpt_every: int, every: int) -> bool:
+    """Whether the checkpoint of `step` is probed: every checkpoint when every == 1 (also those a signal wrote),
+    else every k-th regular one and the final one. The trainer holds exactly these from pruning."""
+    return every == 1 or step == final_step or step % (every * ckpt_every) == 0
 
 
 def to_dict(cfg: Config) -> dict:

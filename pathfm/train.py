@@ -11,6 +11,7 @@ iBOT masks) -> DINO + iBOT + KoLeo/KDE losses -> backward -> clip -> AdamW step 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections import Counter
@@ -27,16 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from pathfm import checkpoint as ckpt
 from pathfm import dist as pdist
+from pathfm import probes as pprobes
 from pathfm.config import Config, ConfigError, load_config, to_dict, to_yaml
 from pathfm.data.failures import summarise as summarise_read_failures
 from pathfm.data.index import summary as index_summary
 from pathfm.data.loader import Views, build_loader, slide_index, tile_dataset, views_generator
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
-from pathfm.export import load_backbone, read_state_dict, save_export
+from pathfm.distill import TeacherInput, add_projections, check_teacher, cosine_distance, feature_cls_loss, load_teacher
+from pathfm.export import (checkpoint_heads, load_backbone, load_heads, load_heads_into, read_heads_args, read_state_dict,
+                           resolve_weights, save_export, save_heads)
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
@@ -54,16 +59,33 @@ def vit_args(cfg: Config) -> ViTArgs:
 
 
 def build_student(cfg: Config) -> nn.ModuleDict:
-    """backbone (ViT) + dino_head (+ ibot_head when iBOT has its own head)."""
+    """backbone (ViT) + dino_head (+ ibot_head when iBOT has its own head) (+ cls_proj / patch_proj when distilling
+    features from a teacher without heads). model.init_weights: the backbone, and the heads an export folder holds."""
     s = cfg.ssl
     backbone = build_vit(vit_args(cfg))
     if cfg.model.init_weights:
-        load_backbone(backbone, cfg.model.init_weights)
+        load_backbone(backbone, resolve_weights(cfg.model.init_weights))
     head = lambda k: DINOHead(backbone.embed_dim, k, s.head_hidden, s.head_bottleneck, s.head_layers)  # noqa: E731
     model = nn.ModuleDict({"backbone": backbone, "dino_head": head(s.prototypes)})
     if s.objective == "dinov2" and s.ibot_separate_head:
         model["ibot_head"] = head(s.ibot_prototypes)
+    if init_heads_file(cfg):
+        load_heads_into(model, load_heads(cfg.model.init_weights)[0], cfg.model.init_weights)
+    add_projections(cfg, model)
     return model
+
+
+def init_heads_file(cfg: Config) -> bool:
+    """model.init_weights is an export (or its weights file) with heads.safetensors beside it, and model.init_heads."""
+    return bool(cfg.model.init_weights and cfg.model.init_heads and read_heads_args(cfg.model.init_weights) is not None)
+
+
+def head_warmup_steps(cfg: Config) -> int:
+    """train.head_warmup_steps, resolved: -1 (auto) = train.steps // 10 when the backbone comes from
+    model.init_weights and the heads start random, else 0."""
+    if cfg.train.head_warmup_steps >= 0:
+        return cfg.train.head_warmup_steps
+    return cfg.train.steps // 10 if cfg.model.init_weights and not init_heads_file(cfg) else 0
 
 
 class StopSignal:
@@ -101,16 +123,24 @@ def clip_gradients(student: nn.ModuleDict, max_norm: float, per_module: bool) ->
 
     per_module, as DINOv2: the backbone and each head are clipped to max_norm on their own, so a
     65k-131k-prototype head's large gradient does not shrink the backbone's step. max_norm 0 measures
-    only. Under FSDP2 the gradients are DTensor shards and clip_grad_norm_ reduces the norm over ranks.
+    only. Under FSDP2 the gradients are DTensor shards: clip_grad_norm_ clips with the norm over all ranks, but on
+    torch 2.6-2.9 it returns that norm as a partial DTensor whose float() is this rank's shard alone (an inf in one
+    rank's shard then reads inf there and finite elsewhere, and the ranks disagree on skipping the step). The full
+    tensor is the same number on every rank, as in DINOv3.
     """
     limit = max_norm if max_norm > 0 else float("inf")
     parts = dict(student.items()) if per_module else {"all": student}
-    return {name: torch.nn.utils.clip_grad_norm_(m.parameters(), limit) for name, m in parts.items()}
+    norms = {}
+    for name, m in parts.items():
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), limit)
+        norms[name] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norms
 
 
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float, skip: tuple = ()) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (the EMA); the
+    submodules named in skip (the backbone during a head warm-up) are left as they are.
 
     Under FSDP2 both hold fp32 DTensor shards and each rank updates its own slice. A teacher wrapped with
     dist.reshard_after_forward=false still holds unsharded parameters after its forward: reshard first,
@@ -120,24 +150,29 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
         for mod in m.modules():
             if isinstance(mod, FSDPModule):
                 mod.reshard()
-    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
-        p_t.lerp_(p_s.detach(), 1.0 - momentum)
+    for (name, p_t), p_s in zip(teacher.named_parameters(), student.parameters()):
+        if name.split(".")[0] not in skip:
+            p_t.lerp_(p_s.detach(), 1.0 - momentum)
 
 
 def check_inputs(cfg: Config) -> None:
     """Files the config names must exist: fail before a run folder is created or touched."""
     files = {"data.manifest": cfg.data.manifest if cfg.data.source == "manifest" else "",
-             "model.init_weights": cfg.model.init_weights}
+             "model.init_weights": str(resolve_weights(cfg.model.init_weights)) if cfg.model.init_weights else ""}
     for key, path in files.items():
         if path and not Path(path).is_file():
             raise SystemExit(f"config key '{key}': file '{path}' does not exist")
+    pprobes.check_paths(cfg)
     if cfg.train.init_checkpoint and not Path(cfg.train.init_checkpoint).exists():
         raise SystemExit(f"config key 'train.init_checkpoint': '{cfg.train.init_checkpoint}' does not exist")
     if cfg.model.init_weights:
         try:
-            read_state_dict(cfg.model.init_weights)  # mapped, so cheap: a file that is no state dict fails here
+            read_state_dict(resolve_weights(cfg.model.init_weights))  # mapped, so cheap: a file that is no state dict fails here
+            init_heads_file(cfg)  # a heads.safetensors beside it must be readable
         except ValueError as e:
             raise SystemExit(f"config key 'model.init_weights': {e}") from None
+    if cfg.distill.teacher:  # readable, and a pairing that can work: refused here, before any run folder
+        check_teacher(cfg)
 
 
 STOPPED_EXIT = 75  # exit status of a run stopped by a signal or train.stop_after, checkpoint saved: resume it
@@ -147,7 +182,8 @@ STOPPED_EXIT = 75  # exit status of a run stopped by a signal or train.stop_afte
 TRAJECTORY_KEYS = ("train.steps", "optim.batch_size", "optim.base_lr", "optim.lr_ref_batch", "optim.lr_scaling",
                    "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.weight_decay_final",
                    "ssl.momentum_teacher", "ssl.momentum_teacher_final", "ssl.teacher_temp",
-                   "ssl.teacher_temp_warmup_start", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps")
+                   "ssl.teacher_temp_warmup_start", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps",
+                   "train.head_warmup_steps", "distill.teacher", "distill.loss")
 
 
 def trajectory_changes(saved: dict, cfg: Config, saved_world: int, world: int) -> dict:
@@ -293,7 +329,7 @@ def main(cfg: Config) -> dict:
     device = env.device
     run_dir, restart_file, resume_changes = prepare_run_folder(cfg, env)
     s, o, t = cfg.ssl, cfg.optim, cfg.train
-    ibot = s.objective == "dinov2"
+    ibot = s.objective == "dinov2" and (not cfg.distill.teacher or cfg.distill.patch_targets)  # iBOT masks and targets
 
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if env.is_main else (lambda msg: None)  # phases, once
     # --- data: the slide index, opened (data.index, or built before) or built once, each rank a share of the slides
@@ -301,11 +337,20 @@ def main(cfg: Config) -> dict:
     if env.is_main and index is not None:
         print(index_summary(index), file=sys.stderr, flush=True)
 
-    # --- models: student and teacher start equal (and equal on every rank); the teacher never gets gradients
-    student, teacher, loss_state = build_models(cfg, env)
+    # --- models: the student and its EMA start equal (and equal on every rank); the EMA never gets gradients.
+    # The targets come from the EMA (self-distillation) or from a frozen teacher (distill.teacher: distillation)
+    student, ema, loss_state = build_models(cfg, env)
     say(f"models: {cfg.model.arch}/{cfg.model.patch_size}, "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f} M student parameters, {env.world_size} rank(s)")
     n_prefix = student.backbone.num_prefix_tokens
+    teacher = load_teacher(cfg, env)  # None: self-distillation
+    features = teacher is not None and teacher.mode == "features"  # a teacher without heads: feature targets
+    if teacher is not None:
+        teacher_input = TeacherInput(cfg, teacher.spec)  # global crops resized to the student's token grid
+        say(f"distilling from the frozen {teacher.spec.describe()}, {teacher.mode} targets at {teacher_input.size} px")
+    target_model = ema if teacher is None else teacher
+    t_prefix = target_model.backbone.num_prefix_tokens
+    head_warmup = head_warmup_steps(cfg)  # continued pretraining: the backbone and its EMA wait while fresh heads learn
 
     # --- optimizer and schedules (plain arrays indexed by step)
     global_batch = o.batch_size * env.world_size
@@ -313,7 +358,7 @@ def main(cfg: Config) -> dict:
 
     # --- resume: automatic when the run folder has a checkpoint; else optionally start from weights
     meta_common = {"vit_args": vars(vit_args(cfg)), "mean": cfg.crops.mean, "std": cfg.crops.std, "config": to_dict(cfg)}
-    start_step, nonfinite_total = resume(cfg, run_dir, student, teacher, optimizer, loss_state, env)
+    start_step, nonfinite_total = resume(cfg, run_dir, student, ema, optimizer, loss_state, env)
     if start_step >= t.steps:
         if env.is_main:
             print(f"run already finished ({start_step} >= train.steps={t.steps}); nothing to do", file=sys.stderr)
@@ -331,6 +376,7 @@ def main(cfg: Config) -> dict:
         logger.event(start_step, {"restart": restart_file, "argv": sys.argv,
                                   **({"resume_changes": resume_changes} if resume_changes else {})})
     stop = StopSignal()
+    probes = pprobes.start_probes(cfg, run_dir, say) if env.is_main else None  # a process beside the run; never waited for
     nonfinite = NonFiniteSteps(t.max_nonfinite, nonfinite_total)
     plateau = PlateauWatch(s.prototypes, t.plateau_warn_steps, after_step=o.warmup_steps)  # warns once if stuck at ln K
     status, step, collapse_warned = "finished", start_step, False
@@ -339,10 +385,12 @@ def main(cfg: Config) -> dict:
 
     def save(step_done):
         meta = {**meta_common, "nonfinite_total": nonfinite.total}
-        folder = ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, teacher=teacher,
+        folder = ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, teacher=ema,
                                       optimizer=optimizer, loss_state=loss_state, meta=meta, rank=env.rank,
-                                      keep_last=t.keep_last)
+                                      keep_last=t.keep_last, hold=pprobes.holds(cfg, step_done))
         say(f"checkpoint saved: {folder} (step {step_done})")
+        if probes and (warning := probes.poll()):
+            say(f"WARNING: {warning}")
 
     for batch in loader:
         step = batch["step"]
@@ -366,17 +414,21 @@ def main(cfg: Config) -> dict:
         set_hparams(optimizer, lr=lr, weight_decay=wd, freeze_last_layer=step < s.freeze_last_layer_steps)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
 
-        # teacher: global crops only, no masks
+        # targets: global crops only, no masks; from the student's EMA (self-distillation) or the frozen teacher
         with torch.no_grad(), autocast:
-            t_tokens = teacher.backbone.forward_features(global_crops)  # (2B, prefix + N, D)
-            t_cls_logits = teacher.dino_head(t_tokens[:, 0])  # (2B, K)
-            if s.centering == "sinkhorn_knopp":
-                t_cls_probs = sinkhorn_knopp(t_cls_logits, teacher_temp)
-            else:
-                t_cls_probs = loss_state.dino_center.probs(t_cls_logits, teacher_temp)
-            if ibot:
-                ibot_head = teacher.ibot_head if s.ibot_separate_head else teacher.dino_head
-                t_patch_logits = ibot_head(t_tokens[:, n_prefix:][masks])  # (M, K): masked patches only
+            if teacher is None:
+                t_tokens = ema.backbone.forward_features(global_crops)  # (2B, prefix + N, D)
+            else:  # distillation: the frozen teacher, its input resized so its token grid is the student's
+                t_tokens = teacher.backbone.forward_features(teacher_input(global_crops))  # (2B, t_prefix + N, D_t)
+            if not features:
+                t_cls_logits = target_model.dino_head(t_tokens[:, 0])  # (2B, K)
+                if s.centering == "sinkhorn_knopp":
+                    t_cls_probs = sinkhorn_knopp(t_cls_logits, teacher_temp)
+                else:
+                    t_cls_probs = loss_state.dino_center.probs(t_cls_logits, teacher_temp)
+            if ibot and not features:
+                ibot_head = target_model.ibot_head if s.ibot_separate_head else target_model.dino_head
+                t_patch_logits = ibot_head(t_tokens[:, t_prefix:][masks])  # (M, K): masked patches only
                 if s.centering == "sinkhorn_knopp":
                     n_masked = pdist.all_reduce_sum(masks.sum().item(), env)
                     t_patch_probs = sinkhorn_knopp(t_patch_logits, teacher_temp, n_samples=int(n_masked))
@@ -384,12 +436,20 @@ def main(cfg: Config) -> dict:
                     t_patch_probs = loss_state.ibot_center.probs(t_patch_logits, teacher_temp)
 
         # student: all crops in one call; the global crops see their iBOT masks
+        warming_up = step < head_warmup  # head warm-up: the backbone runs without gradients, only the heads learn
         with autocast:
-            s_global, s_local = student.backbone.forward_features_list([global_crops, local_crops], [masks if ibot else None, None])
+            with torch.no_grad() if warming_up else contextlib.nullcontext():
+                s_global, s_local = student.backbone.forward_features_list([global_crops, local_crops], [masks if ibot else None, None])
             s_cls = torch.cat([s_global[:, 0], s_local[:, 0]])  # (n_crops*B, D): globals first, crop-major
-            s_cls_logits = student.dino_head(s_cls)
-            losses = {"dino": dino_loss(s_cls_logits.view(n_crops, B, -1), t_cls_probs.view(2, B, -1), s.student_temp)}
-            if ibot:
+            if features:  # a teacher without heads: the projected student tokens regress the teacher's, by cosine
+                s_cls_proj = student.cls_proj(s_cls).view(n_crops, B, -1)
+                losses = {"feat_cls": feature_cls_loss(s_cls_proj, t_tokens[:, 0].view(2, B, -1))}
+                if cfg.distill.patch_targets:  # every patch of the global crops, masked ones included
+                    losses["feat_patch"] = cosine_distance(student.patch_proj(s_global[:, n_prefix:]), t_tokens[:, t_prefix:])
+            else:
+                s_cls_logits = student.dino_head(s_cls)
+                losses = {"dino": dino_loss(s_cls_logits.view(n_crops, B, -1), t_cls_probs.view(2, B, -1), s.student_temp)}
+            if ibot and not features:
                 ibot_head = student.ibot_head if s.ibot_separate_head else student.dino_head
                 s_patch_logits = ibot_head(s_global[:, n_prefix:][masks])  # (M, K)
                 losses["ibot"] = ibot_loss(s_patch_logits, t_patch_probs, masks, s.student_temp)
@@ -397,7 +457,8 @@ def main(cfg: Config) -> dict:
                 losses["koleo"] = sum(koleo_loss(c) for c in s_global[:, 0].chunk(2))
             if s.kde_weight:
                 losses["kde"] = sum(kde_loss(c, s.kde_bandwidth) for c in s_global[:, 0].chunk(2))
-        weights = {"dino": s.dino_weight, "ibot": s.ibot_weight, "koleo": s.koleo_weight, "kde": s.kde_weight}
+        weights = {"dino": s.dino_weight, "ibot": s.ibot_weight, "koleo": s.koleo_weight, "kde": s.kde_weight,
+                   "feat_cls": cfg.distill.feature_weight_cls, "feat_patch": cfg.distill.feature_weight_patch}
         loss = sum(weights[k] * v for k, v in losses.items())
         timer.lap("forward")
 
@@ -418,15 +479,15 @@ def main(cfg: Config) -> dict:
             timer.start()
             continue
         nonfinite.run = 0
-        if env.is_main and (warning := plateau.update(step, float(losses["dino"].detach()))):
+        if env.is_main and not features and (warning := plateau.update(step, float(losses["dino"].detach()))):
             print(f"WARNING: {warning}", file=sys.stderr, flush=True)
             logger.event(step, {"warning": warning})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # teacher EMA (on local shards under FSDP) and centre updates
-        update_teacher(teacher, student, momentum)
-        if s.centering == "centering":
+        # the EMA (on local shards under FSDP; its backbone waits out a head warm-up too) and centre updates
+        update_teacher(ema, student, momentum, skip=("backbone",) if warming_up else ())
+        if s.centering == "centering" and not features:
             loss_state.dino_center.update(t_cls_logits)
             if ibot:
                 loss_state.ibot_center.update(t_patch_logits)
@@ -436,10 +497,11 @@ def main(cfg: Config) -> dict:
         if step_done % t.log_every == 0 or step_done == t.steps or step == start_step:
             # stuck or learning: teacher entropy / ln K (1 = flat targets), KL(teacher || student), RankMe of the
             # teacher's CLS tokens on this batch (1 = every image the same embedding; at most 2B)
-            diag = {"diag/teacher_entropy": relative_entropy(t_cls_probs),
-                    "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), t_cls_probs),
-                    "diag/teacher_rankme_batch": rankme(t_tokens[:, 0].float()),
+            diag = {"diag/teacher_rankme_batch": rankme(t_tokens[:, 0].float()),
                     "diag/teacher_spread": spread(t_tokens[:, 0].float())}  # 0 = every image the same CLS
+            if not features:
+                diag |= {"diag/teacher_entropy": relative_entropy(t_cls_probs),
+                         "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), t_cls_probs)}
             values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}, **diag}, env)
             collapse = collapse_warning(values["diag/teacher_spread"], values["diag/teacher_rankme_batch"],
                                         f"step {step_done}: the teacher's CLS embeddings of this batch")
@@ -460,7 +522,7 @@ def main(cfg: Config) -> dict:
             logger.log(step_done, values)
             logger.progress(step_done, values)
         if heldout is not None and step_done % t.rankme_every == 0:
-            logger.log(step_done, {"rankme/teacher_cls": teacher_rankme(teacher, heldout, autocast)})
+            logger.log(step_done, {"rankme/teacher_cls": teacher_rankme(ema, heldout, autocast)})
 
         if t.stop_after and step_done - start_step >= t.stop_after:
             stop.received = stop.received or "train.stop_after"
@@ -481,7 +543,9 @@ def main(cfg: Config) -> dict:
         vit, _ = ckpt.load_teacher_backbone(run_dir / "checkpoints")
         save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
                     img_size=cfg.crops.global_size, run_dir=run_dir)  # at the resolution they trained at; card from the run
-        say(f"export written: {run_dir / 'export'} (timm weights of the teacher backbone, step {step})")
+        if heads := checkpoint_heads(run_dir / "checkpoints"):  # heads.safetensors: to continue or distil from it
+            save_heads(run_dir / "export", *heads)
+        say(f"export written: {run_dir / 'export'} (timm weights of the EMA backbone, and its heads, step {step})")
     if env.is_main:  # for scripts and launchers (torchrun turns a worker's exit status 75 into 1)
         (run_dir / "status.json").write_text(json.dumps({"status": status, "step": step}) + "\n")
     logger.close()
