@@ -1,0 +1,215 @@
+"""One real training step through pathfm.train.main, checked against a recomputation from the math.
+
+The loop is run unchanged; wrappers around its builders record what it used (the batch, the step-0
+weights, the state it checkpoints after the step). The losses are then recomputed here with plain
+tensor code written from the definitions (not pathfm.losses), and compared with what metrics.jsonl logged:
+
+    teacher targets  p_t = softmax((h_t(x_t) - c) / T_t), c = 0 at step 0 (or Sinkhorn-Knopp)
+    DINO             mean over (teacher global crop t, student crop s != t) of mean_b CE(p_t, softmax(h_s / T_s))
+    iBOT             1/n_images sum_i (1/m_i) sum over the m_i masked patches of image i of CE
+    KoLeo            sum over the 2 global crops of -mean_i log ||z_i - z_nn(i)||
+    KDE              sum over the 2 global crops of mean_i log(1/(B-1) sum_{j!=i} exp(-||z_i - z_j||^2 / 2h^2))
+    total            the configured weighted sum
+
+and after the step: teacher = m * teacher_0 + (1 - m) * student_1, centre = (1 - cm) * mean teacher logit.
+Distinct loss weights and LayerScale 1 (so the CLS token depends on the image) make a swapped weight, a
+teacher crop paired with its own student view, or a teacher fed the student's masked crops visible.
+
+A distilled step (a frozen teacher from a file) differs only in where `teacher` comes from: pass that module
+to `expected` (see `recompute`).
+"""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pathfm import checkpoint as ckpt
+from pathfm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_config(tmp_path, *overrides):
+    return load_config("smoke", [
+        f"train.output_dir={tmp_path}", "train.name=run", "data.source=random", "data.num_workers=0",
+        "model.arch=vit_tiny_d6", "model.drop_path=0", "model.layerscale=1.0", "optim.batch_size=4", "optim.warmup_steps=0",
+        "train.steps=10", "train.stop_after=1", "train.log_every=1", "train.rankme_every=0",
+        "ssl.teacher_temp_warmup_steps=4", "ssl.dino_weight=1.0", "ssl.ibot_weight=0.6", "ssl.koleo_weight=0.3",
+        *overrides])
+
+
+def run_one_step(cfg, monkeypatch) -> dict:
+    """Run main(cfg) for one step; returns what it used and saved, and its logged row of step 1."""
+    import pathfm.train as train
+
+    seen = {}
+    build_models, build_loader, save_checkpoint = train.build_models, train.build_loader, ckpt.save_checkpoint
+
+    def recording_models(cfg, env):
+        student, teacher, loss_state = build_models(cfg, env)
+        seen["student0"], seen["teacher0"] = copy.deepcopy(student), copy.deepcopy(teacher)
+        return student, teacher, loss_state
+
+    class RecordingLoader:
+        def __init__(self, loader):
+            self.loader, self.dataset = loader, loader.dataset
+
+        def __iter__(self):
+            for batch in self.loader:
+                seen.setdefault("batch", copy.deepcopy(batch))
+                yield batch
+
+    def recording_save(ckpt_dir, step, *, student, teacher, loss_state, **kw):
+        seen["student1"], seen["teacher1"] = copy.deepcopy(student), copy.deepcopy(teacher)
+        seen["loss_state1"] = copy.deepcopy(loss_state)
+        return save_checkpoint(ckpt_dir, step, student=student, teacher=teacher, loss_state=loss_state, **kw)
+
+    monkeypatch.setattr(train, "build_models", recording_models)
+    monkeypatch.setattr(train, "build_loader", lambda *a, **k: RecordingLoader(build_loader(*a, **k)))
+    monkeypatch.setattr(ckpt, "save_checkpoint", recording_save)
+    monkeypatch.setattr(train, "step_flops", lambda cfg: {"total": 0.0})  # MFU only; counting costs seconds
+    out = train.main(cfg)
+    assert out["step"] == 1
+    rows = [json.loads(line) for line in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    seen["logged"] = next(r for r in rows if r.get("step") == 1 and "loss/total" in r)
+    return seen
+
+
+# --- the math, written out -----------------------------------------------------------------------------------
+
+def sinkhorn(logits, temp, iters=3):
+    """Rows -> targets whose columns (prototypes) carry equal mass: alternate column and row normalisation
+    of exp(logits / temp), starting from the whole matrix summing to 1; rows sum to 1 at the end."""
+    n, k = logits.shape
+    q = torch.exp((logits - logits.max()) / temp)  # (n, k)
+    q = q / q.sum()
+    for _ in range(iters):
+        q = q / q.sum(0, keepdim=True) / k  # every prototype 1/k
+        q = q / q.sum(1, keepdim=True) / n  # every row 1/n
+    return q * n
+
+
+def teacher_targets(logits, temp, centering):
+    return sinkhorn(logits, temp) if centering == "sinkhorn_knopp" else F.softmax(logits / temp, dim=-1)
+
+
+def cross_entropy(p, logits, temp):
+    """(..., K) targets and student logits -> (...,) CE."""
+    return -(p * F.log_softmax(logits / temp, dim=-1)).sum(-1)
+
+
+def koleo(x):
+    z = F.normalize(x, dim=-1)
+    d = torch.cdist(z, z) + torch.diag(torch.full((len(z),), float("inf")))  # never your own neighbour
+    return -torch.log(d.min(1).values + 1e-8).mean()
+
+
+def kde(x, h):
+    z = F.normalize(x, dim=-1)
+    n = len(z)
+    total = 0.0
+    for i in range(n):
+        k = [torch.exp(-(z[i] - z[j]).pow(2).sum() / (2 * h * h)) for j in range(n) if j != i]
+        total = total + torch.log(sum(k) / (n - 1))
+    return total / n
+
+
+@torch.no_grad()
+def expected(cfg, batch, student, teacher, teacher_temp) -> dict:
+    """Every loss term of the first step from the crops, the step-0 student and the teacher that gives targets."""
+    s = cfg.ssl
+    tiles = batch["tiles"]
+    g, loc, masks = tiles["global_crops"], tiles["local_crops"], tiles["masks"]  # crop-major: (2B, ...), (nB, ...)
+    B = g.shape[0] // 2
+    ibot = s.objective == "dinov2"
+    p = student.backbone.num_prefix_tokens
+
+    t_tok = teacher.backbone.forward_features(g)  # the teacher sees the global crops, unmasked
+    t_logits = teacher.dino_head(t_tok[:, 0])
+    p_t = teacher_targets(t_logits, teacher_temp, s.centering)  # (2B, K)
+
+    s_glob = student.backbone.forward_features(g, masks if ibot else None)
+    s_loc = student.backbone.forward_features(loc)
+    s_logits = student.dino_head(torch.cat([s_glob[:, 0], s_loc[:, 0]]))  # (n_crops * B, K)
+    n_crops = s_logits.shape[0] // B
+    pairs = [(t, c) for t in range(2) for c in range(n_crops) if c != t]
+    dino = sum(cross_entropy(p_t[t * B:(t + 1) * B], s_logits[c * B:(c + 1) * B], s.student_temp).mean()
+               for t, c in pairs) / len(pairs)
+    out = {"dino": dino}
+
+    if ibot:
+        t_head = teacher.ibot_head if s.ibot_separate_head else teacher.dino_head
+        s_head = student.ibot_head if s.ibot_separate_head else student.dino_head
+        t_patch = t_head(t_tok[:, p:][masks])  # (M, K), image by image
+        p_patch = teacher_targets(t_patch, teacher_temp, s.centering)
+        ce = cross_entropy(p_patch, s_head(s_glob[:, p:][masks]), s.student_temp)  # (M,)
+        counts = masks.sum(1).tolist()
+        assert sum(counts) > 0 and min(counts) == 0  # some crops are masked, some not: both cases are checked
+        per_image, start = [], 0
+        for m in counts:
+            per_image.append(ce[start:start + m].sum() / m if m else ce.new_zeros(()))
+            start += m
+        out["ibot"] = sum(per_image) / len(counts)
+        out["t_patch_logits"] = t_patch
+    cls = s_glob[:, 0]
+    if s.koleo_weight:
+        out["koleo"] = koleo(cls[:B]) + koleo(cls[B:])
+    if s.kde_weight:
+        out["kde"] = kde(cls[:B], s.kde_bandwidth) + kde(cls[B:], s.kde_bandwidth)
+    out["total"] = sum(getattr(s, f"{k}_weight") * out[k] for k in ("dino", "ibot", "koleo", "kde") if k in out)
+    out["t_logits"] = t_logits
+    return out
+
+
+def recompute(cfg, seen, teacher=None) -> dict:
+    """Check the logged row against the recomputation; teacher: the module that gave targets (default: the
+    student's step-0 copy, the EMA teacher). Returns the recomputed values."""
+    s, logged = cfg.ssl, seen["logged"]
+    # schedules at step 0, from their definitions: the teacher temperature warms up from its start value,
+    # the EMA momentum starts at momentum_teacher
+    temp = s.teacher_temp_warmup_start if s.teacher_temp_warmup_steps else s.teacher_temp
+    assert logged["teacher_temp"] == pytest.approx(temp, abs=1e-9)
+    assert logged["teacher_momentum"] == pytest.approx(s.momentum_teacher, abs=1e-9)
+    want = expected(cfg, seen["batch"], seen["student0"], teacher or seen["teacher0"], temp)
+    names = [k for k in ("dino", "ibot", "koleo", "kde") if k in want]
+    assert sorted(k for k in logged if k.startswith("loss/")) == sorted(["loss/total"] + [f"loss/{k}" for k in names])
+    for k in names + ["total"]:
+        assert logged[f"loss/{k}"] == pytest.approx(float(want[k]), rel=2e-5, abs=1e-6), \
+            f"loss/{k}: logged {logged[f'loss/{k}']:.7g}, recomputed {float(want[k]):.7g}"
+    return want
+
+
+def check_after_step(cfg, seen, want):
+    """Teacher EMA and centre updates of the step, against the saved state."""
+    m = cfg.ssl.momentum_teacher
+    t0, s1, t1 = (dict(seen[k].named_parameters()) for k in ("teacher0", "student1", "teacher1"))
+    for name, p in t1.items():
+        torch.testing.assert_close(p, m * t0[name] + (1 - m) * s1[name], rtol=1e-5, atol=1e-7, msg=name)
+    if cfg.ssl.centering == "centering":
+        cm = cfg.ssl.center_momentum
+        centres = seen["loss_state1"]
+        torch.testing.assert_close(centres.dino_center.center[0], (1 - cm) * want["t_logits"].mean(0), rtol=1e-4, atol=1e-7)
+        if "t_patch_logits" in want:
+            torch.testing.assert_close(centres.ibot_center.center[0], (1 - cm) * want["t_patch_logits"].mean(0),
+                                       rtol=1e-4, atol=1e-7)
+
+
+def test_dinov2_step_matches_the_math(tmp_path, monkeypatch):
+    cfg = step_config(tmp_path)
+    seen = run_one_step(cfg, monkeypatch)
+    want = recompute(cfg, seen)
+    check_after_step(cfg, seen, want)
+
+
+def test_sinkhorn_knopp_separate_ibot_head_and_kde_step_matches_the_math(tmp_path, monkeypatch):
+    cfg = step_config(tmp_path, "ssl.centering=sinkhorn_knopp", "ssl.ibot_separate_head=true", "ssl.ibot_prototypes=256",
+                      "ssl.koleo_weight=0", "ssl.kde_weight=0.2", "ssl.teacher_temp_warmup_steps=0")
+    seen = run_one_step(cfg, monkeypatch)
+    assert "ibot_head" in dict(seen["student0"].named_children())
+    want = recompute(cfg, seen)
+    check_after_step(cfg, seen, want)
