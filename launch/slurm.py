@@ -63,6 +63,8 @@ class Resources:
     sbatch: dict = field(default_factory=dict)  # other sbatch options, e.g. {exclusive: true, reservation: x}
     setup: list = field(default_factory=list)  # shell lines run before srun (module load ..., source ...)
     env: dict = field(default_factory=dict)  # environment of every task (NCCL_*, OMP_NUM_THREADS, ...)
+    probe: dict = field(default_factory=dict)  # the probe job's own keys (gpus_per_node, cpus_per_task, time, partition,
+                                               # ...) over probe_resources' defaults: 1 node, 1 task, at most 1 GPU
 
     @property
     def ntasks_per_node(self) -> int:
@@ -110,6 +112,19 @@ def resources(profile: dict, **overrides) -> Resources:
         raise LaunchError("gpus-per-node and tasks-per-node must not be negative")
     res.minutes  # noqa: B018  (parse now: a bad --time fails before anything is created)
     return res
+
+
+def probe_resources(res: Resources) -> Resources:
+    """The probe job of a training job: one task on one node with at most one GPU, on the training's partition,
+    account and QOS unless the profile's `probe:` section says otherwise (a CPU partition, a shorter time)."""
+    base = dataclasses.replace(res, nodes=1, tasks_per_node=1, gpus_per_node=min(res.gpus_per_node, 1), probe={}, mem="",
+                               sbatch={k: v for k, v in res.sbatch.items() if k != "exclusive"})
+    unknown = set(res.probe) - {f.name for f in dataclasses.fields(Resources)}
+    if unknown:
+        raise LaunchError(f"profile key 'probe' has unknown key(s) {sorted(unknown)}; it takes the keys of a profile")
+    out = dataclasses.replace(base, **res.probe)
+    out.minutes  # noqa: B018  (a bad probe time fails now)
+    return out
 
 
 def slurm_minutes(t: str) -> int:
@@ -207,6 +222,19 @@ class TrainJob(submitit.helpers.Checkpointable):
         if result["status"] == "interrupted" and requeue_if_allowed(self.max_requeues):
             raise SystemExit(0)  # not an Exception: submitit writes no result, the job is not over
         return result
+
+
+class WatchJob(submitit.helpers.Checkpointable):
+    """The probe job: eval/watch.py on a run (its arguments), until the training job it names leaves the queue.
+    At its own time limit submitit requeues it (`checkpoint`, inherited); the run's probes.jsonl says what is done."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = [str(a) for a in argv]
+
+    def __call__(self) -> int:
+        from eval.watch import main
+
+        return main(self.argv)
 
 
 def requeue_if_allowed(max_requeues: int, environ=os.environ) -> bool:

@@ -57,6 +57,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     name = args.name or cfg.train.name or Path(args.config).stem
     overrides.append(f"train.name={name}")
+    check_probes(cfg, warn_only=args.dry_run)
     if args.local:
         return run_local(args, cfg, name, overrides)
     from launch.slurm import LaunchError
@@ -65,6 +66,48 @@ def main(argv=None):
         return run_slurm(args, cfg, name)
     except LaunchError as e:
         raise SystemExit(f"error: {e}")
+
+
+def check_probes(cfg, warn_only: bool = False) -> None:
+    """Open every probe dataset as the probes will (eval/'s readers): a typo, a missing folder or split is one line
+    now, before a run folder or a job exists. A dry run only warns: the data may exist only on the cluster."""
+    if not cfg.probes.tasks:
+        return
+    from eval.datasets import DatasetError
+    from eval.watch import check_tasks
+    from pathfm.config import probe_tasks
+
+    try:
+        check_tasks(probe_tasks(cfg))
+    except DatasetError as e:
+        if not warn_only:
+            raise SystemExit(f"error: config key 'probes.tasks': {e}") from None
+        print(f"warning: config key 'probes.tasks': {e}; the probe job will fail unless it exists where it runs",
+              file=sys.stderr)
+
+
+def submit_probes(cfg, res, run_dir: Path, train_job_id: str, dry_run: bool = False):
+    """The probe job beside a training job (probes.runner job): eval/watch.py until the training job leaves the
+    queue, on the profile's probe resources. A refusal is a warning: the training job is already queued."""
+    from launch import slurm
+    from launch.eval import submit_probe_job
+
+    pres = slurm.probe_resources(res)
+    argv = [str(run_dir), "--job", train_job_id, "--device", "cuda" if pres.gpus_per_node else "cpu",
+            "--num-workers", str(max(pres.cpus_per_task - 1, 0)), "--threads", str(max(pres.cpus_per_task, 1)), "--poll", "10"]
+    if dry_run:
+        print("probe job (submitit.SlurmExecutor parameters):")
+        print(json.dumps(slurm.executor_parameters(pres, f"pathfm-probes-{run_dir.name}"), indent=2))
+        return None
+    try:
+        job = submit_probe_job(run_dir, pres, argv)
+    except slurm.LaunchError as e:
+        print(f"warning: the probe job was not submitted ({e}); the training job runs without probes. Submit them "
+              f"with: python launch/eval.py --watch {run_dir} --slurm --job {train_job_id}", file=sys.stderr)
+        return None
+    print(f"submitted probe job {job.job_id}: {len(cfg.probes.tasks)} task(s) on each checkpoint "
+          f"(log {job.paths.stderr})", flush=True)
+    return job
 
 
 def run_local(args, cfg, name, overrides):
@@ -109,6 +152,8 @@ def run_slurm(args, cfg, name):
     # absolute, so the job finds the run folder wherever SLURM starts it
     cfg.train.name = name
     cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
+    if cfg.probes.tasks and cfg.probes.runner == "local":
+        cfg.probes.runner = "job"  # a SLURM job of their own (submit_probes), not a process inside the training job
     run_dir = Path(cfg.train.output_dir) / name
     job_name = f"pathfm-{name}"
     config_path = run_dir / "config.yaml"
@@ -122,6 +167,8 @@ def run_slurm(args, cfg, name):
         print(json.dumps(slurm.executor_parameters(res, job_name), indent=2))
         print(f"world size: {res.world_size}, global batch: {cfg.optim.batch_size * res.world_size}")
         print(f"submit.sbatch:\n{script}")
+        if cfg.probes.tasks and cfg.probes.runner == "job":
+            submit_probes(cfg, res, run_dir, "<training job>", dry_run=True)
         return 0
 
     if config_path.exists():  # resuming: refuse a folder that holds another model (train.main would, later)
@@ -150,6 +197,8 @@ def run_slurm(args, cfg, name):
     print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.ntasks_per_node} task(s)")
     print(f"run folder: {run_dir}")
     print(f"logs: {job.paths.stdout} (and .err, one pair per task)", flush=True)
+    if cfg.probes.tasks and cfg.probes.runner == "job":
+        submit_probes(cfg, res, run_dir, str(job.job_id))
     warning = slurm.pending_reason(job.job_id)
     if warning:
         print(warning, file=sys.stderr)

@@ -462,7 +462,8 @@ def parse_probe_task(text: str, default_protocol: str = "knn", key: str = "probe
     import re
 
     def bad(why):
-        return ConfigError(f"config key '{key}' is {text!r}: {why}; expected {PROBE_TASK_FORM}")
+        where = key if key.startswith("-") else f"config key '{key}'"  # a command-line flag, or a config key
+        return ConfigError(f"{where} is {text!r}: {why}; expected {PROBE_TASK_FORM}")
 
     head, eq, specs = text.partition("=")
     if not eq:
