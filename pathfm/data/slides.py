@@ -31,6 +31,14 @@ MPP_TOLERANCE = 0.05
 MASK_MPP = 8.0  # µm/px of the tissue mask: a 224 px tile at 0.25 µm/px still spans 7 mask pixels
 MASK_MAX_SIDE = 4096  # coarser than MASK_MPP for slides larger than 4096 * 8 µm = 3.3 cm
 MASK_VERSION = 1  # bump when the mask computation changes, so stale cached masks are not used
+MASK_READ_MAX_PX = 64_000_000  # most pixels read at once for one row of the tissue mask (192 MB of RGB)
+MAX_REGION_FACTOR = 16  # a tile is read from a region at most 16x its side (a level at most 16x finer than the target)
+# What the sizes in a slide file (its level sizes, downsamples, mpp) can make pathfm allocate, and why:
+# - the tissue mask is at most MASK_MAX_SIDE a side (mask_scale), whatever the level-0 size claims;
+# - making it reads one band of the level at a time: at most MASK_READ_MAX_PX for one mask row, else the
+#   slide is refused (a level far wider than its pyramid warrants: a real 200k px single-level scan needs 10 Mpx);
+# - a tile is a region of at most MAX_REGION_FACTOR x the tile side (usable_mpps), inside the level;
+# - TIFF tag counts, tile offsets and byte counts, stored tile and JPEG frame sizes: pathfm.data.jpegtiles.
 
 
 class SlideError(Exception):
@@ -207,7 +215,7 @@ def usable_mpps(info: SlideInfo, mpps: list[float], size: int) -> list[float]:
             continue
         plan = plan_read(info, mpp, size)
         w, h = info.dimensions[plan.level]
-        if plan.region <= w and plan.region <= h:
+        if plan.region <= w and plan.region <= h and plan.region <= MAX_REGION_FACTOR * size:
             out.append(mpp)
     return out
 
@@ -235,15 +243,25 @@ def mask_scale(info: SlideInfo) -> float:
     return max(scale, max(width, height) / MASK_MAX_SIDE, 1.0)
 
 
+def mask_shape(info: SlideInfo) -> tuple[int, int]:
+    """(h, w) of the slide's tissue mask: at most MASK_MAX_SIDE a side."""
+    scale = mask_scale(info)
+    width, height = info.dimensions[0]
+    return max(1, math.ceil(height / scale)), max(1, math.ceil(width / scale))
+
+
 def compute_tissue_mask(info: SlideInfo, slide: openslide.OpenSlide) -> np.ndarray:
     """(h, w) uint8 0/1 mask; mask pixel (r, c) covers level-0 [c*s, (c+1)*s) x [r*s, (r+1)*s)."""
     scale = mask_scale(info)
-    width, height = info.dimensions[0]
-    w, h = max(1, math.ceil(width / scale)), max(1, math.ceil(height / scale))
+    h, w = mask_shape(info)
     # The coarsest level that still has at least the mask's resolution, read whole and shrunk.
     level = max(i for i, ds in enumerate(info.downsamples) if ds <= scale or i == 0)
     lw, lh = info.dimensions[level]
     per_row = scale / info.downsamples[level]  # level rows per mask row
+    if lw * min(lh, math.ceil(per_row)) > MASK_READ_MAX_PX:
+        raise SlideError(f"{info.path}: level {level} claims {lw}x{lh} px, so one row of the tissue mask would read "
+                         f"{lw * min(lh, math.ceil(per_row)) / 1e6:,.0f} Mpx at once (limit {MASK_READ_MAX_PX / 1e6:.0f} Mpx); "
+                         "its level sizes do not fit a slide pyramid")
     # Read in horizontal bands of about 16 Mpx, so a single-level 100k px scan fits in memory.
     band = max(1, int(16e6 / (lw * per_row * per_row)))
     try:  # JPEG-tiled TIFF: decode the stored tiles directly (the same pixels, 10x faster than OpenSlide)
@@ -288,8 +306,10 @@ def load_or_compute_tissue_mask(info: SlideInfo, cache_dir, slide=None) -> tuple
     """
     path = tissue_mask_path(info, cache_dir)
     if path.exists():
-        try:
-            return np.load(path), path
+        try:  # mapped first: a corrupt header cannot make np.load allocate what it claims
+            cached = np.load(path, mmap_mode="r")
+            if cached.shape == mask_shape(info) and cached.dtype == np.uint8:
+                return np.array(cached), path
         except (OSError, ValueError):
             pass  # corrupt cache file: recompute below
     own = slide is None
