@@ -19,6 +19,7 @@ setup(
         "openslide-bin>=4.0",
         "tifffile",
         "simplejpeg",
+        "opencv-python-headless",  # the CPU multi-crop's hue rotation and blur (SIMD kernels)
         "imagecodecs",  # tifffile writes the JPEG tiles of synthetic slides with it
         "fvcore",
         "matplotlib",

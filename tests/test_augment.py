@@ -122,6 +122,25 @@ def test_blur_matches_torchvision_per_image_sigma():
     torch.testing.assert_close(A.gaussian_blur(x, sigma), ref, atol=1e-6, rtol=0)
 
 
+def test_opencv_cpu_ops_equal_the_torch_ops(monkeypatch):
+    """On the CPU the hue rotation and the blur run in OpenCV; they equal the torch code (the device path) on
+    rows wide enough for OpenCV's SIMD code and on hue shifts of both signs, and so do whole views."""
+    x = torch.rand(4, 3, 40, 224, generator=torch.Generator().manual_seed(3))
+    shift, sigma = torch.tensor([-0.1, -0.5, 0.03, 0.1]), torch.tensor([0.1, 0.7, 1.3, 2.0])
+    tiles = torch.randint(0, 256, (4, 3, 128, 128), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    mc = A.MultiCrop(n_local=2)
+    params = mc.sample_params(4, 128, 128, torch.Generator().manual_seed(5))
+    out = {}
+    for opencv in (False, True):
+        monkeypatch.setattr(A, "OPENCV", opencv)
+        out[opencv] = A.adjust_hue(x.clone(), shift), A.gaussian_blur(x, sigma), mc.apply(tiles, params)
+    (hue, blur, views), (hue_cv, blur_cv, views_cv) = out[False], out[True]
+    torch.testing.assert_close(hue_cv, hue, atol=3e-6, rtol=0)
+    torch.testing.assert_close(blur_cv, blur, atol=1e-6, rtol=0)
+    for k in views:
+        torch.testing.assert_close(views_cv[k], views[k], atol=6e-6, rtol=0)
+
+
 def test_solarize_threshold_is_128():
     u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     ours = A.solarize(u.float() / 255)

@@ -19,9 +19,11 @@ jitter applies brightness, contrast, saturation, hue in this fixed order where t
 shuffles the order per image.
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
+import cv2
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,11 @@ import torch.nn.functional as F
 # which stays in cache and below malloc's mmap threshold; a whole (128, 3, 224, 224) batch would
 # page-fault on every temporary and run ~10x slower per element.
 CPU_CHUNK = 8
+
+# On the CPU the two costliest colour ops, the hue rotation and the blur, run as OpenCV's SIMD kernels
+# one crop at a time (4x and 3.5x faster than the torch code below, equal to it within 2e-6); the torch
+# code runs on other devices, and on the CPU when this is False (tests compare the two).
+OPENCV = True
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 BLUR_KERNEL = 9  # DINOv2's GaussianBlur kernel size, for global and local crops alike
@@ -287,14 +294,35 @@ def _step(x: torch.Tensor) -> torch.Tensor:
     return x.floor().add_(1)
 
 
+@functools.cache
+def _opencv_one_thread() -> None:
+    cv2.setNumThreads(1)  # a loader worker is one core, as torch's threads there; once per process
+
+
+def _opencv(x: torch.Tensor) -> bool:
+    """Use OpenCV for x: on the CPU, float32, and OPENCV on."""
+    if OPENCV and x.device.type == "cpu" and x.dtype == torch.float32:
+        _opencv_one_thread()
+        return True
+    return False
+
+
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue by shift (n,) turns, in place; value (max) and chroma (max - min) are kept.
+    On the CPU: OpenCV's RGB -> HSV -> RGB per crop.
 
     Channel c of a pixel with value v, chroma C and hue h (in sixths of a turn) is
     v - C * clamp(d - 1, 0, 1), d the circular distance from h to the channel's own hue (0, 2, 4
     for R, G, B); with y = 3 - d that is (v - 2C) + C * clamp(y, 1, 2). Written with (n, H, W)
     planes only, lerp for the case split: a third fewer passes than a (n, 3, H, W) form, 1.5-2x faster.
     """
+    if _opencv(x):
+        for i, turns in enumerate(shift.tolist()):
+            hwc = x[i].permute(1, 2, 0).contiguous().numpy()  # (H, W, 3): OpenCV's interleaved layout
+            hsv = cv2.cvtColor(hwc, cv2.COLOR_RGB2HSV)  # H in degrees, S and V in [0, 1]
+            cv2.add(hsv, (360.0 * (turns % 1.0), 0.0, 0.0, 0.0), dst=hsv)  # a shift >= 0: HSV2RGB wraps >= 360, not < 0
+            x[i].copy_(torch.from_numpy(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=hwc)).permute(2, 0, 1))
+        return x
     r, g, b = x.unbind(1)  # each (n, H, W)
     maxc, minc = x.amax(dim=1), x.amin(dim=1)
     chroma = maxc - minc
@@ -328,6 +356,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_
     faster than a grouped conv2d (one group per image and channel) on 224 px crops, and the same
     at 96 px.
     """
+    if _opencv(x):  # one plane at a time: the same kernel (OpenCV's reflect-101 border is torch's "reflect")
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for i, s in enumerate(sigma.tolist()):
+            for c in range(x.shape[1]):
+                cv2.GaussianBlur(x[i, c].numpy(), (kernel_size, kernel_size), s, dst=y[i, c].numpy(), sigmaY=s,
+                                 borderType=cv2.BORDER_REFLECT_101)
+        return y
     n, c, h, w = x.shape
     r = kernel_size // 2
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
