@@ -36,7 +36,8 @@ from pathfm import probes as pprobes
 from pathfm.config import Config, ConfigError, load_config, to_dict, to_yaml
 from pathfm.data.failures import summarise as summarise_read_failures
 from pathfm.data.index import summary as index_summary
-from pathfm.data.loader import Views, build_loader, slide_index, tile_dataset, views_generator
+from pathfm.data.loader import (LoaderFault, Views, batches, build_loader, loader_fault, slide_index, tile_dataset,
+                                views_generator)
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
 from pathfm.distill import TeacherInput, add_projections, check_teacher, cosine_distance, feature_cls_loss, load_teacher
@@ -392,7 +393,7 @@ def main(cfg: Config) -> dict:
         if probes and (warning := probes.poll()):
             say(f"WARNING: {warning}")
 
-    for batch in loader:
+    for batch in batches(loader, failures_dir=run_dir / "read_failures", rank=env.rank, start_step=start_step):
         step = batch["step"]
         mpp_mix.update(location[1] for location in batch.get("locations", ()))
         if step >= t.steps:
@@ -548,6 +549,8 @@ def main(cfg: Config) -> dict:
         say(f"export written: {run_dir / 'export'} (timm weights of the EMA backbone, and its heads, step {step})")
     if env.is_main:  # for scripts and launchers (torchrun turns a worker's exit status 75 into 1)
         (run_dir / "status.json").write_text(json.dumps({"status": status, "step": step}) + "\n")
+    if probes and (warning := probes.poll()):  # it finishes the queue by itself once we are gone
+        say(f"WARNING: {warning}")
     logger.close()
     pdist.teardown()
     return {"run_dir": str(run_dir), "step": step, "status": status}
@@ -621,6 +624,14 @@ def main_for_user(cfg: Config, debug: bool = False) -> dict:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise SystemExit(f"error: {e}") from None
+    except (LoaderFault, RuntimeError) as e:  # a stalled loader or a dead loader worker: stop for a requeue (75)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        fault = e if isinstance(e, LoaderFault) else loader_fault(e, run_dir / "read_failures", rank)
+        if fault is None or debug:
+            raise
+        print(f"error: {fault}", file=sys.stderr, flush=True)
+        (run_dir / "status.json").write_text(json.dumps({"status": "interrupted", "rank": rank, "reason": str(fault)}) + "\n")
+        return {"run_dir": str(run_dir), "status": "interrupted", "reason": str(fault)}
 
 
 def cli(argv=None) -> dict:
