@@ -48,19 +48,44 @@ def test_aggregate_is_evas_layout():
     assert out["accuracy"]["stdev"] == pytest.approx(math.sqrt(0.02))  # sample standard deviation
 
 
+def _unit(*degrees):
+    a = torch.tensor(degrees).deg2rad()
+    return torch.stack([a.cos(), a.sin()], 1)
+
+
+def _vote(cosines, labels, T, k):
+    """DINOv2's vote by hand: the k most similar each add exp(cos / T) to their class."""
+    order = sorted(range(len(cosines)), key=lambda i: -cosines[i])[:k]
+    votes = {}
+    for i in order:
+        votes[labels[i]] = votes.get(labels[i], 0.0) + math.exp(cosines[i] / T)
+    return max(votes, key=votes.get)
+
+
 def test_knn_vote_matches_hand_computation():
-    # unit vectors at angles 0, 10, 80, 90 degrees; labels 0, 0, 1, 1; query at 60 degrees
-    ang = torch.tensor([0.0, 10.0, 80.0, 90.0]).deg2rad()
-    train = torch.stack([ang.cos(), ang.sin()], 1) * torch.tensor([[1.0], [2.0], [3.0], [0.5]])  # norms must not matter
-    y = torch.tensor([0, 0, 1, 1])
-    q = torch.tensor([[math.cos(math.radians(60)), math.sin(math.radians(60))]])
-    # k=3: neighbours 80 (cos 20), 90 (cos 30), 10 (cos 50); class 1 gets exp(cos20/T) + exp(cos30/T)
-    preds = knn_predict(train, y, q, 2, ks=(1, 3, 4), temperature=0.07)
-    assert preds[1].item() == 1 and preds[3].item() == 1
-    # k=4 with a large temperature: every vote nearly equal, two each; the hand computation decides
-    T = 10.0
-    w = [math.exp(math.cos(math.radians(a)) / T) for a in (60, 50, 20, 30)]
-    assert knn_predict(train, y, q, 2, ks=(4,), temperature=T)[4].item() == int(w[2] + w[3] > w[0] + w[1])
+    # query at 0 degrees. Case 1: one class-0 neighbour at 5 degrees against two class-1 ones at +-30:
+    # the majority says 1, the temperature-weighted vote says 0 (exp(cos 5 / 0.07) > 2 exp(cos 30 / 0.07)),
+    # and without the temperature (exp(cos)) it would say 1.
+    train = _unit(5.0, 30.0, -30.0) * torch.tensor([[2.0], [0.5], [3.0]])  # norms must not matter
+    y, cos = [0, 1, 1], [math.cos(math.radians(a)) for a in (5, 30, -30)]
+    assert _vote(cos, y, 0.07, 3) == 0 and _vote(cos, y, 1.0, 3) == 1
+    assert knn_predict(train, torch.tensor(y), _unit(0.0), 2, ks=(3,), temperature=0.07)[3].item() == 0
+    assert knn_predict(train, torch.tensor(y), _unit(0.0), 2, ks=(3,), temperature=1.0)[3].item() == 1
+    # case 2: class 0 at 10 degrees, class 1 at +-12: k = 1 says 0, k = 3 says 1 (2 exp(cos 12 / T) wins)
+    train = _unit(10.0, 12.0, -12.0)
+    cos = [math.cos(math.radians(a)) for a in (10, 12, -12)]
+    assert _vote(cos, y, 0.07, 1) == 0 and _vote(cos, y, 0.07, 3) == 1
+    preds = knn_predict(train, torch.tensor(y), _unit(0.0), 2, ks=(1, 3), temperature=0.07)
+    assert (preds[1].item(), preds[3].item()) == (0, 1)
+    # both cases as one batch of queries, each its own answer: rows are not mixed up
+    train = torch.cat([_unit(5.0, 30.0, -30.0), _unit(100.0, 102.0, 78.0)])
+    both = knn_predict(train, torch.tensor([0, 1, 1, 2, 1, 1]), _unit(0.0, 90.0), 3, ks=(1, 3), temperature=0.07)
+    assert both[1].tolist() == [0, 2] and both[3].tolist() == [0, 1]
+    # k = 4 with a large temperature: every vote nearly equal, two each; the hand computation decides
+    train = _unit(0.0, 10.0, 80.0, 90.0) * torch.tensor([[1.0], [2.0], [3.0], [0.5]])
+    cos = [math.cos(math.radians(a - 60)) for a in (0, 10, 80, 90)]
+    assert knn_predict(train, torch.tensor([0, 0, 1, 1]), _unit(60.0), 2, ks=(4,), temperature=10.0)[4].item() == \
+        _vote(cos, [0, 0, 1, 1], 10.0, 4)
 
 
 def test_knn_chunked_topk_equals_full_sort():
@@ -91,6 +116,52 @@ def test_probes_reach_one_on_separable_and_chance_on_shuffled_labels():
 
     assert abs(classification_metrics(yt, predict(head, xt, 4), 4)["balanced_accuracy"] - 0.25) < 0.05
     assert abs(classification_metrics(yt, knn_predict(x, y, xt, 4, ks=(20,))[20], 4)["balanced_accuracy"] - 0.25) < 0.05
+
+
+def _noisy_labels(n, seed, noise_dims, flip, noise=0.5):
+    """Class = sign of feature 0 (+-3, sd 1) plus `noise_dims` features of pure noise; the first `flip` share of the
+    labels flipped. Few noisy training points in many dimensions: a short or slow fit finds feature 0, a long or fast
+    one memorises the flipped labels through the noise features, and clean held-out data shows the difference."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.cat([(2 * y[:, None] - 1) * 3.0 + torch.randn(n, 1, generator=g),
+                   noise * torch.randn(n, noise_dims, generator=g)], 1)
+    y[: int(flip * n)] = 1 - y[: int(flip * n)]
+    return x, y
+
+
+def test_lr_grid_chooses_on_validation_where_only_middle_lrs_succeed():
+    from eval.linear import DINOV2_LRS
+
+    data = {split: _split(*_noisy_labels(n, seed, 100, flip), ["a", "b"])
+            for split, n, seed, flip in (("train", 40, 0, 0.3), ("val", 400, 1, 0.0), ("test", 400, 2, 0.0))}
+    r = run_probe(data, grid=True, runs=1, max_steps=200)
+    (run,) = r["per_run"]
+    # the validation scores by hand: the same grid (same seed, same full batch), each head on the val split
+    grid = train_linear_grid(data["train"]["embeddings"], data["train"]["labels"], 2, max_steps=200, seed=0)
+    val = [classification_metrics(data["val"]["labels"], p, 2)["balanced_accuracy"]
+           for p in grid.predict(data["val"]["embeddings"])]
+    assert run["val_scores"] == pytest.approx(val)
+    assert max(val[:2]) < 0.9 and max(val[-3:]) < 0.9 and max(val) == 1.0  # the slowest and fastest heads fail
+    best = val.index(max(val))
+    assert run["lr"] == pytest.approx(DINOV2_LRS[best]) and 1e-5 < run["lr"] < 2e-2
+    test_pred = grid.predict(data["test"]["embeddings"])[best]
+    assert run["test"] == classification_metrics(data["test"]["labels"], test_pred, 2)  # that head, on the test split
+    assert run["test"]["balanced_accuracy"] > 0.95 and not r["val_is_test"]
+
+
+def test_eva_probe_returns_the_head_of_its_best_validation():
+    x, y = _noisy_labels(16, 0, 30, 0.25, noise=0.3)
+    xv, yv = _noisy_labels(200, 1, 30, 0.0, noise=0.3)
+    xt, yt = _noisy_labels(200, 2, 30, 0.0, noise=0.3)
+    head, info = train_linear(x, y, xv, yv, 2, lr=0.05, weight_decay=0.0, max_steps=80, patience=1000)
+    # validated at every step (one batch per epoch); the best comes early, then the flipped labels are memorised
+    # (the last head scores about 0.8 on val: returning it instead of the best one fails the next lines)
+    assert 1 < info["best_step"] < info["steps"] == 80 and info["best_val"] > 0.95
+    from eval.linear import predict
+
+    assert classification_metrics(yv, predict(head, xv, 2), 2)["balanced_accuracy"] == info["best_val"]
+    assert classification_metrics(yt, predict(head, xt, 2), 2)["balanced_accuracy"] > 0.9  # and on the test split
 
 
 def test_linear_grid_equals_independent_sgd_heads():

@@ -3,10 +3,11 @@
 import argparse
 import time
 
+import pytest
 import torch
 
 from eval.common import checkpoint_place, collapse_warnings, default_out, embeddings_folder
-from eval.linear import LinearGrid, _seed_slice, run_probe, train_linear_grid
+from eval.linear import DINOV2_LRS, LinearGrid, _seed_slice, run_probe, train_linear_grid
 from pathfm.metrics import collapse_warning, rankme, spread
 
 
@@ -18,10 +19,18 @@ def _nine(dim=192):
 def test_grid_probe_on_nine_embeddings_takes_seconds():
     # before: 12,500 autograd steps x 5 seeds, 2 threads fighting over tiny ops: 9 min 20 s on the 9 CRC tiles
     d = _nine()
+    # val and test: four noisy copies of each training point (noise 6x the signal), each split its own noise, so
+    # the 13 heads score differently on val (0.7-0.86) and the choice of lr matters
+    g = torch.Generator().manual_seed(1)
+    noisy = lambda: dict(d, embeddings=torch.cat([d["embeddings"] + 6 * torch.randn(9, 192, generator=g) for _ in range(4)]),
+                         labels=d["labels"].repeat(4))  # noqa: E731
     t = time.perf_counter()
-    r = run_probe({"train": d, "test": d}, grid=True, runs=5)
+    r = run_probe({"train": d, "val": noisy(), "test": noisy()}, grid=True, runs=5)
     assert time.perf_counter() - t < 30
-    assert r["metrics"]["test"]["accuracy"]["mean"] == 1.0  # 9 points in 192 dims are separable
+    for run in r["per_run"]:  # each seed reports the head that scored best on val, and that head's test score
+        assert run["val"]["accuracy"] == max(run["val_scores"]) > min(run["val_scores"])
+        assert run["lr"] == pytest.approx(DINOV2_LRS[run["val_scores"].index(max(run["val_scores"]))])
+    assert r["metrics"]["test"]["accuracy"]["mean"] > 0.5  # chance: 1/9
 
 
 def test_seeds_stacked_in_one_grid_equal_separate_grids_on_a_full_batch():
