@@ -2,6 +2,7 @@
 realised frequencies, bad slides and read failures shared between workers."""
 
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -230,6 +231,7 @@ def test_mix_path_pixels_at_each_magnification(prepared):
 @pytest.mark.parametrize("hsv_filter", [False, True])
 def test_reads_in_flight_keep_the_stream_bit_for_bit(prepared, hsv_filter, monkeypatch):
     """Reads ahead of the decode, any number in flight: the same tiles, locations and resumed stream."""
+    monkeypatch.setattr(P, "SLOW_READ_S", 0.0)  # read ahead even from the page cache
     redone = []
     real_redo = P._Draws.redo
     monkeypatch.setattr(P._Draws, "redo", lambda self, d, same_visit: redone.append(same_visit) or real_redo(self, d, same_visit))
@@ -249,7 +251,8 @@ def test_reads_in_flight_keep_the_stream_bit_for_bit(prepared, hsv_filter, monke
     assert (True in redone) == hsv_filter  # the filter's redraws were exercised
 
 
-def test_reads_in_flight_stay_within_their_memory_bound(prepared):
+def test_reads_in_flight_stay_within_their_memory_bound(prepared, monkeypatch):
+    monkeypatch.setattr(P, "SLOW_READ_S", 0.0)
     bound = 100_000  # bytes: a few draws' stored tiles (up to 4 of at most 18 KB each on these slides)
     ds = dataset(prepared, batch_size=16, read_ahead_bytes=bound, read_threads=8)
     it = iter(ds)
@@ -263,7 +266,22 @@ def test_reads_in_flight_stay_within_their_memory_bound(prepared):
     ahead.pool.shutdown()
 
 
-def test_reads_in_flight_give_the_same_failures_and_drops(tmp_path, slide_dir):
+def test_reads_go_ahead_only_while_they_are_slow(prepared, monkeypatch):
+    """Page-cache reads are read in turn (a thread would cost more than it hides); reads of 1 ms turn reading
+    ahead on within a batch, and the stream stays the same."""
+    ds = dataset(prepared, batch_size=16, read_ahead_bytes=1 << 24)
+    fast = ds.batch(0)
+    assert not ds.reader.ahead.active and ds.reader.ahead.pool is None
+    real = P.JpegTiffReader.tile_bytes
+    monkeypatch.setattr(P.JpegTiffReader, "tile_bytes", lambda *a: time.sleep(0.001) or real(*a))
+    slow = ds.batch(0)
+    assert ds.reader.ahead.active and ds.reader.ahead.pool is not None
+    assert torch.equal(fast["tiles"], slow["tiles"])
+    ds.reader.ahead.pool.shutdown()
+
+
+def test_reads_in_flight_give_the_same_failures_and_drops(tmp_path, slide_dir, monkeypatch):
+    monkeypatch.setattr(P, "SLOW_READ_S", 0.0)
     index, good, bad = damaged_copy(slide_dir, tmp_path)
     sync = dataset(index, batch_size=16, mpps=[0.5], tiles_per_visit=4)
     ahead = dataset(index, batch_size=16, mpps=[0.5], tiles_per_visit=4, read_ahead_bytes=1 << 20)

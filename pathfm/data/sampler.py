@@ -20,8 +20,10 @@ file once per visit, not once per tile, when the cohort has more slides than ope
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +45,9 @@ HSV_TRIES = 8  # draws per sample before a tile failing the colour filter is kep
 OPENSLIDE_CACHE_BYTES = 64 << 20  # one cache per worker process, shared by all its handles
 READERS = ("auto", "openslide", "jpeg")  # auto: the JPEG fast path where the file allows it
 MAX_OPEN_HANDLES = 64  # per worker: a 10k-slide manifest must not hold 10k open files
+# Reads are kept in flight while they take longer than this on average (the page cache serves a stored tile
+# in ~10 µs, where handing it to a thread costs more than it hides; shared storage takes milliseconds)
+SLOW_READ_S = 1e-4
 
 
 class ReadAhead:
@@ -50,8 +55,10 @@ class ReadAhead:
     system, milliseconds a read) overlaps decoding instead of adding to it.
 
     At most `max_bytes` of tile streams are held at once, counting those being read and those read but
-    not decoded yet (one tile larger than that is still read, alone). The threads only call os.pread
-    (which releases the GIL); decoding stays in the worker's own thread.
+    not decoded yet (one draw's tiles larger than that are still read, alone). The threads only call
+    os.pread (which releases the GIL); decoding stays in the worker's own thread. Every read, ahead or
+    in turn, is timed: reads go ahead only while they are slow (`active`), so the page cache keeps its
+    cheaper synchronous path.
     """
 
     def __init__(self, max_bytes: int, threads: int):
@@ -59,6 +66,17 @@ class ReadAhead:
         self.pool = None  # started on first use, in the process that reads (threads do not survive a fork)
         self.held = self.peak = 0  # bytes held now, and the most ever held (tests check the bound)
         self.pending: dict = {}  # future -> the handle it reads from, until consumed or dropped
+        self.latency = 0.0  # seconds a read takes, moving average over about 20 reads
+
+    @property
+    def active(self) -> bool:
+        return self.latency >= SLOW_READ_S
+
+    def timed(self, read, *args) -> bytes:
+        start = time.perf_counter()
+        data = read(*args)
+        self.latency += 0.05 * (time.perf_counter() - start - self.latency)  # from threads too: a lost update is harmless
+        return data
 
     def room(self, nbytes: int) -> bool:
         return self.held == 0 or self.held + nbytes <= self.max_bytes
@@ -68,7 +86,7 @@ class ReadAhead:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="pathfm-read")
         self.held += nbytes
         self.peak = max(self.peak, self.held)
-        future = self.pool.submit(handle.tile_bytes, level, col, row)
+        future = self.pool.submit(self.timed, handle.tile_bytes, level, col, row)
         self.pending[future] = handle
         return future
 
@@ -279,11 +297,13 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             self._discard(self._draws.pop(old))
         while (d := draws.next()) is not None:
             if self.reader.ahead is not None:
-                self._read_ahead([step] if upcoming is None else [step, upcoming])
+                if self.reader.ahead.active:
+                    self._read_ahead([step] if upcoming is None else [step, upcoming])
+                elif d.reads is None:  # read in turn, timed, so that slow storage turns reading ahead on
+                    self._submit(d, self.reader.ahead, now=True)
             index = d.location[0]
             try:
-                tile = self.reader.read(self.slide(index)[0], *d.location[1:], T,
-                                        {k: f.result for k, f in d.reads.items()} if d.reads else None)
+                tile = self.reader.read(self.slide(index)[0], *d.location[1:], T, d.reads)
             except Exception as e:  # any read failure: count, maybe drop, leave this slide
                 self._failed(index, e)
                 draws.redo(d, same_visit=False)
@@ -330,8 +350,9 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                     return
                 draws.submitted += 1
 
-    def _submit(self, d: "_Draw", ahead: ReadAhead) -> bool:
-        """Start the reads of the stored tiles draw d needs; False when they do not fit in the bound."""
+    def _submit(self, d: "_Draw", ahead: ReadAhead, now: bool = False) -> bool:
+        """Start the reads of the stored tiles draw d needs; False when they do not fit in the bound. now:
+        only time them, as they are read in turn."""
         index, mpp, x, y = d.location
         slide = self.slide(index)[0]
         try:
@@ -344,17 +365,20 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             return True
         level, lx, ly, r, _ = self.reader.region(slide, mpp, x, y, self.tile_size)
         ranges = {k: handle.tile_range(level, *k)[1] for k in handle.stored_tiles(level, lx, ly, r, r)}
+        if now:
+            d.reads = {k: functools.partial(ahead.timed, handle.tile_bytes, level, *k) for k, n in ranges.items() if n > 0}
+            return True
         nbytes = sum(ranges.values())
         if not ahead.room(nbytes):
             return False
-        d.reads = {k: ahead.submit(handle, level, *k, n) for k, n in ranges.items() if n > 0}
-        d.nbytes = nbytes
+        futures = {k: ahead.submit(handle, level, *k, n) for k, n in ranges.items() if n > 0}
+        d.reads, d.futures, d.nbytes = {k: f.result for k, f in futures.items()}, list(futures.values()), nbytes
         return True
 
     def _discard_draw(self, d: "_Draw") -> None:
-        if d.reads:
-            self.reader.ahead.release(d.reads.values(), d.nbytes)
-        d.reads, d.nbytes = None, 0
+        if d.futures:
+            self.reader.ahead.release(d.futures, d.nbytes)
+        d.reads, d.futures, d.nbytes = None, None, 0
 
     def _discard(self, draws: "_Draws") -> None:
         for d in draws.made:
@@ -471,7 +495,8 @@ class _Draw:
     left: int
     tries: int
     state: dict
-    reads: dict | None = None  # (col, row) -> future of the stored tile's stream, once submitted
+    reads: dict | None = None  # (col, row) -> a callable giving the stored tile's stream, once submitted
+    futures: list | None = None  # the reads in flight behind them
     nbytes: int = 0
 
 
