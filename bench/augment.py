@@ -2,6 +2,7 @@
 
     python bench/augment.py [--batch 32] [--repeats 5] [--tile 256]
     python bench/augment.py --device-path [--device cuda]    # device-side mode: per-crop vs batched
+    python bench/augment.py --device-path --device cuda --config configs/vits16.yaml   # a recipe's crops, batch, tile
 
 Both run in this process with torch.set_num_threads(1), on the same real H&E tiles (the nine
 NCT-CRC-HE tiles of shared/data, resized to --tile px); the table gives medians over --repeats,
@@ -92,11 +93,11 @@ class CountCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def device_path(tiles: torch.Tensor, device: str, repeats: int, n_local: int = 8) -> dict:
+def device_path(tiles: torch.Tensor, device: str, repeats: int, mc: MultiCrop | None = None) -> dict:
     """MultiCrop's device-side mode on `device` for one batch of uint8 tiles (B, 3, T, T): samples/s of the
     per-crop and batched renders (and of the CPU mode on one core), torch calls per batch, and how far
     the batched views are from the CPU mode's (in grey levels of the 0-255 input)."""
-    mc = MultiCrop(n_local=n_local, hed_jitter=0.05)
+    mc = mc or MultiCrop(n_local=8, hed_jitter=0.05)
     params = mc.sample_params(tiles.shape[0], tiles.shape[2], tiles.shape[3], torch.Generator().manual_seed(0))
     calls = {}
     for batched in (False, True):
@@ -124,7 +125,8 @@ def device_path(tiles: torch.Tensor, device: str, repeats: int, n_local: int = 8
     batched = run(True)
     diff = torch.cat([(batched[k].cpu() - cpu[k]).abs().flatten() for k in cpu]) * 255 * max(mc.std)  # grey levels
     rate = {name: tiles.shape[0] / statistics.median(t) for name, t in rows.items()}
-    return {"device": str(on_device.device), "batch": tiles.shape[0], "tile": tiles.shape[2], "n_local": n_local,
+    return {"device": str(on_device.device), "batch": tiles.shape[0], "tile": tiles.shape[2], "n_local": mc.n_local,
+            "global_size": mc.global_size, "local_size": mc.local_size,
             "samples_per_s": rate, "torch_calls_per_batch": {"per_crop": calls[False], "batched": calls[True]},
             "max_diff_levels": float(diff.max()), "share_differing": float((diff > 0.5).float().mean())}
 
@@ -132,7 +134,8 @@ def device_path(tiles: torch.Tensor, device: str, repeats: int, n_local: int = 8
 def device_path_table(r: dict) -> str:
     rate, calls = r["samples_per_s"], r["torch_calls_per_batch"]
     return "\n".join([
-        f"| device-side mode on {r['device']}, batch {r['batch']}, 2 x 224 + {r['n_local']} x 96 from {r['tile']} px "
+        f"| device-side mode on {r['device']}, batch {r['batch']}, 2 x {r['global_size']} + {r['n_local']} x "
+        f"{r['local_size']} from {r['tile']} px " + (f"({r['config']}) " if r.get("config") else "") +
         f"{r['tiles']} "
         "| samples/s | torch calls per batch |",
         "|---|---|---|",
@@ -146,16 +149,26 @@ def device_path_table(r: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=None, help="default 32, or the --config's optim.batch_size")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--tile", type=int, default=None, help="default 256, or the --config's data.tile_size")
+    parser.add_argument("--config", help="with --device-path: MultiCrop, batch and tile size of this recipe")
     parser.add_argument("--device-path", action="store_true", help="device-side mode: per-crop vs batched render")
     parser.add_argument("--device", default="cpu", help="with --device-path: where the device-side mode runs")
     parser.add_argument("--json", help="with --device-path: also write the result to this file")
     args = parser.parse_args()
+    mc, extra = None, {}
+    if args.config:  # the recipe's own crops (pathfm.data.loader.Views), batch and tile size
+        from pathfm.config import load_config
+        from pathfm.data.loader import Views
+
+        cfg = load_config(args.config)
+        mc, extra = Views(cfg, cfg.model.patch_size, ibot=False).multicrop, {"config": Path(args.config).stem}
+        args.batch, args.tile = args.batch or cfg.optim.batch_size, args.tile or cfg.data.tile_size
+    args.batch, args.tile = args.batch or 32, args.tile or 256
     if args.device_path:
         images, source = tiles_for_device_path(args.batch, args.tile)
-        result = {**device_path(tile_tensor(images), args.device, args.repeats), "tiles": source}
+        result = {**device_path(tile_tensor(images), args.device, args.repeats, mc), "tiles": source, **extra}
         print(device_path_table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -18,7 +18,8 @@ is that item's result and the check goes on:
                   against the baseline, and the loss after the measured steps equal to the baseline's
                   within LOSS_RTOL
   device_augment  data.device_augment's batched multi-crop on the GPU against its per-crop calls and the
-                  CPU mode on one core, and its views against the CPU mode's (bench/augment.py --device-path)
+                  CPU mode on one core, and its views against the CPU mode's (bench/augment.py --device-path),
+                  at ViT-S/16's shipped crop sizes, batch and tile size: device-side samples/s per GPU
 
 The check keeps its own clock: an item starts only when its estimate (ESTIMATE_S, seconds on an H100
 including start-up and train.main's final checkpoint) ends before --budget-s, and a running item is
@@ -223,8 +224,11 @@ def fast_path(out: Path, name: str, baseline: dict | None, mode: str, clock: Clo
 def device_augment(out: Path, mode: str, clock: Clock) -> dict:
     from launch.benchmark import run_logged
 
-    size = ["--batch", "48", "--repeats", "5", "--device", "cuda"] if mode == "gpu" else \
+    # ViT-S/16's recipe: its crops (2 x 224 + 8 x 96), batch (128 per GPU) and tiles (256 px): the small model
+    # whose GPU needs the most samples/s, so where the device-side mode matters most
+    size = ["--repeats", "5", "--device", "cuda"] if mode == "gpu" else \
         ["--batch", "6", "--repeats", "1", "--tile", "128", "--device", "cpu"]
+    size += ["--config", str(ROOT / "configs" / "vits16.yaml")]
     result = out / "device_augment.json"
     timeout = clock.timeout()
     code = run_logged([sys.executable, str(ROOT / "bench" / "augment.py"), "--device-path", "--json", str(result), *size],
@@ -396,14 +400,21 @@ def markdown(results: dict) -> str:
             lines += ["", f"Device-side augmentation: {r['status']} {note(r)}"]
             continue
         rate, calls = r["samples_per_s"], r["torch_calls_per_batch"]
-        lines += ["", f"Device-side augmentation, batch {r['batch']}, 2 x 224 + {r['n_local']} x 96 from {r['tile']} px "
+        lines += ["", f"Device-side augmentation, {r.get('config', '')} crops: batch {r['batch']}, 2 x {r['global_size']} + "
+                  f"{r['n_local']} x {r['local_size']} from {r['tile']} px "
                   f"{r['tiles']}, on {r['device']}" + (f" ({r['note']})" if r.get("note") else "") + ":", "",
                   "| path | samples/s | torch calls per batch |", "|---|---|---|",
                   f"| CPU mode, one core | {fmt(rate.get('cpu_mode'))} | - |",
                   f"| device, per-crop calls | {fmt(rate.get('per_crop'))} | {calls['per_crop']} |",
-                  f"| device, batched | {fmt(rate.get('batched'))} | {calls['batched']} |", "",
+                  f"| device, batched (samples/s per GPU) | {fmt(rate.get('batched'))} | {calls['batched']} |", "",
                   f"Batched views vs the CPU mode's: max {r['max_diff_levels']:.2f} grey levels, "
                   f"{100 * r['share_differing']:.2f}% of values differ by more than half a level."]
+        step = next((t for t in by("throughput") if t["name"] == "vits16" and t.get("images_per_s_per_device")), None)
+        if step and rate.get("batched"):
+            share = step["images_per_s_per_device"] / rate["batched"]
+            lines += ["", f"At ViT-S/16's {step['images_per_s_per_device']:.0f} images/s per GPU, augmenting on the GPU "
+                      f"would take {share:.0%} of its time (the CPU mode's multi-crop alone: {step['images_per_s_per_device'] / rate['cpu_mode']:.0f} "
+                      "cores per GPU)."]
     return "\n".join(lines) + "\n"
 
 
