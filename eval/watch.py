@@ -360,8 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--poll", type=float, default=3.0, help="seconds between looks for new checkpoints")
     args = p.parse_args(argv)
     run_dir = Path(args.run)
-    if not (run_dir / "checkpoints").is_dir():
-        raise SystemExit(f"error: '{run_dir}' is not a pathfm run folder (no checkpoints/ in it)")
+    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "config.yaml").is_file():  # a launcher writes config.yaml first
+        raise SystemExit(f"error: '{run_dir}' is not a pathfm run folder (no checkpoints/ or config.yaml in it)")
     from pathfm.config import ConfigError
 
     try:

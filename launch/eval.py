@@ -56,8 +56,8 @@ def watch_argv(args, run: Path, job: str | None, device: str | None, workers: in
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.watch).resolve()
-    if not (run / "checkpoints").is_dir():
-        raise SystemExit(f"error: '{args.watch}' is not a pathfm run folder (no checkpoints/ in it)")
+    if not (run / "checkpoints").is_dir() and not (run / "config.yaml").is_file():  # a launcher writes config.yaml first
+        raise SystemExit(f"error: '{args.watch}' is not a pathfm run folder (no checkpoints/ or config.yaml in it)")
     from eval.datasets import DatasetError
     from eval.watch import check_tasks, settings
     from pathfm.config import ConfigError
