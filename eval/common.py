@@ -105,14 +105,18 @@ def default_out(args, protocol: str) -> Path:
         run, label = checkpoint_place(args.ckpt)
         return run / "eval" / label / task / protocol
     name = args.timm if args.timm else Path(args.embeddings.rstrip("/")).name
-    return Path("eval_results") / name.replace("/", "_") / task / protocol
+    if name.startswith("local-dir:"):  # a public model's folder: its name
+        name = Path(name.split(":", 1)[1].rstrip("/")).name
+    return Path("eval_results") / name.split(":", 1)[-1].replace("/", "_") / task / protocol
 
 
 def embeddings_folder(args, out: Path) -> Path:
     """Where extracted embeddings go: beside the protocols of the same checkpoint and task (knn and linear share
     them), one folder per embedding choice and size; inside --out when the user chose the results folder."""
+    from eval.backbone import input_size_hint
+
     base = out / "embeddings" if args.out else out.parent / "embeddings"
-    return base / f"{args.embedding}-{args.img_size}px"
+    return base / f"{args.embedding}-{args.img_size or input_size_hint(args.timm)}px"
 
 
 def prepare_out(args, protocol: str) -> Path:

@@ -180,10 +180,16 @@ def cached_or_extract(backbone, spec: str, split: str, folder, how: str, *, clas
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (one of --ckpt / --timm)")
     g.add_argument("--ckpt", help="pathfm checkpoint step folder, checkpoints/last, run folder or export folder")
-    g.add_argument("--timm", metavar="NAME", help="a timm architecture as baseline (random init without --weights)")
-    g.add_argument("--weights", help="local weights file for --timm")
+    g.add_argument("--timm", metavar="NAME", help="a baseline: a timm architecture (random init without --weights), "
+                   "local-dir:PATH (a public model's folder: config.json + model.safetensors) or hf-hub:ORG/NAME "
+                   "(read from the local Hugging Face cache, never downloaded)")
+    g.add_argument("--weights", help="local weights file for a plain --timm architecture")
+    g.add_argument("--timm-args", type=json.loads, default=None, metavar="JSON",
+                   help="model_args for a local-dir: / hf-hub: model beyond its config.json, e.g. "
+                        "'{\"mlp_layer\": \"timm.layers.SwiGLUPacked\", \"act_layer\": \"torch.nn.SiLU\"}' (Virchow2)")
     g.add_argument("--embedding", default="cls", help="cls (eva default), cls_mean (Midnight), lastN (e.g. last4)")
-    g.add_argument("--img-size", type=int, default=224, help="centre crop size (eva: 224)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="centre crop size (default: eva's 224; a local-dir: / hf-hub: model's own input size)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for image decoding")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -196,9 +202,12 @@ def backbone_from_args(args):
     from eval.backbone import load_eval_backbone
 
     try:
-        return load_eval_backbone(args.ckpt, args.timm, args.weights, img_size=args.img_size)
+        backbone = load_eval_backbone(args.ckpt, args.timm, args.weights, img_size=args.img_size,
+                                      timm_args=getattr(args, "timm_args", None))
     except (ValueError, FileNotFoundError) as e:  # the user's path or name: one line, no traceback
         raise SystemExit(f"error: {e}") from None
+    args.img_size = args.img_size or backbone.input_size
+    return backbone
 
 
 def extract_kwargs(args) -> dict:

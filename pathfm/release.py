@@ -205,7 +205,7 @@ def model_card(config: dict, n_params: int, run_dir: Path | None, step: int | No
         out.append("- not recorded: exported without its run folder")
     out.append("\n## Compute\n")
     if rows:
-        kind = f"{len(env.get('gpus', []))} GPU(s) per node: {env['gpus'][0]}" if env.get("gpus") else "CPU processes"
+        kind = f"rank 0's host: {len(env['gpus'])} x {env['gpus'][0]}" if env.get("gpus") else "CPU processes"
         unit = "GPU-hours" if env.get("gpus") else "CPU-process-hours"
         out.append(f"- {_compute_hours(rows, world):.3g} {unit} of training steps ({world} rank(s), {kind}); "
                    "from the step times in metrics.jsonl, without start-up, checkpoints and probes")
