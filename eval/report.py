@@ -60,7 +60,8 @@ def model_label(source: str, step) -> str:
         return source.split(":", 1)[1].removesuffix(":random")
     path = Path(source.rstrip("/"))
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent if path.name == "export" else path
-    return f"{run.name} @ {f'step {step}' if step is not None else path.name}"
+    at = f"step {step}" if step is not None else path.name if run != path else ""
+    return f"{run.name} @ {at}" if at else run.name
 
 
 def model_kind(source: str) -> str:

@@ -115,19 +115,6 @@ def squeue_state(job: str) -> str:
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a child that exited but was not yet reaped by its parent is no trainer
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 class Watcher:
     def __init__(self, run_dir: Path, opts: dict, args):
         self.run, self.opts, self.args = run_dir, opts, args
@@ -142,7 +129,7 @@ class Watcher:
         if a.once:
             return True
         if a.pid:
-            return not alive(a.pid)
+            return not record.alive(a.pid)
         if a.job:
             state = squeue_state(a.job)
             self.job_gone = 0 if state in SQUEUE_LIVE else self.job_gone + 1
@@ -201,6 +188,9 @@ class Watcher:
                 self.snapshot_new()
             except Exception as e:  # noqa: BLE001
                 print(f"snapshot thread: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    def pending(self) -> list[Path]:
+        return sorted(self.snaps.glob("step_*.pt")) if self.snaps.is_dir() else []
 
     # --- one checkpoint
     def backbone(self, snap: Path):
@@ -321,10 +311,17 @@ class Watcher:
         try:
             while True:
                 ended = self.ended()  # before the last look: whatever the run wrote is then visible
-                copied = self.snapshot_new()
-                for snap in sorted(self.snaps.glob("step_*.pt")) if self.snaps.is_dir() else []:
-                    self.probe(snap)
-                if ended and not copied:
+                self.snapshot_new()
+                for snap in self.pending():
+                    try:
+                        self.probe(snap)
+                    except Exception as e:  # noqa: BLE001  (an unreadable snapshot: recorded, the next one goes on)
+                        step = int(snap.stem.split("_")[1])
+                        for t, protocols in self.todo(step):
+                            for p in protocols:
+                                record.add_row(self.run, step, t.name, p, "failed", reason=f"{type(e).__name__}: {e}")
+                        snap.unlink(missing_ok=True)
+                if ended and not self.snapshot_new() and not self.pending():
                     break
                 time.sleep(self.args.poll)
         finally:

@@ -61,6 +61,20 @@ def current_path(run_dir) -> Path:
     return Path(run_dir) / "eval" / "probes.current"
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (an exited child its parent has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def record_dead_probe(run_dir, reason: str) -> list[dict]:
     """The probe that was in progress when its process died: a failed row for each of its protocols not done."""
     path = current_path(run_dir)
@@ -70,6 +84,8 @@ def record_dead_probe(run_dir, reason: str) -> list[dict]:
         cur = json.loads(path.read_text())
     except ValueError:
         cur = {}
+    if cur.get("pid") and alive(cur["pid"]):  # another watcher's probe, running
+        return []
     have, rows = done(run_dir), []
     for protocol in cur.get("protocols", []):
         if (cur["step"], cur["task"], protocol) not in have:

@@ -115,6 +115,10 @@ def test_probes_beside_a_run_survive_kill_9_keep_last_1_and_watch_stops(killed_r
     assert best["value"] == max(r["value"] for r in ok.values()) and best["step"] in ok
     assert [(r["step"], r["status"]) for r in rows(run) if r["task"] == "crc2"] == [(6, "ok")]  # what exists now
     assert "run ended" in capsys.readouterr().err
+    from eval.report import main as report
+
+    report([str(run / "eval"), "--out", str(run.parent / "report")])
+    assert (run.parent / "report" / "curves_p.png").stat().st_size > 0  # the curves across checkpoints
     # pruning waited for the probes' copies only: keep_last=1 full checkpoint, no holds, no snapshots left
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000006"]
     assert not list(run.glob("checkpoints/*/probe.hold")) and not list(run.glob("eval/snapshots/*.pt"))
