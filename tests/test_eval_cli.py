@@ -55,7 +55,7 @@ def test_knn_and_linear_scripts_on_real_crc_tiles(shared_data, tmp_path):
     assert "--overwrite" in p.stderr
 
     _run("eval/report.py", tmp_path / "run" / "eval", lin, "--out", tmp_path / "report")
-    assert "crc (knn)" in (tmp_path / "report" / "report.md").read_text()
+    assert "| run | pathfm | knn | cls | 1.000 |" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "crc_knn.png").stat().st_size > 1000
 
 
