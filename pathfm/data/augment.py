@@ -300,8 +300,8 @@ def _opencv_one_thread() -> None:
 
 
 def _opencv(x: torch.Tensor) -> bool:
-    """Use OpenCV for x: on the CPU, float32, and OPENCV on."""
-    if OPENCV and x.device.type == "cpu" and x.dtype == torch.float32:
+    """Use OpenCV for x: on the CPU, float32, NCHW-contiguous (its planes are written in place), and OPENCV on."""
+    if OPENCV and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
         _opencv_one_thread()
         return True
     return False
@@ -318,10 +318,10 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """
     if _opencv(x):
         for i, turns in enumerate(shift.tolist()):
-            hwc = x[i].permute(1, 2, 0).contiguous().numpy()  # (H, W, 3): OpenCV's interleaved layout
-            hsv = cv2.cvtColor(hwc, cv2.COLOR_RGB2HSV)  # H in degrees, S and V in [0, 1]
+            planes = [x[i, c].numpy() for c in range(3)]  # views of x's (H, W) planes
+            hsv = cv2.cvtColor(cv2.merge(planes), cv2.COLOR_RGB2HSV)  # interleaved; H in degrees, S and V in [0, 1]
             cv2.add(hsv, (360.0 * (turns % 1.0), 0.0, 0.0, 0.0), dst=hsv)  # a shift >= 0: HSV2RGB wraps >= 360, not < 0
-            x[i].copy_(torch.from_numpy(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=hwc)).permute(2, 0, 1))
+            cv2.split(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=hsv), planes)  # back into x (merge / split: 2x torch's permuted copies)
         return x
     r, g, b = x.unbind(1)  # each (n, H, W)
     maxc, minc = x.amax(dim=1), x.amin(dim=1)
