@@ -1,10 +1,13 @@
 """Faults of the data path that are not bad bytes: a slide that never answers (a stalled mount, here a FIFO),
 a reader process that dies (SIGKILL, as the OOM killer sends it), in the index build and in training."""
 
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pathfm.data import index as I
@@ -43,3 +46,91 @@ def test_index_build_lists_a_stalled_and_a_killing_slide_and_goes_on(two_slides,
     reasons = {Path(r["path"]).name: r["reason"] for r in index.unusable()}
     assert "reader process died: signal 9 (SIGKILL) while describing it" in reasons["kills.svs"]
     assert "timed out after 1 s" in reasons["stalled.svs"]
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture
+def cohort(two_slides, tmp_path):
+    """An index of slide a and two more rows (links to a) that the tests break: stalls.svs and kills.svs."""
+    d = tmp_path / "slides"
+    d.mkdir()
+    for name in ("a.svs", "stalls.svs", "kills.svs"):
+        os.symlink(two_slides / "a.svs", d / name)
+    entries = [SlideEntry(str(d / name)) for name in ("a.svs", "stalls.svs", "kills.svs")]
+    return I.build_index(entries, d / "index", PARAMS, workers=1, timeout_s=0, mask_dir=two_slides / "masks",
+                         progress=False)
+
+
+def run(tmp_path, index, *overrides):
+    from pathfm.config import load_config
+    from pathfm.train import main_for_user
+
+    cfg = load_config("smoke", [f"train.output_dir={tmp_path}", "train.name=run", "train.rankme_every=0",
+                                "data.source=manifest", f"data.index={index.folder}", "data.tile_size=64",
+                                "data.mpps=[1.0,2.0]", "data.tiles_per_visit=2", "data.num_workers=1",
+                                "train.steps=2", "train.log_every=1", "train.ckpt_every=1", *overrides])
+    return main_for_user(cfg)
+
+
+def test_a_stalled_loader_and_a_dead_loader_worker_stop_for_a_requeue_and_the_run_continues(cohort, tmp_path, monkeypatch):
+    from pathfm.data import sampler
+
+    last = lambda: (tmp_path / "run" / "checkpoints" / "last").read_text().strip()  # noqa: E731
+    assert run(tmp_path, cohort, "train.stop_after=1")["status"] == "interrupted" and last() == "step_0000001"
+
+    # a stall: the storage under one slide stops answering (a FIFO); exit status 75 after the limit, no checkpoint
+    stalls = Path(cohort.path(1))
+    stalls.unlink()
+    os.mkfifo(stalls)
+    start = time.monotonic()
+    stalled = run(tmp_path, cohort, "data.stall_timeout_s=2")
+    assert stalled["status"] == "interrupted" and time.monotonic() - start < 60  # "interrupted": exit status 75
+    assert "no batch for 2" in stalled["reason"] and "waiting for step 1" in stalled["reason"]
+    assert f"was reading {stalls}" in stalled["reason"]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
+    assert last() == "step_0000001" and not list((tmp_path / "run" / "read_failures").glob("*.csv"))  # nothing recorded
+    stalls.unlink()
+    os.symlink(cohort.path(0), stalls)  # the mount answers again
+
+    # a death: a worker reading kills.svs is SIGKILLed (the OOM killer, a segfault in a C library)
+    real_read, test_process = sampler.TileReader.read, os.getpid()
+
+    def read(self, slide, *a, **kw):
+        if slide.info.path.endswith("kills.svs") and os.getpid() != test_process:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_read(self, slide, *a, **kw)
+
+    monkeypatch.setattr(sampler.TileReader, "read", read)
+    died = run(tmp_path, cohort)
+    assert died["status"] == "interrupted" and last() == "step_0000001"
+    assert "data loader worker died at step 1 (signal 9 (SIGKILL))" in died["reason"] and "kills.svs" in died["reason"]
+    failures = "".join(p.read_text() for p in (tmp_path / "run" / "read_failures").glob("*.csv"))
+    assert "kills.svs" in failures and "reader process died: signal 9 (SIGKILL) while reading it" in failures
+
+    # the requeued run resumes from step 1 and skips the slide that killed a reader (it would kill this one too)
+    done = run(tmp_path, cohort)
+    assert done["status"] == "finished" and done["step"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "data/dropped_slides" in r][-1]["data/dropped_slides"] == 1
+
+
+def test_excluded_slides_change_only_their_own_visits(cohort):
+    from pathfm.data.sampler import SlideTileDataset
+
+    index = cohort
+    make = lambda excluded: SlideTileDataset(index, batch_size=8, tile_size=64, mpps=[1.0, 2.0], mpp_weights=None,  # noqa: E731
+                                             seed=0, rank=0, world_size=1, tiles_per_visit=2, excluded=excluded)
+    plain, skipping = make(()), make({1, 2})
+    kept = changed = 0
+    for step in range(4):
+        a, b = plain.batch(step), skipping.batch(step)
+        for i, (la, lb) in enumerate(zip(a["locations"], b["locations"])):
+            assert lb[0] == 0  # slide 1 is never read
+            if la[0] == 0:  # every visit that was not to slide 1 is unchanged, position and pixels
+                assert la == lb and np.array_equal(a["tiles"][i], b["tiles"][i])
+                kept += 1
+            else:
+                changed += 1
+    assert kept and changed

@@ -8,11 +8,14 @@ Both draw every random parameter from the same per-step generator, so they produ
 from __future__ import annotations
 
 import os
+import re
+import signal
 from pathlib import Path
 
 import torch
 
 from pathfm.data.augment import MultiCrop
+from pathfm.data.failures import DIED, ReadFailures, killed_slides, readings
 from pathfm.data.masking import block_masks
 from pathfm.data.index import (IndexParams, SlideIndex, build_part, cpu_count, index_folder, manifest_identity,
                                merge_parts)
@@ -132,7 +135,7 @@ def tile_dataset(cfg, index: SlideIndex, *, rank: int, world_size: int, start_st
         world_size=world_size, start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned,
         hsv_filter=d.hsv_filter, group_balance=d.group_balance, transform=transform,
         tiles_per_visit=d.tiles_per_visit, failures_dir=failures_dir,
-        read_ahead_bytes=int(d.read_ahead_mb * 2**20), read_threads=d.read_threads)
+        excluded=killed_slides(failures_dir) if failures_dir else (), read_ahead_bytes=int(d.read_ahead_mb * 2**20), read_threads=d.read_threads)
 
 
 def build_loader(cfg, index: SlideIndex | None, *, rank: int, world_size: int, start_step: int, views: Views,
@@ -143,8 +146,77 @@ def build_loader(cfg, index: SlideIndex | None, *, rank: int, world_size: int, s
     else:
         dataset = tile_dataset(cfg, index, rank=rank, world_size=world_size, start_step=start_step,
                                transform=None if d.device_augment else views, failures_dir=failures_dir)
-    # a private generator: creating the loader must not consume the global RNG (exact resume)
+    # a private generator: creating the loader must not consume the global RNG (exact resume). timeout: the
+    # longest wait for one batch (data.stall_timeout_s; only with workers: without, reads run in this process)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
         prefetch_factor=2 if d.num_workers > 0 else None, generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
+        timeout=d.stall_timeout_s if d.num_workers > 0 else 0,
     )
+
+
+# ---------------------------------------------------------------- a loader that stalls or loses a worker
+
+
+class LoaderFault(Exception):
+    """The loader stalled or lost a worker: the run stops with exit status 75 (requeue) and a one-line reason.
+    Raised between steps or while waiting for a batch: the last checkpoint is complete, none is half-written."""
+
+
+def batches(loader, *, failures_dir, rank: int, start_step: int):
+    """Iterate `loader`, turning a stall (DataLoader timeout) or a dead worker into a LoaderFault that names
+    the slide the worker was reading and the step."""
+    it, step = iter(loader), start_step
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            # how each worker ended: torch's "exited unexpectedly" does not say (a private attribute, read with care)
+            codes = {w.pid: w.exitcode for w in getattr(it, "_workers", ()) if getattr(w, "exitcode", None) is not None}
+            fault = loader_fault(e, failures_dir, rank, step=step, start_step=start_step, workers=loader.num_workers,
+                                 exit_codes=codes)
+            if fault is None:
+                raise
+            del it  # shuts the workers down (a stuck one is terminated after torch's 5 s grace)
+            raise fault from None
+        step = batch["step"] + 1
+        yield batch
+
+
+def loader_fault(error: BaseException, failures_dir, rank: int, *, step: int | None = None, start_step: int = 0,
+                 workers: int = 1, exit_codes: dict | None = None) -> LoaderFault | None:
+    """The LoaderFault that a DataLoader RuntimeError stands for, or None when it is something else. A worker's
+    death also arrives as torch's SIGCHLD handler raising in the middle of a step: then `step` is None and the
+    worker's own record says which step it was making. A slide a worker died on is recorded in failures_dir
+    (failures.DIED), so that every later launch of the run skips it."""
+    text = str(error)
+    seen = readings(Path(failures_dir), rank) if failures_dir else {}
+    if text.startswith("DataLoader timed out after"):
+        worker = f"worker{(step - start_step) % max(1, workers):03d}"
+        pid, _, slide, path = seen.get(worker, (None, None, None, None))
+        what = f"was reading {path}" if path else "had read no slide yet"
+        return LoaderFault(f"data loader: no batch for {text.split('after ')[1]} (data.stall_timeout_s) while waiting "
+                           f"for step {step}; loader worker {worker[6:].lstrip('0') or '0'} (pid {pid}) {what}. Stopped "
+                           "for a requeue (exit status 75); the last checkpoint is intact")
+    m = re.match(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (is killed by signal: (.+?)\.|exited unexpectedly)", text)
+    if m is None:
+        return None
+    pids = {int(p) for p in re.findall(r"\d+", m.group(1))}
+    number = {signal.strsignal(s): s for s in signal.Signals}.get(m.group(3)) if m.group(3) else None
+    code = next((c for p, c in (exit_codes or {}).items() if p in pids), None)
+    if number is None and code is not None and code < 0:
+        number = signal.Signals(-code)
+    how = (f"signal {int(number)} ({number.name})" if number else f"signal {m.group(3)}" if m.group(3)
+           else f"exit status {code}" if code is not None else "exited")
+    dead = [(name, r) for name, r in seen.items() if r[0] in pids]
+    if failures_dir:
+        record = ReadFailures(Path(failures_dir), f"rank{rank:05d}-main")
+        for _, (_, _, slide, path) in dead:
+            record.record(slide, path, f"{DIED}: {how} while reading it")
+    where = "; ".join(f"{name} (pid {pid}) was reading {path} for step {s}" for name, (pid, s, _, path) in dead)
+    at = f" at step {step}" if step is not None else (f" at step {dead[0][1][1]}" if dead else "")
+    return LoaderFault(f"data loader worker died{at} ({how}): {where or 'no slide recorded'}; "
+                       f"{'the slide is' if len(dead) == 1 else 'slides are'} recorded in {failures_dir} and "
+                       "skipped when the run resumes. Stopped for a requeue (exit status 75); the last checkpoint is intact")

@@ -33,7 +33,7 @@ import openslide
 import torch
 from PIL import Image
 
-from pathfm.data.failures import ReadFailures
+from pathfm.data.failures import Reading, ReadFailures
 from pathfm.data.index import IndexedSlide, SlideIndex
 from pathfm.data.jpegtiles import JpegTiffReader
 from pathfm.data.slides import HSVFilter, ReadPlan, SlideError, open_slide
@@ -222,7 +222,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
     def __init__(self, index: SlideIndex, *, batch_size: int, tile_size: int, mpps: list[float],
                  mpp_weights: list[float] | None, seed: int, rank: int, world_size: int, start_step: int = 0,
                  reader: str = "auto", grid_aligned: bool = False, hsv_filter: bool = False,
-                 group_balance: bool = False, transform=None, tiles_per_visit: int = 8, failures_dir=None,
+                 group_balance: bool = False, transform=None, tiles_per_visit: int = 8, failures_dir=None, excluded=(),
                  read_ahead_bytes: int = 0, read_threads: int = 16):
         if not len(index):
             raise SlideError(f"SlideTileDataset: the index {index.folder} has no usable slide")
@@ -245,13 +245,17 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self.hsv = HSVFilter() if hsv_filter else None
         self.transform, self.tiles_per_visit, self.failures_dir = transform, tiles_per_visit, failures_dir
         self.read_ahead_bytes, self.read_threads = read_ahead_bytes, read_threads
+        # slides that killed a reader in an earlier launch (failures.killed_slides): their visits go to another slide
+        self.excluded = np.zeros(len(index), bool)
+        self.excluded[sorted(excluded)] = True
         self._reset_worker_state()
 
     def _reset_worker_state(self, name: str = "main") -> None:
         self.reader = None  # opened lazily in the worker that uses it
         self.failures = ReadFailures(self.failures_dir, f"rank{self.rank:05d}-{name}")
+        self.reading, self._step = Reading(self.failures_dir, f"rank{self.rank:05d}-{name}"), -1  # for stalls and deaths
         self.dropped = np.zeros(len(self.index), bool)
-        self._slide_cumulative = None
+        self._slide_cumulative = self._substitute_cumulative = None
         self._views: OrderedDict[int, tuple[IndexedSlide, np.ndarray]] = OrderedDict()
         self._draws: dict[int, _Draws] = {}  # step -> its draws made ahead of their reads
         self._epoch = 0  # bumped when a slide is dropped: draws made before it are stale
@@ -286,6 +290,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         if self.reader is None:
             self.reader = TileReader(self.reader_kind, self.read_ahead_bytes, self.read_threads)
         self._drop_failed_elsewhere()
+        self._step = step
         B, T = self.batch_size, self.tile_size
         slot = np.random.default_rng([self.seed, self.rank, step, 2]).permutation(B)  # shuffles the visits together
         # Each tile is copied into its slot as soon as it is decoded, so the decoder's buffer is freed and
@@ -302,6 +307,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                 elif d.reads is None:  # read in turn, timed, so that slow storage turns reading ahead on
                     self._submit(d, self.reader.ahead, now=True)
             index = d.location[0]
+            self._note(index)
             try:
                 tile = self.reader.read(self.slide(index)[0], *d.location[1:], T, d.reads)
             except Exception as e:  # any read failure: count, maybe drop, leave this slide
@@ -355,6 +361,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         only time them, as they are read in turn."""
         index, mpp, x, y = d.location
         slide = self.slide(index)[0]
+        self._note(index)
         try:
             handle = self.reader.handle(slide)
         except Exception:  # the read, at its turn, opens again and reports the error
@@ -469,6 +476,11 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         scale = decode_scale(r, self.tile_size)  # a scaled JPEG decode starts on its grid (< 1 output px away)
         return lx - lx % scale, ly - ly % scale
 
+    def _note(self, index: int) -> None:
+        """Say which slide this worker reads now (once per visit), for the trainer to name if it stalls or dies."""
+        if (self._step, index) != self.reading.last:
+            self.reading.note(self._step, index, self.index.path(index))
+
     def _draw_slide(self, rng: np.random.Generator) -> int:
         if self._slide_cumulative is None:  # first draw, or a slide was dropped
             s = self.index.slides
@@ -482,7 +494,16 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             if weights.sum() <= 0:
                 raise SlideError(f"no slide of {self.index.folder} serves mpps {list(np.array(self.index.params.mpps)[self.used_columns])}")
             self._slide_cumulative = np.cumsum(weights)
-        return _pick(self._slide_cumulative, rng)
+            self._substitute_cumulative = np.cumsum(weights * ~self.excluded) if self.excluded.any() else None
+        index = _pick(self._slide_cumulative, rng)
+        if self.excluded[index]:  # it killed a reader: another slide, drawn with a generator of its own, so that
+            # `rng` moves on as it would have and every other draw of the stream stays the same
+            if self._substitute_cumulative[-1] <= 0:
+                raise SlideError(f"every slide of {self.index.folder} that serves the run's mpps killed a reader "
+                                 "(listed in read_failures/ of the run folder)")
+            state = rng.bit_generator.state["state"]["state"]  # PCG64's 128-bit state: read, not advanced
+            index = _pick(self._substitute_cumulative, np.random.default_rng([state >> 64, state & (2**64 - 1), 3]))
+        return index
 
 
 @dataclass
