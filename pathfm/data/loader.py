@@ -211,12 +211,14 @@ def loader_fault(error: BaseException, failures_dir, rank: int, *, step: int | N
     how = (f"signal {int(number)} ({number.name})" if number else f"signal {m.group(3)}" if m.group(3)
            else f"exit status {code}" if code is not None else "exited")
     dead = [(name, r) for name, r in seen.items() if r[0] in pids]
-    if failures_dir:
+    stopped = number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # stopped from outside: not the slide's doing
+    if failures_dir and not stopped:
         record = ReadFailures(Path(failures_dir), f"rank{rank:05d}-main")
         for _, (_, _, slide, path) in dead:
             record.record(slide, path, f"{DIED}: {how} while reading it")
     where = "; ".join(f"{name} (pid {pid}) was reading {path} for step {s}" for name, (pid, s, _, path) in dead)
     at = f" at step {step}" if step is not None else (f" at step {dead[0][1][1]}" if dead else "")
-    return LoaderFault(f"data loader worker died{at} ({how}): {where or 'no slide recorded'}; "
-                       f"{'the slide is' if len(dead) == 1 else 'slides are'} recorded in {failures_dir} and "
-                       "skipped when the run resumes. Stopped for a requeue (exit status 75); the last checkpoint is intact")
+    kept = "" if stopped or not dead or not failures_dir else (f"; {'the slide is' if len(dead) == 1 else 'slides are'} recorded in {failures_dir} "
+                               "and skipped when the run resumes")
+    return LoaderFault(f"data loader worker died{at} ({how}): {where or 'no slide recorded'}{kept}. "
+                       "Stopped for a requeue (exit status 75); the last checkpoint is intact")
