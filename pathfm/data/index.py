@@ -416,6 +416,10 @@ def describe_in_processes(args: list[tuple], workers: int, timeout_s: float, wri
         while pending or running:
             while idle and pending:
                 process, conn = idle.pop()
+                if not process.is_alive():  # killed while it waited for work: no slide's doing
+                    process.join(timeout=1.0)
+                    conn.close()
+                    process, conn = start()
                 a = pending.pop()
                 conn.send(a)
                 running[conn] = (process, a, time.monotonic() + timeout_s if timeout_s else math.inf)
