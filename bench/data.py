@@ -1,15 +1,20 @@
 """Data pipeline throughput on a synthetic 40000 x 40000 JPEG slide (CPU), and the same path at cohort
 scale (hard-linked copies of that slide: distinct slides to pathfm, one file in the page cache).
 
-    python bench/data.py [--size 40000] [--seconds 5] [--batch 32] [--no-cohort]
+    python bench/data.py [--size 40000] [--seconds 5] [--batch 32] [--rounds 1] [--no-cohort]
 
-Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread each):
+Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread each); with --rounds N
+the whole table is measured N times, rows alternating, and the medians are printed; "per CPU-second" is
+the 1-process rate over the CPU time it used, a per-core rate that a loaded machine distorts less:
   raw decode      stored 256 px JPEG tiles at sampled tissue positions, bytes in memory,
                   simplejpeg: the limit for any reader
   openslide 224/256  OpenSlide read_region of random tissue regions at level 0
   pathfm tiles    SlideTileDataset batches, JPEG fast path, grid-aligned, 224 px at 0.5 µm/px
   pathfm tiles mix   the same, magnification mix 0.5/1/2 µm/px, unaligned (auto reader)
+  ... full decodes   the mix as before issue 22: 1 µm/px tiles from full-size decodes + resize (no scaled IDCT)
+  ... mix aligned    the mix with data.grid_aligned (every magnification snapped to the stored-tile grid)
   full samples    pathfm tiles (mix) + MultiCrop (2 x 224 + 8 x 96) + iBOT masks (pathfm.data.loader.Views)
+  ... torch colour   the same with MultiCrop's torch hue and blur (before OpenCV; augment.OPENCV = False)
   baseline        OpenSlide read + torchvision/PIL DINOv2-style multi-crop, one sample at a time
 Cohort rows (bench/cohort.py): index build rate (1 and 2 processes, cold masks), start-up time and
 resident memory of a rank with an index of 1, 1,000 and 100,000 slides, tiles/s of one worker at
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,13 +46,14 @@ MIX = [0.5, 1.0, 2.0]
 STATE = {}  # filled in main() before the fork: prepared slides and arguments
 
 
-def rate(fn, seconds: float) -> float:
-    """Items per second of fn() (which returns how many items it made), after one warm-up call."""
+def rate(fn, seconds: float) -> tuple[float, float]:
+    """(items per second, items per CPU-second) of fn() (which returns how many items it made), after one
+    warm-up call."""
     fn()
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         n += fn()
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), n / max(time.process_time() - cpu, 1e-9)
 
 
 def tile_dataset(**kw):
@@ -82,8 +89,11 @@ def bench_openslide(size):
     return run
 
 
-def bench_pathfm(**kw):
+def bench_pathfm(before=False, **kw):
     def run(seconds):
+        import pathfm.data.sampler as sampler
+        if before:  # issue 22's "before": a 1 µm/px tile from full-size decodes of level 0 + an antialiased resize
+            sampler.decode_scale = lambda region, size: 1
         ds, step = tile_dataset(**kw), iter(range(1 << 62))
         return rate(lambda: len(ds.batch(next(step))["tiles"]), seconds)
     return run
@@ -97,9 +107,13 @@ def multicrop_transform():
     return Views(Config(), patch_size=14, ibot=True)
 
 
-def bench_full(seconds):
-    ds, step = tile_dataset(transform=multicrop_transform()), iter(range(1 << 62))
-    return rate(lambda: len(ds.batch(next(step))["tiles"]["global_crops"]) // 2, seconds)
+def bench_full(opencv=True):
+    def run(seconds):
+        from pathfm.data import augment
+        augment.OPENCV = opencv
+        ds, step = tile_dataset(transform=multicrop_transform()), iter(range(1 << 62))
+        return rate(lambda: len(ds.batch(next(step))["tiles"]["global_crops"]) // 2, seconds)
+    return run
 
 
 def torchvision_multicrop():
@@ -134,16 +148,24 @@ def bench_baseline(seconds):
 def _worker(args):
     row, seconds = args  # the row's function is found in the forked copy of STATE (closures do not pickle)
     torch.set_num_threads(1)
-    return STATE["rows"][row][2](seconds)
+    return STATE["rows"][row][2](seconds)[0]
 
 
 def measure(row, seconds):
-    """(rate in this process, summed rate of 2 processes running at once)."""
-    torch.set_num_threads(1)
-    single = STATE["rows"][row][2](seconds)
-    with mp.get_context("fork").Pool(2) as pool:
+    """(rate in one process, its rate per CPU-second, summed rate of 2 processes running at once), each in
+    fresh forked processes, so that a row's module switches (decode_scale, augment.OPENCV) stay in its row."""
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        torch.set_num_threads(1)
+        single, per_cpu = pool.apply(_single, (row, seconds))
+    with ctx.Pool(2) as pool:
         double = sum(pool.map(_worker, [(row, seconds)] * 2))
-    return single, double
+    return single, per_cpu, double
+
+
+def _single(row, seconds):
+    torch.set_num_threads(1)
+    return STATE["rows"][row][2](seconds)
 
 
 def main():
@@ -151,6 +173,7 @@ def main():
     parser.add_argument("--size", type=int, default=40000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1, help="measure the table this many times; medians")
     parser.add_argument("--cache", default=".cache/pathfm/bench")
     parser.add_argument("--no-cohort", action="store_true", help="only the single-slide rows")
     parser.add_argument("--build-slides", type=int, default=8, help="slides indexed for the build rate")
@@ -168,26 +191,32 @@ def main():
             ("OpenSlide read_region 256 px", "regions/s", bench_openslide(256)),
             ("pathfm tiles, 0.5 µm/px grid-aligned (jpeg)", "tiles/s", bench_pathfm(mpps=[0.5], grid_aligned=True)),
             ("pathfm tiles, mix 0.5/1/2 µm/px (auto)", "tiles/s", bench_pathfm()),
-            ("full samples: pathfm mix + MultiCrop", "samples/s", bench_full),
+            ("... mix, full decodes + resize (before)", "tiles/s", bench_pathfm(before=True)),
+            ("... mix, grid-aligned", "tiles/s", bench_pathfm(grid_aligned=True)),
+            ("full samples: pathfm mix + MultiCrop", "samples/s", bench_full()),
+            ("... torch colour ops (before)", "samples/s", bench_full(opencv=False)),
             ("baseline: OpenSlide + torchvision multi-crop", "samples/s", bench_baseline)]
     STATE["rows"] = rows
-    results = {}
-    print(f"\n| {args.size} px synthetic slide, {os.cpu_count()} CPUs | unit | 1 process | 2 processes |")
-    print("|---|---|---|---|")
-    for row, (name, unit, _) in enumerate(rows):
-        try:
-            results[name] = measure(row, args.seconds)
-        except ImportError as e:  # MultiCrop not written yet
-            print(f"| {name} | {unit} | skipped: {e} | |")
-            continue
-        print(f"| {name} | {unit} | {results[name][0]:.0f} | {results[name][1]:.0f} |", flush=True)
+    got = {}
+    for r in range(args.rounds):
+        for row, (name, unit, _) in enumerate(rows):
+            got.setdefault(name, []).append(measure(row, args.seconds))
+            print(f"round {r + 1}: {name}: " + ", ".join(f"{x:.0f}" for x in got[name][-1]), file=sys.stderr, flush=True)
+    results = {name: [statistics.median(v) for v in zip(*runs)] for name, runs in got.items()}
+    print(f"\n| {args.size} px synthetic slide, {os.cpu_count()} CPUs, median of {args.rounds} | unit | 1 process | "
+          "1 process, per CPU-second | 2 processes |")
+    print("|---|---|---|---|---|")
+    for name, unit, _ in rows:
+        print(f"| {name} | {unit} | " + " | ".join(f"{x:.0f}" for x in results[name]) + " |")
+    ratio = lambda a, b: " / ".join(f"{x / y:.2f}" for x, y in zip(results[a], results[b]))  # noqa: E731
     names = [r[0] for r in rows]
-    if names[3] in results:
-        print(f"\npathfm tiles / raw decode limit: {results[names[3]][0] / results[names[0]][0]:.2f} "
-              f"(1 process), {results[names[3]][1] / results[names[0]][1]:.2f} (2 processes)")
-    if names[5] in results:
-        print(f"full samples / baseline: {results[names[5]][0] / results[names[6]][0]:.2f} (1 process), "
-              f"{results[names[5]][1] / results[names[6]][1]:.2f} (2 processes)")
+    print("\nratios (1 process / per CPU-second / 2 processes):")
+    print(f"- pathfm grid-aligned tiles / raw decode limit: {ratio(names[3], names[0])}")
+    print(f"- mix tiles / raw decode limit: {ratio(names[4], names[0])}; mix / grid-aligned: {ratio(names[4], names[3])}")
+    print(f"- mix before (full decodes) / grid-aligned: {ratio(names[5], names[3])}; mix now / before: {ratio(names[4], names[5])}")
+    print(f"- mix grid-aligned / grid-aligned 0.5 µm/px: {ratio(names[6], names[3])}")
+    print(f"- full samples / baseline: {ratio(names[7], names[9])}; before OpenCV: {ratio(names[8], names[9])}")
+    print(f"(load average at the end: {os.getloadavg()[0]:.1f})")
     if not args.no_cohort:
         from cohort import cohort_rows
 
