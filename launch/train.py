@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,19 +119,72 @@ def run_local(args, cfg, name, overrides):
         result = main_for_user(cfg, args.debug)
         print(f"run folder: {result['run_dir']} (step {result['step']}, {result['status']})")
         return STOPPED_EXIT if result["status"] == "interrupted" else 0
-    # several local processes: exactly what torchrun does on a node
+    # several local processes: exactly what torchrun does on a node. What can be checked here is checked before
+    # torchrun starts (one line, nothing written), as the single-process run does it.
+    from pathfm.train import check_device, check_inputs, check_resume
+
+    cfg.train.name = name
+    run_dir = Path(cfg.train.output_dir) / name
+    check_device(cfg)
+    check_inputs(cfg)
+    if (run_dir / "config.yaml").is_file():
+        check_resume(cfg, run_dir, args.nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "pathfm.train", "--config", str(args.config), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    status_file = Path(cfg.train.output_dir) / name / "status.json"
+    # the cores shared out (torchrun would otherwise set 1 thread per process and print a warning about it)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    status_file = run_dir / "status.json"
     started = time.time()
-    rc = subprocess.call(cmd, env=env)
+    rc = run_torchrun(cmd, env, run_dir, name)
     # torchrun reports any worker's non-zero exit as 1: the run folder says whether it was a clean stop
     if rc and status_file.is_file() and status_file.stat().st_mtime >= started:
         if json.loads(status_file.read_text())["status"] == "interrupted":
             from pathfm.train import STOPPED_EXIT
 
             return STOPPED_EXIT
+    return rc
+
+
+def run_torchrun(cmd, env, run_dir: Path, name: str) -> int:
+    """torchrun with the ranks' stderr passed through as it comes, and torchrun's own report of a failed rank (its
+    log lines, ChildFailedError traceback and failure table) moved to <run>/torchrun.log: a rank's one-line error
+    stays the last thing on the console. A rank killed by a signal (it could not say why) gets one line."""
+    import re
+    import signal
+
+    own = re.compile(rb"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/")  # torchrun's logging format
+    report, diverting, pending = [], False, b""
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    err = sys.stderr.buffer
+    while chunk := os.read(p.stderr.fileno(), 65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            diverting = diverting or bool(own.match(line) and b"failed (exitcode" in line)  # the report follows
+            if diverting or own.match(line):
+                report.append(line)
+            else:
+                err.write(line + b"\n")
+        if b"\r" in pending and not diverting:  # progress bars redraw with \r: show them as they come
+            shown, _, pending = pending.rpartition(b"\r")
+            err.write(shown + b"\r")
+        err.flush()
+    report.append(pending) if diverting else err.write(pending)
+    err.flush()
+    rc = p.wait()
+    if report:
+        log = run_dir / "torchrun.log" if run_dir.is_dir() else Path(tempfile.gettempdir()) / f"pathfm-{name}-torchrun.log"
+        with open(log, "ab") as f:
+            f.write(b"\n".join(report) + b"\n")
+        root = re.search(rb"Root Cause.*?rank\s*: (\d+).*?exitcode\s*: (-\d+)", b"\n".join(report), re.S)
+        if root:  # a negative exit code: killed by a signal, nothing printed by the rank itself
+            try:
+                sig = signal.Signals(-int(root.group(2))).name
+            except ValueError:
+                sig = f"signal {-int(root.group(2))}"
+            hint = " (the kernel's out-of-memory killer sends it)" if sig == "SIGKILL" else ""
+            print(f"error: rank {root.group(1).decode()} was killed by {sig}{hint}; torchrun's report: {log}", file=sys.stderr)
     return rc
 
 

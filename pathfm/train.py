@@ -203,6 +203,41 @@ def trajectory_changes(saved: dict, cfg: Config, saved_world: int, world: int) -
     return out
 
 
+def check_resume(cfg: Config, run_dir: Path, world_size: int) -> dict:
+    """Read-only checks of an existing run folder before resuming it on world_size ranks: refuse a folder made by
+    a different model, and a trajectory change (trajectory_changes) unless train.allow_resume_changes. Returns the
+    allowed changes. The launcher calls it too, before torchrun starts any process."""
+    import yaml
+
+    old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    keys = ("arch", "patch_size", "num_registers", "ffn", "layerscale", "img_size")
+    was = {k: old.get("model", {}).get(k) for k in keys} | {"prototypes": old.get("ssl", {}).get("prototypes")}
+    now = {k: getattr(cfg.model, k) for k in keys} | {"prototypes": cfg.ssl.prototypes}
+    if was != now:
+        diff = ", ".join(f"{k}: {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
+        raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({diff}); "
+                         "pick a new train.name or train.output_dir")
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        return {}
+    meta = json.loads((last / "meta.json").read_text())
+    changes = trajectory_changes(meta.get("config", {}), cfg, meta.get("world_size", 1), world_size)
+    if changes and not cfg.train.allow_resume_changes:
+        said = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
+        raise SystemExit(f"error: run folder '{run_dir}' was trained (to its step {meta['step']}) with other "
+                         f"settings ({said}); resuming would change its schedules mid-run. Add "
+                         "train.allow_resume_changes=true to continue with the new values, or pick a new "
+                         "train.name")
+    return changes
+
+
+def check_device(cfg: Config) -> None:
+    """Settings that need a GPU, on a machine without one: one line, before anything is written."""
+    if cfg.train.precision == "bf16" and not torch.cuda.is_available():
+        raise SystemExit("error: config key 'train.precision': bf16 needs a CUDA GPU and this machine has none; to try "
+                         "this config on the CPU add train.precision=fp32 (README: 'A GPU config on a CPU')")
+
+
 def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> tuple[Path, str, dict]:
     """Create (or re-open for resume) the run folder; refuse one made by a different model, and a resume that
     changes the trajectory (trajectory_changes) unless train.allow_resume_changes.
@@ -224,26 +259,8 @@ def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> tuple[Path, str, dict
         old_cfg = run_dir / "config.yaml"
         header = f"# launched as: {' '.join(sys.argv)}\n"
         if old_cfg.exists():
-            import yaml
-
-            old = yaml.safe_load(old_cfg.read_text()) or {}
-            keys = ("arch", "patch_size", "num_registers", "ffn", "layerscale", "img_size")
-            was = {k: old.get("model", {}).get(k) for k in keys} | {"prototypes": old.get("ssl", {}).get("prototypes")}
-            now = {k: getattr(cfg.model, k) for k in keys} | {"prototypes": cfg.ssl.prototypes}
-            if was != now:
-                diff = ", ".join(f"{k}: {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
-                raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({diff}); "
-                                 "pick a new train.name or train.output_dir")
-            last = ckpt.latest_checkpoint(run_dir / "checkpoints")
-            if last is not None:
-                meta = json.loads((last / "meta.json").read_text())
-                changes = trajectory_changes(meta.get("config", {}), cfg, meta.get("world_size", 1), env.world_size)
+            changes = check_resume(cfg, run_dir, env.world_size)
             said = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
-            if changes and not cfg.train.allow_resume_changes:
-                raise SystemExit(f"error: run folder '{run_dir}' was trained (to its step {meta['step']}) with other "
-                                 f"settings ({said}); resuming would change its schedules mid-run. Add "
-                                 "train.allow_resume_changes=true to continue with the new values, or pick a new "
-                                 "train.name")
             if changes:
                 header += f"# resumed with train.allow_resume_changes: {said}\n"
             restart_file = f"config.restart_{len(list(run_dir.glob('config.restart_*.yaml'))) + 1}.yaml"
@@ -325,6 +342,7 @@ def resume(cfg: Config, run_dir: Path, student, teacher, optimizer, loss_state, 
 
 
 def main(cfg: Config) -> dict:
+    check_device(cfg)
     check_inputs(cfg)
     env = pdist.init_distributed()
     device = env.device
@@ -381,6 +399,7 @@ def main(cfg: Config) -> dict:
     nonfinite = NonFiniteSteps(t.max_nonfinite, nonfinite_total)
     plateau = PlateauWatch(s.prototypes, t.plateau_warn_steps, after_step=o.warmup_steps)  # warns once if stuck at ln K
     status, step, collapse_warned = "finished", start_step, False
+    spread_at = None  # the last logged step whose teacher CLS embeddings were not collapsed
     timer = StepTimer(device, sync=t.sync_timing)
     flops_per_step, peak = step_flops(cfg)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
 
@@ -507,10 +526,16 @@ def main(cfg: Config) -> dict:
             collapse = collapse_warning(values["diag/teacher_spread"], values["diag/teacher_rankme_batch"],
                                         f"step {step_done}: the teacher's CLS embeddings of this batch")
             values["diag/collapsed"] = float(collapse is not None)
-            if collapse and step >= o.warmup_steps and not collapse_warned and env.is_main:  # once, after warm-up
+            # A teacher that starts collapsed is normal (LayerScale 1e-5 leaves every CLS token alike for the first
+            # steps; a run that never leaves it shows as the ln K plateau). A collapse is news when the embeddings
+            # had spread out and lost it: that is what is warned about, once.
+            if collapse is None:
+                spread_at = step_done
+            elif spread_at is not None and not collapse_warned and env.is_main:
                 collapse_warned = True
-                print(f"WARNING: {collapse}; probes of this model will score at chance. Check the lr, the teacher "
-                      "temperature and momentum, and the KoLeo / KDE weight", file=sys.stderr, flush=True)
+                print(f"WARNING: {collapse}, after they had spread out at step {spread_at}; probes of this model will "
+                      "score at chance. Check the lr, the teacher temperature and momentum, and the KoLeo / KDE weight",
+                      file=sys.stderr, flush=True)
                 logger.event(step_done, {"collapse": collapse})
             values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                            "teacher_temp": teacher_temp, "grad_norm": grad_norm,
