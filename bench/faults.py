@@ -1,0 +1,208 @@
+"""Faults that are not bad bytes, reproduced with real processes and real kills: one table row each.
+
+    python bench/faults.py build-stall    # a manifest row that never answers (a FIFO) in the index build
+    python bench/faults.py build-kill     # an index-build worker killed (SIGKILL) while it describes a slide
+    python bench/faults.py loader-stall   # a slide's storage stops answering during training
+    python bench/faults.py loader-kill    # a DataLoader worker killed (SIGKILL) during training
+    python bench/faults.py data           # the four above
+
+Everything runs the command lines a user runs (python -m pathfm.data.index, python -m pathfm.train) on small
+synthetic slides in a temporary folder. Each row says what happened, the time from the fault to a clean end
+(the process exited with its status), and that nothing was lost: the build keeps every other slide; the
+training run keeps its previous checkpoint, and running the same command again resumes from it and finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def slides(folder: Path, n: int, size: int = 2048) -> list[Path]:
+    from pathfm.data.synthetic import write_synthetic_slide
+
+    paths = [folder / f"s{i}.svs" for i in range(n)]
+    for i, p in enumerate(paths):
+        if not p.exists():
+            write_synthetic_slide(p, size, seed=i)
+    return paths
+
+
+def manifest(folder: Path, paths) -> Path:
+    m = folder / "manifest.csv"
+    m.write_text("path\n" + "".join(f"{p}\n" for p in paths))
+    return m
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is pid (from /proc; /proc/PID/task/*/children is not always there)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def unusable(index: Path) -> list[dict]:
+    with open(index / "unusable.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def build_command(m: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "pathfm.data.index", str(m), "-o", str(out), "--tile-size", "64", "--mpps", "1", "2",
+            *extra]
+
+
+def row(fault, ranks, happened, seconds, kept):
+    print(f"| {fault} | {ranks} | {happened} | {seconds} | {kept} |", flush=True)
+
+
+# ---------------------------------------------------------------- index build
+
+
+def build_stall(tmp: Path, limit: float = 10.0):
+    paths = slides(tmp, 3)
+    os.mkfifo(tmp / "stalled.svs")  # stands in for a stalled mount: opening it waits for a writer forever
+    m = manifest(tmp, [*paths, tmp / "stalled.svs"])
+    start = time.monotonic()
+    p = subprocess.run(build_command(m, tmp / "index", "--workers", "2", "--timeout", str(limit)), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - start
+    bad = unusable(tmp / "index")
+    assert p.returncode == 0 and len(bad) == 1 and "timed out" in bad[0]["reason"], (p.stderr[-2000:], bad)
+    row("stalled slide in the index build (a FIFO in the manifest)", "1 (2 workers)",
+        f"listed unusable: \"{bad[0]['reason'].split(': ', 1)[1].split(' (limit')[0]}\"; the build went on",
+        f"{wall:.1f} s for the whole build (limit --timeout {limit:g} s)", f"the other {len(paths)} slides indexed")
+
+
+def build_kill(tmp: Path):
+    paths = slides(tmp, 6, size=8192)  # about a second each to describe: time to catch a worker in one
+    m = manifest(tmp, paths)
+    p = subprocess.Popen(build_command(m, tmp / "index", "--workers", "2"), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    own, victim = Path(f"/proc/{p.pid}/cmdline").read_bytes(), None
+    while victim is None and p.poll() is None:
+        for c in children(p.pid):
+            try:
+                if Path(f"/proc/{c}/cmdline").read_bytes() == own:  # a forked build worker
+                    time.sleep(0.1)  # into its slide
+                    os.kill(c, signal.SIGKILL)
+                    victim = c
+                    break
+            except (OSError, ProcessLookupError):  # gone already
+                pass
+        time.sleep(0.01)
+    assert victim is not None, "the build ended before a worker could be killed"
+    killed = time.monotonic()
+    out, err = p.communicate(timeout=600)
+    wall = time.monotonic() - killed
+    bad = unusable(tmp / "index")
+    assert p.returncode == 0 and len(bad) == 1 and "signal 9" in bad[0]["reason"], (err[-2000:], bad)
+    row("index-build worker killed (kill -9) while describing a slide", "1 (2 workers)",
+        f"listed unusable: \"{bad[0]['reason'].split(': ', 1)[1]}\"; a fresh worker took its place",
+        f"{wall:.1f} s from the kill to the end of the build", f"the other {len(paths) - 1} slides indexed")
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_command(tmp: Path, m: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "pathfm.train", "--config", str(ROOT / "configs" / "smoke.yaml"),
+            f"train.output_dir={tmp}", "train.name=run", "train.rankme_every=0", "data.source=manifest",
+            f"data.manifest={m}", f"data.cache_dir={tmp / 'cache'}", "data.tile_size=64", "data.mpps=[1.0,2.0]",
+            "data.tiles_per_visit=2", "data.num_workers=2", "data.index_workers=1", "train.steps=8",
+            "train.log_every=1", "train.ckpt_every=2", *extra]
+
+
+def last_checkpoint(tmp: Path) -> str:
+    return (tmp / "run" / "checkpoints" / "last").read_text().strip()
+
+
+def resume(tmp: Path, m: Path) -> str:
+    """Run the same command again: it must resume from the last checkpoint and finish."""
+    kept = last_checkpoint(tmp)
+    p = subprocess.run(train_command(tmp, m), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0 and f"resuming from {tmp / 'run' / 'checkpoints' / kept}" in p.stderr, p.stderr[-3000:]
+    return f"{kept} kept; the same command again resumed from it and finished (exit 0, step 8)"
+
+
+def error_line(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if line.startswith("error: "))
+
+
+def loader_stall(tmp: Path, limit: float = 10.0):
+    paths = slides(tmp, 3)
+    m = manifest(tmp, paths)
+    p = subprocess.run(train_command(tmp, m, "train.stop_after=2"), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 75, p.stderr[-3000:]
+    paths[1].rename(tmp / "saved.svs")
+    os.mkfifo(paths[1])  # the storage under one slide stops answering
+    start = time.monotonic()
+    p = subprocess.Popen(train_command(tmp, m, f"data.stall_timeout_s={limit:g}"), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    err, waiting = "", None
+    for line in p.stderr:  # the clock starts when training asks for its first batch
+        err += line
+        if line.startswith("training steps"):
+            waiting = time.monotonic()
+    p.wait(timeout=900)
+    end = time.monotonic()
+    assert p.returncode == 75 and waiting, err[-3000:]
+    paths[1].unlink()
+    (tmp / "saved.svs").rename(paths[1])  # it answers again
+    kept = resume(tmp, m)
+    row("stalled loader (one slide's storage stops answering: a FIFO)", "1 (2 loader workers)",
+        f"exit 75, `{error_line(err)[:150]}...`", f"{end - waiting:.1f} s from the first batch asked for "
+        f"(data.stall_timeout_s={limit:g}); {end - start:.1f} s for the launch", kept)
+
+
+def loader_kill(tmp: Path):
+    paths = slides(tmp, 3)
+    m = manifest(tmp, paths)
+    p = subprocess.Popen(train_command(tmp, m), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while p.poll() is None and not (tmp / "run" / "checkpoints" / "last").exists():
+        time.sleep(0.1)
+    own = Path(f"/proc/{p.pid}/cmdline").read_bytes()
+    workers = [c for c in children(p.pid) if Path(f"/proc/{c}/cmdline").read_bytes() == own]  # forked loader workers
+    assert workers, "no loader worker found"
+    os.kill(workers[0], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = p.communicate(timeout=900)
+    wall = time.monotonic() - killed
+    assert p.returncode == 75, err[-3000:]
+    kept = resume(tmp, m)
+    row("loader worker killed (kill -9) during training", "1 (2 loader workers)",
+        f"exit 75, `{error_line(err)[:160]}...`; the slide is skipped from then on", f"{wall:.1f} s from the kill", kept)
+
+
+FAULTS = {"build-stall": build_stall, "build-kill": build_kill, "loader-stall": loader_stall, "loader-kill": loader_kill}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("fault", choices=[*FAULTS, "data"])
+    a = p.parse_args(argv)
+    print("| fault | ranks | what happened | time to a clean end | nothing lost |\n|---|---|---|---|---|", flush=True)
+    for name in (list(FAULTS) if a.fault == "data" else [a.fault]):
+        with tempfile.TemporaryDirectory(prefix=f"pathfm-{name}-") as tmp:
+            FAULTS[name](Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
