@@ -174,6 +174,8 @@ class DistillConfig:
                                        # grid x its patch size (patch targets line up) | same: the same pixels (refused
                                        # when the grids then differ and patch-level targets are on)
     patch_targets: bool = True  # iBOT / patch-feature targets from the teacher (false: CLS-level only)
+    ibot_patches: str = "masked"  # masked (iBOT as in training: the student sees masks, masked patches scored) | all
+                                  # (DINOv2's distillation: no masking, every patch of the 2 global crops scored)
     feature_weight_cls: float = 1.0  # features loss: weight of the CLS cosine term
     feature_weight_patch: float = 1.0  # features loss: weight of the patch cosine term
 
@@ -359,6 +361,7 @@ def validate(cfg: Config) -> None:
         "dist.activation_checkpointing": ("none", "full", "selective"),
         "distill.loss": ("auto", "heads", "features"),
         "distill.teacher_input": ("match_grid", "same"),
+        "distill.ibot_patches": ("masked", "all"),
     }
     for key, choices in from_choices.items():
         sec, name = key.split(".")

@@ -12,15 +12,17 @@ export sidecar records them so eva's MODEL_EXTRA_KWARGS can pass them on.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 
 import torch
 
-from pathfm.checkpoint import load_teacher_backbone, resolve_checkpoint
-from pathfm.vit import ARCHS, VisionTransformer, ViTArgs, build_vit
+from pathfm.checkpoint import _quiet_dcp, load_teacher_backbone, resolve_checkpoint
+from pathfm.vit import ARCHS, VisionTransformer, ViTArgs, build_vit, resample_pos_grid
 
-_TIMM_FAMILY = {"vit_tiny": "vit_tiny", "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
+_TIMM_FAMILY = {"vit_tiny": "vit_tiny", "vit_tiny_d6": "vit_tiny", "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
+_TIMM_DEPTH = {"vit_tiny": 12, "vit_small": 12, "vit_base": 12, "vit_large": 24, "vit_giant": 40}  # registered depths
 # timm's registered defaults for the two families: (init_values, reg_tokens, img_size)
 _CLASSIC = dict(init_values=None, img_size=224)
 _DINOV2 = dict(init_values=1e-5, img_size=518)
@@ -56,6 +58,8 @@ def timm_export(model: VisionTransformer, img_size: int | None = None) -> tuple[
     name = timm_name(a.arch, a.patch_size, a.num_registers)
     defaults = _DINOV2 if name.endswith("dinov2") else _CLASSIC
     kwargs = {"img_size": size, "dynamic_img_size": True}
+    if model.depth != _TIMM_DEPTH[_TIMM_FAMILY[a.arch]]:  # vit_tiny_d6: timm's vit_tiny with depth=6
+        kwargs["depth"] = model.depth
     init_values = a.layerscale if a.layerscale > 0 else None
     if init_values != defaults["init_values"]:
         kwargs["init_values"] = init_values
@@ -119,6 +123,122 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# heads: heads.safetensors beside the timm weights (timm never reads it), so others can continue or distil
+
+HEADS_FILE = "heads.safetensors"
+
+
+def save_heads(folder: str | Path, heads: dict, args: dict) -> Path:
+    """Write `<folder>/heads.safetensors`: the DINO (and iBOT) head tensors, named dino_head.* / ibot_head.*,
+    with their args (pathfm.distill.HEAD_KEYS + in_dim) in the file's metadata; model.json, when present,
+    gets a "heads" entry naming the file."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (HEADS_FILE + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in heads.items()}, str(tmp),
+              metadata={"pathfm_heads": json.dumps(args)})
+    tmp.rename(folder / HEADS_FILE)
+    sidecar = folder / "model.json"
+    if sidecar.is_file():
+        meta = json.loads(sidecar.read_text())
+        meta["heads"] = {"file": HEADS_FILE, **args}
+        sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    return folder / HEADS_FILE
+
+
+def _heads_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" and path.name == HEADS_FILE else (path if path.is_dir() else path.parent) / HEADS_FILE
+
+
+def read_heads_args(path: str | Path) -> dict | None:
+    """The head args in an export folder's (or a weights file's folder's) heads.safetensors; None without one."""
+    from safetensors import safe_open
+
+    f = _heads_path(path)
+    if not f.is_file():
+        return None
+    with safe_open(str(f), framework="pt") as h:
+        meta = h.metadata() or {}
+    if "pathfm_heads" not in meta:
+        raise ValueError(f"{f} has no pathfm_heads metadata: not written by pathfm.export.save_heads")
+    return json.loads(meta["pathfm_heads"])
+
+
+def load_heads(path: str | Path) -> tuple[dict, dict]:
+    """(tensors named dino_head.* / ibot_head.*, head args) from heads.safetensors in an export folder."""
+    from safetensors.torch import load_file
+
+    args = read_heads_args(path)
+    if args is None:
+        raise FileNotFoundError(f"no {HEADS_FILE} at '{path}'")
+    return load_file(str(_heads_path(path))), args
+
+
+def load_heads_into(model: torch.nn.ModuleDict, heads: dict, where) -> None:
+    """Copy head tensors into model's dino_head / ibot_head, strictly; a mismatch is one ValueError line."""
+    for name in [n for n in ("dino_head", "ibot_head") if n in model]:
+        sd = {k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")}
+        own = model[name].state_dict()
+        bad = sorted(set(own) ^ set(sd)) or [k for k in own if own[k].shape != sd[k].shape]
+        if bad:
+            shapes = {k: tuple(v.shape) for k, v in sd.items() if k.endswith("last_layer.weight")}
+            raise ValueError(f"the heads in '{where}' do not fit this model's {name} (first difference: {bad[0]}; "
+                             f"file prototypes x bottleneck {shapes or 'none'} vs model "
+                             f"{tuple(own['last_layer.weight'].shape)}): set the ssl head keys as the file's "
+                             "model.json 'heads' entry, or model.init_heads=false for fresh heads")
+        model[name].load_state_dict(sd, strict=True)
+
+
+def load_ema(step_dir: str | Path, model: torch.nn.ModuleDict) -> dict:
+    """Fill model (backbone [+ heads], any device) from a pathfm checkpoint's EMA ("teacher") entry; no process
+    group needed. Returns meta.json."""
+    import torch.distributed.checkpoint as dcp
+
+    step_dir = resolve_checkpoint(step_dir)
+    state = {"teacher": {k: v for k, v in model.state_dict().items()}}
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    model.load_state_dict(state["teacher"], strict=True)
+    return json.loads((step_dir / "meta.json").read_text())
+
+
+def checkpoint_heads(step_dir: str | Path) -> tuple[dict, dict] | None:
+    """(head tensors, head args) of a checkpoint's EMA heads, for save_heads; None for a checkpoint without them."""
+    from pathfm.distill import HEAD_KEYS, build_heads
+
+    step_dir = resolve_checkpoint(step_dir)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    ssl = meta.get("config", {}).get("ssl", {})
+    if not all(k in ssl for k in HEAD_KEYS):
+        return None
+    from pathfm import vit
+
+    args = {k: ssl[k] for k in HEAD_KEYS} | {"in_dim": vit.ARCHS[meta["vit_args"]["arch"]][0]}
+    with torch.device("meta"):
+        heads = torch.nn.ModuleDict(build_heads(args["in_dim"], args))
+    heads = heads.to_empty(device="cpu")
+    state = {"teacher": dict(heads.state_dict())}
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    return state["teacher"], args
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """An export folder -> its weights file (model.safetensors or model.pth); any other path unchanged."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "model.pth"):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # loading a backbone file as the starting point of training
 
 
@@ -142,17 +262,15 @@ def _from_dinov2(sd: dict, model: VisionTransformer) -> dict:
 
 
 def _resample_pos_embed(pos: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
-    """A checkpoint stored at another image size (DINOv2 ships 518 px): resample its patch grid."""
+    """A checkpoint stored at another image size (DINOv2 ships 518 px): resample its patch grid as timm and DINOv2's
+    register models do (antialiased bicubic, vit.resample_pos_grid)."""
     n_prefix = 0 if model.no_embed_class else 1
     want = model.pos_embed.shape[1] - n_prefix
     have = pos.shape[1] - n_prefix
     if have == want:
         return pos
-    g_have, g_want = int(have**0.5), int(want**0.5)
-    grid = pos[:, n_prefix:].reshape(1, g_have, g_have, -1).permute(0, 3, 1, 2).float()
-    grid = torch.nn.functional.interpolate(grid, size=(g_want, g_want), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, want, -1).to(pos.dtype)
-    return torch.cat([pos[:, :n_prefix], grid], dim=1)
+    g_want = math.isqrt(want)
+    return torch.cat([pos[:, :n_prefix], resample_pos_grid(pos[:, n_prefix:], (g_want, g_want), antialias=True)], dim=1)
 
 
 def read_state_dict(path: str | Path) -> dict:

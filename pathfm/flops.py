@@ -91,11 +91,31 @@ def count_flops(fn, *args, **kwargs) -> int:
     return counter.get_total_flops()
 
 
+def distill_teacher_flops(cfg, batch: int, masked: int) -> float:
+    """Forward FLOPs of distill.teacher on 2 * batch global crops at the size it sees them, with its heads
+    (heads targets) on their CLS tokens and the masked patches; counted on the meta device."""
+    from pathfm.distill import build_heads, check_pairing, inspect_teacher, teacher_size
+
+    spec = inspect_teacher(cfg.distill.teacher)
+    mode, size = check_pairing(cfg, spec), teacher_size(cfg, spec)
+    with torch.device("meta"):
+        vit = build_vit(spec.vit_args).eval()
+        vit.set_attn_backend("sdpa")
+        flops = count_flops(vit.forward_features, torch.empty(2 * batch, 3, size, size))
+        if mode == "heads":
+            heads = build_heads(vit.embed_dim, spec.heads)
+            flops += count_flops(heads["dino_head"], torch.empty(2 * batch, vit.embed_dim))
+            if masked:
+                flops += count_flops(heads.get("ibot_head", heads["dino_head"]), torch.empty(masked, vit.embed_dim))
+    return flops
+
+
 def step_flops(cfg) -> dict:
     """FLOPs of one training step on one rank (its optim.batch_size images), counted on the meta device.
 
     teacher_forward: backbone on the 2 global crops (no stochastic depth: the teacher runs without it),
-    DINO head on their CLS tokens, iBOT head on the expected number of masked patches.
+    DINO head on their CLS tokens, iBOT head on the expected number of masked patches; with distill.teacher,
+    the frozen teacher's (distill_teacher_flops: its own width and depth, at its input size).
     student_forward: backbone on the 2 global + n_local local crops in training mode (so subset-mode
     stochastic depth counts only the kept images), heads on all CLS tokens and the masked patches.
     student_backward: 2 x student_forward (gradients for inputs and for weights).
@@ -122,6 +142,8 @@ def step_flops(cfg) -> dict:
 
         vit.eval()
         teacher = count_flops(vit.forward_features, global_crops) + count_flops(head, cls[: 2 * B])
+        if cfg.distill.teacher:  # distillation: a frozen teacher runs instead of the EMA (which only averages)
+            teacher = distill_teacher_flops(cfg, B, masked)
         vit.train()
         student = count_flops(vit.forward_features_list, [global_crops, local_crops]) + count_flops(head, cls)
         if masked:

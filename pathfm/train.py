@@ -7,6 +7,9 @@
 One step: teacher forward on the 2 global crops -> student forward on all crops (global crops with
 iBOT masks) -> DINO + iBOT + KoLeo/KDE losses -> backward -> clip -> AdamW step with the schedules
 -> teacher EMA -> log. DINO (v1) is `ssl.objective: dino` (no iBOT), DINOv2 is `dinov2`.
+The teacher is the student's EMA (self-distillation) or, with `distill.teacher`, a frozen model loaded from a
+file (distillation, pathfm/distill.py); the EMA is then still kept, and is what is checkpointed and exported.
+`train.head_warmup_steps` holds the backbone (and its EMA) still while fresh heads learn (continued pretraining).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from pathfm.data.loader import (LoaderFault, Views, batches, build_loader, loade
                                 views_generator)
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
-from pathfm.distill import TeacherInput, add_projections, check_teacher, cosine_distance, feature_cls_loss, load_teacher
+from pathfm.distill import (TeacherInput, add_projections, check_teacher, cosine_distance, feature_cls_loss, heads_mismatch,
+                            load_teacher)
 from pathfm.export import (checkpoint_heads, load_backbone, load_heads, load_heads_into, read_heads_args, read_state_dict,
                            resolve_weights, save_export, save_heads)
 from pathfm.flops import mfu, peak_flops, step_flops
@@ -169,7 +173,10 @@ def check_inputs(cfg: Config) -> None:
     if cfg.model.init_weights:
         try:
             read_state_dict(resolve_weights(cfg.model.init_weights))  # mapped, so cheap: a file that is no state dict fails here
-            init_heads_file(cfg)  # a heads.safetensors beside it must be readable
+            heads = read_heads_args(cfg.model.init_weights) if cfg.model.init_heads else None
+            if heads and (diff := heads_mismatch(heads, cfg.ssl)):
+                raise ValueError(f"the heads beside it do not fit this config ({diff}); set those ssl keys, or "
+                                 "model.init_heads=false for fresh heads")
         except ValueError as e:
             raise SystemExit(f"config key 'model.init_weights': {e}") from None
     if cfg.distill.teacher:  # readable, and a pairing that can work: refused here, before any run folder
@@ -364,6 +371,7 @@ def main(cfg: Config) -> dict:
     n_prefix = student.backbone.num_prefix_tokens
     teacher = load_teacher(cfg, env)  # None: self-distillation
     features = teacher is not None and teacher.mode == "features"  # a teacher without heads: feature targets
+    all_patches = teacher is not None and cfg.distill.ibot_patches == "all"
     if teacher is not None:
         teacher_input = TeacherInput(cfg, teacher.spec)  # global crops resized to the student's token grid
         say(f"distilling from the frozen {teacher.spec.describe()}, {teacher.mode} targets at {teacher_input.size} px")
@@ -424,6 +432,8 @@ def main(cfg: Config) -> dict:
         global_crops = crops["global_crops"].to(device, non_blocking=True)  # (2B, 3, G, G), crop-major
         local_crops = crops["local_crops"].to(device, non_blocking=True)  # (n_local*B, 3, L, L)
         masks = crops["masks"].to(device, non_blocking=True)  # (2B, N) bool, True = masked patch
+        if all_patches:  # DINOv2's distillation: no masking, iBOT compares every patch of the global crops
+            masks = torch.ones_like(masks)
         timer.lap("data")
         B = global_crops.shape[0] // 2
         n_crops = 2 + local_crops.shape[0] // B
@@ -459,7 +469,7 @@ def main(cfg: Config) -> dict:
         warming_up = step < head_warmup  # head warm-up: the backbone runs without gradients, only the heads learn
         with autocast:
             with torch.no_grad() if warming_up else contextlib.nullcontext():
-                s_global, s_local = student.backbone.forward_features_list([global_crops, local_crops], [masks if ibot else None, None])
+                s_global, s_local = student.backbone.forward_features_list([global_crops, local_crops], [masks if ibot and not all_patches else None, None])
             s_cls = torch.cat([s_global[:, 0], s_local[:, 0]])  # (n_crops*B, D): globals first, crop-major
             if features:  # a teacher without heads: the projected student tokens regress the teacher's, by cosine
                 s_cls_proj = student.cls_proj(s_cls).view(n_crops, B, -1)

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 # name -> (embed_dim, depth, num_heads, ffn)
 ARCHS = {
     "vit_tiny": (192, 12, 3, "mlp"),  # smoke runs and tests
+    "vit_tiny_d6": (192, 6, 3, "mlp"),  # half a ViT-Ti (6 blocks): the student of the CPU distillation benchmark
     "vit_small": (384, 12, 6, "mlp"),
     "vit_base": (768, 12, 12, "mlp"),
     "vit_large": (1024, 24, 16, "mlp"),
@@ -220,6 +221,24 @@ def packed_subset(packing: Packing, rate: float, xformers: bool) -> tuple[torch.
         kept.append((k, n))
         start += b * n
     return torch.cat(positions), torch.cat(scales), make_packing(kept, xformers, device)
+
+
+def resample_pos_grid(patch_pos: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """(1, g*g, D) patch position embeddings on a square grid -> (1, h*w, D), bicubic.
+
+    antialias=True is how weights move between resolutions in timm (resample_abs_pos_embed) and in DINOv2's
+    register models and OpenMidnight (interpolate_antialias=True, interpolate_offset=0: the output size given,
+    not a scale factor). Shrinking (518 px ViT-g/14 -> 224 px: 37 -> 16) then averages over each output cell's
+    footprint, as PIL's bicubic resize does, instead of sampling 16 points of the 37-grid.
+    """
+    g = math.isqrt(patch_pos.shape[1])
+    if g * g != patch_pos.shape[1]:
+        raise ValueError(f"position embeddings of {patch_pos.shape[1]} patches are not a square grid")
+    if (g, g) == tuple(size):
+        return patch_pos
+    grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    grid = F.interpolate(grid, size=tuple(size), mode="bicubic", align_corners=False, antialias=antialias)
+    return grid.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], -1).to(patch_pos.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

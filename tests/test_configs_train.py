@@ -3,7 +3,7 @@
 The shrink is the width and depth of the architecture (pathfm.vit.ARCHS, patched in this process or in
 each rank), the prototypes, the batch and the steps. Every recipe option stays as the file sets it:
 objective, centering, heads, KDE / KoLeo, crop sizes and counts, drop-path schedule and mode, HSV filter,
-HED jitter, activation checkpointing. bf16 and compile are CUDA-only and switched off. The data is the
+HED jitter, activation checkpointing. A distillation config gets a shrunk ViT/14 file as its teacher. bf16 and compile are CUDA-only and switched off. The data is the
 tests' synthetic slides, read through a manifest as the configs expect. vitg14's recipe also runs on
 2 FSDP ranks. Each run must give finite losses and an export that timm loads strictly and that computes
 what the checkpoint's teacher computes.
@@ -57,8 +57,8 @@ def check_run(run_dir: Path, world_size: int) -> None:
     assert not any(r.get("nonfinite_steps") for r in rows)
     side = json.loads((run_dir / "export" / "model.json").read_text())
     dim, depth, heads, _ = SMALL.get(side["pathfm_args"]["arch"], (192, 12, 3, "mlp"))
-    model = timm.create_model(side["timm_name"], pretrained=False, num_classes=0, embed_dim=dim, depth=depth,
-                              num_heads=heads, **side["timm_kwargs"]).eval()
+    shape = {"embed_dim": dim, "depth": depth, "num_heads": heads, **side["timm_kwargs"]}  # the export's depth wins
+    model = timm.create_model(side["timm_name"], pretrained=False, num_classes=0, **shape).eval()
     model.load_state_dict(torch.load(run_dir / "export" / "model.pth", weights_only=True), strict=True)
     teacher, meta = load_teacher_backbone(run_dir)
     assert meta["world_size"] == world_size
@@ -75,6 +75,10 @@ def test_every_shipped_config_trains_two_steps(name, manifest, tmp_path, monkeyp
 
     monkeypatch.setattr(vit, "ARCHS", {**vit.ARCHS, **SMALL})
     cfg = load_config(name, overrides(manifest, tmp_path, name))
+    if cfg.distill.teacher:  # a distillation config: a shrunk ViT/14 with registers as the teacher file
+        teacher = vit.build_vit(vit.ViTArgs(arch="vit_small", patch_size=14, img_size=56, num_registers=4, ffn="swiglu"))
+        torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+        cfg = load_config(name, [*overrides(manifest, tmp_path, name), f"distill.teacher={tmp_path / 'teacher.pth'}"])
     result = main(cfg)
     assert result["status"] == "finished" and result["step"] == 2
     check_run(Path(result["run_dir"]), world_size=1)

@@ -1,0 +1,286 @@
+"""Distillation from a frozen teacher: the teacher file, the pairing check, the frozen model and its input.
+
+    spec = inspect_teacher("runs/vitg14/export")      # what the file holds: architecture, heads, normalisation
+    mode = check_pairing(cfg, spec)                    # "heads" | "features", or one line saying why not
+    teacher = load_teacher(cfg, env)                   # frozen, eval mode, wrapped like the student (FSDP2)
+
+The step itself is in pathfm/train.py, beside self-distillation: the targets come from this frozen
+teacher instead of the student's EMA, and the EMA is still kept (it is the model checkpointed and exported,
+as in DINOv2's distillation). A teacher file is one of
+
+  - a pathfm checkpoint (a step folder, checkpoints/last, a checkpoints or run folder): its EMA backbone and
+    heads (the "teacher" entry), architecture and normalisation from meta.json;
+  - a pathfm export folder (model.json + model.pth, and heads.safetensors when written with heads);
+  - a timm- or DINOv2-named ViT state dict (.pth / .safetensors), backbone only: the architecture is read
+    from the tensor shapes (width and depth name the arch, patch size, registers, SwiGLU, LayerScale, size).
+
+Teachers with heads give DINO (CLS) and iBOT (patch) targets from their own heads (`distill.loss=heads`);
+backbone-only teachers give feature targets: the student's CLS and patch tokens, through learned projections
+(`cls_proj`, `patch_proj`, part of the student), regress the teacher's by cosine (`distill.loss=features`).
+Patch-level targets need equal token grids: the teacher sees the global crops resized to the student's grid
+times its own patch size (`distill.teacher_input=match_grid`: a /16 student at 224 px gives a 14 x 14 grid, a /14
+teacher then sees 196 px), or the same pixels when the grids already agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathfm.heads import DINOHead
+from pathfm import vit
+from pathfm.vit import ViTArgs, build_vit
+
+HEAD_KEYS = ("objective", "prototypes", "head_hidden", "head_bottleneck", "head_layers", "ibot_separate_head",
+             "ibot_prototypes")
+
+
+@dataclass
+class TeacherSpec:
+    path: str
+    kind: str  # checkpoint | export | state_dict
+    source: Path  # the step folder, the export folder, or the weights file
+    vit_args: ViTArgs
+    heads: dict | None  # HEAD_KEYS of the heads the file holds; None = backbone only
+    mean: list | None  # the normalisation the teacher was trained with (None: unknown, the student's is used)
+    std: list | None
+
+    def describe(self) -> str:
+        a = self.vit_args
+        return f"teacher {a.arch}/{a.patch_size} ({vit.ARCHS[a.arch][0]} wide, {self.kind} '{self.path}')"
+
+
+def build_heads(in_dim: int, heads: dict) -> dict:
+    """{"dino_head": DINOHead[, "ibot_head": DINOHead]} for head args (HEAD_KEYS), as train.build_student builds them."""
+    make = lambda k: DINOHead(in_dim, k, heads["head_hidden"], heads["head_bottleneck"], heads["head_layers"])  # noqa: E731
+    out = {"dino_head": make(heads["prototypes"])}
+    if heads["objective"] == "dinov2" and heads["ibot_separate_head"]:
+        out["ibot_head"] = make(heads["ibot_prototypes"])
+    return out
+
+
+def heads_mismatch(heads: dict, ssl) -> str:
+    """What keeps heads with these args (HEAD_KEYS) from loading into a student built from ssl; "" when they fit."""
+    keys = ["prototypes", "head_hidden", "head_bottleneck", "head_layers"]
+    if ssl.objective == "dinov2" and ssl.ibot_separate_head:  # the student has an ibot_head: the file must too
+        keys += ["objective", "ibot_separate_head", "ibot_prototypes"]
+    return ", ".join(f"ssl.{k} {getattr(ssl, k)} vs the file's {heads[k]}" for k in keys if heads[k] != getattr(ssl, k))
+
+
+def infer_vit_args(sd: dict, path) -> ViTArgs:
+    """The ViTArgs of a timm- or DINOv2-named backbone state dict, from its tensor shapes alone."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is None or w.ndim != 4:
+        raise ValueError(f"weights file '{path}' has no patch_embed.proj.weight: not a ViT backbone in timm or DINOv2 names")
+    dim, patch = w.shape[0], w.shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()), default=-1)
+    arch = next((name for name, (d, n, _, _) in vit.ARCHS.items() if (d, n) == (dim, depth)), None)
+    if arch is None:
+        known = ", ".join(f"{n} {d}x{L}" for n, (d, L, _, _) in vit.ARCHS.items())
+        raise ValueError(f"weights file '{path}' holds a ViT {dim} wide and {depth} deep, none of pathfm's "
+                         f"architectures ({known})")
+    regs = sd.get("reg_token", sd.get("register_tokens"))
+    n_reg = regs.shape[1] if regs is not None else 0
+    fc1 = sd.get("blocks.0.mlp.fc1.weight", sd.get("blocks.0.mlp.w12.weight"))
+    ffn = "swiglu" if fc1 is not None and fc1.shape[0] != 4 * dim else "mlp"
+    layerscale = 1e-5 if "blocks.0.ls1.gamma" in sd else 0.0  # the value is loaded; only its presence matters
+    n = sd["pos_embed"].shape[1] if "pos_embed" in sd else 0
+    grid = math.isqrt(n) if math.isqrt(n) ** 2 == n else math.isqrt(n - 1)
+    return ViTArgs(arch=arch, patch_size=patch, img_size=grid * patch, num_registers=n_reg, ffn=ffn,
+                   layerscale=layerscale)
+
+
+def inspect_teacher(path: str) -> TeacherSpec:
+    """What a teacher file holds, read without building the model (cheap: names, shapes, JSON)."""
+    from pathfm import checkpoint as ckpt
+    from pathfm.export import read_heads_args, read_state_dict, resolve_weights
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"'{path}' does not exist")
+    if (p.is_dir() and not (p / "model.json").is_file()) or (p.is_file() and p.name == "last"):
+        try:
+            step_dir = ckpt.resolve_checkpoint(p)
+        except FileNotFoundError:
+            raise ValueError(f"'{path}' is a folder but neither a pathfm checkpoint (meta.json) nor an export "
+                             "(model.json)") from None
+        meta = json.loads((step_dir / "meta.json").read_text())
+        ssl = meta.get("config", {}).get("ssl", {})
+        heads = {k: ssl[k] for k in HEAD_KEYS} if all(k in ssl for k in HEAD_KEYS) else None
+        return TeacherSpec(path, "checkpoint", step_dir, ViTArgs(**meta["vit_args"]), heads, meta.get("mean"), meta.get("std"))
+    folder = p if p.is_dir() else p.parent
+    if (folder / "model.json").is_file() and (p.is_dir() or p.name.startswith("model.")):
+        sidecar = json.loads((folder / "model.json").read_text())
+        try:
+            args = ViTArgs(**sidecar["pathfm_args"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{folder / 'model.json'} is not a pathfm export sidecar ({e})") from None
+        return TeacherSpec(path, "export", folder, args, read_heads_args(folder), sidecar.get("mean"), sidecar.get("std"))
+    sd = read_state_dict(resolve_weights(p))
+    return TeacherSpec(path, "state_dict", p, infer_vit_args(sd, path), None, None, None)
+
+
+def loss_mode(cfg, spec: TeacherSpec) -> str:
+    if cfg.distill.loss != "auto":
+        return cfg.distill.loss
+    return "heads" if spec.heads else "features"
+
+
+def uses_patch_targets(cfg, spec: TeacherSpec) -> bool:
+    """Patch-level targets: iBOT from the teacher's heads (a DINOv2 student), or patch features."""
+    if not cfg.distill.patch_targets:
+        return False
+    return loss_mode(cfg, spec) == "features" or cfg.ssl.objective == "dinov2"
+
+
+def teacher_size(cfg, spec: TeacherSpec) -> int:
+    """Side of the teacher's input: the student's grid times the teacher's patch (match_grid), or the crops' own."""
+    if cfg.distill.teacher_input == "same":
+        return cfg.crops.global_size
+    return cfg.crops.global_size // cfg.model.patch_size * spec.vit_args.patch_size
+
+
+def check_pairing(cfg, spec: TeacherSpec) -> str:
+    """The loss mode, or ValueError: one line naming both models and what differs."""
+    m, s = cfg.model, cfg.ssl
+    student = f"student {m.arch}/{m.patch_size} ({vit.ARCHS[m.arch][0]} wide)"
+    mode, who = loss_mode(cfg, spec), f"{student} and {spec.describe()}"
+    if mode == "heads":
+        if spec.heads is None:
+            raise ValueError(f"{who}: distill.loss=heads but the teacher is a backbone without heads; use "
+                             "distill.loss=features (or auto), or fit its heads first (README: teachers without heads)")
+        t = spec.heads
+        diff = []
+        if s.prototypes != t["prototypes"]:
+            diff.append(f"ssl.prototypes {s.prototypes} vs the teacher's {t['prototypes']}")
+        if uses_patch_targets(cfg, spec):
+            if t["objective"] != "dinov2":
+                diff.append("iBOT targets asked for but the teacher has no iBOT head (ssl.objective=dino); set "
+                            "ssl.objective=dino or distill.patch_targets=false")
+            elif s.ibot_separate_head != t["ibot_separate_head"]:
+                diff.append(f"ssl.ibot_separate_head {s.ibot_separate_head} vs the teacher's {t['ibot_separate_head']}")
+            elif s.ibot_separate_head and s.ibot_prototypes != t["ibot_prototypes"]:
+                diff.append(f"ssl.ibot_prototypes {s.ibot_prototypes} vs the teacher's {t['ibot_prototypes']}")
+        if diff:
+            raise ValueError(f"{who} cannot be paired: {'; '.join(diff)} (the student's head scores the teacher's prototypes)")
+    if uses_patch_targets(cfg, spec):
+        g_s = cfg.crops.global_size // m.patch_size
+        size = teacher_size(cfg, spec)
+        g_t = size // spec.vit_args.patch_size
+        if size % spec.vit_args.patch_size or g_t != g_s:
+            raise ValueError(f"{who} cannot be paired patch by patch: the student's {cfg.crops.global_size} px global "
+                             f"crops give a {g_s}x{g_s} token grid, the teacher's {size} px input a "
+                             f"{size / spec.vit_args.patch_size:g}x{size / spec.vit_args.patch_size:g} grid; use "
+                             "distill.teacher_input=match_grid, or distill.patch_targets=false (CLS targets only)")
+    return mode
+
+
+def check_teacher(cfg) -> TeacherSpec:
+    """Before any work: the file readable and the pairing possible, else SystemExit with one line."""
+    try:
+        spec = inspect_teacher(cfg.distill.teacher)
+        check_pairing(cfg, spec)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"config key 'distill.teacher': {str(e).splitlines()[0]}") from None
+    return spec
+
+
+def load_teacher(cfg, env) -> nn.ModuleDict | None:
+    """The frozen teacher (backbone [+ dino_head, ibot_head]) on env.device, wrapped like the student; None
+    without distill.teacher. Its parameters never change: requires_grad False, eval mode, no optimizer."""
+    if not cfg.distill.teacher:
+        return None
+    from pathfm import dist as pdist
+    from pathfm.export import load_backbone, load_ema, load_heads, load_heads_into, resolve_weights
+    from pathfm.vit import resolve_attn_backend
+
+    spec = inspect_teacher(cfg.distill.teacher)
+    mode = check_pairing(cfg, spec)
+    with torch.device("meta"):
+        model = nn.ModuleDict({"backbone": build_vit(spec.vit_args)})
+        if mode == "heads":
+            model.update(build_heads(model.backbone.embed_dim, spec.heads))
+    model = model.to_empty(device="cpu")
+    if spec.kind == "checkpoint":
+        load_ema(spec.source, model)
+    else:
+        load_backbone(model.backbone, resolve_weights(spec.source))
+        if mode == "heads":
+            load_heads_into(model, load_heads(spec.source)[0], spec.source)
+    with torch.no_grad():
+        model.backbone.mask_token.zero_()  # never used: the teacher sees no masks
+    model.requires_grad_(False)
+    model.train(False)
+    model = model.to(env.device)
+    model.backbone.set_attn_backend(resolve_attn_backend(cfg.model.attn_backend, env.device))
+    model.backbone.set_sdpa_kernels(cfg.model.sdpa_kernels)
+    pdist.wrap_model(model, env, fsdp=cfg.dist.fsdp, ac="none", compile=cfg.dist.compile, precision=cfg.train.precision,
+                     reshard_after_forward=True)  # frozen: its parameters are needed only in its forward
+    model.spec, model.mode = spec, mode
+    return model
+
+
+class TeacherInput:
+    """Global crops (student normalisation) -> the teacher's input: resized so the token grids match
+    (antialiased bilinear when shrinking) and renormalised when the teacher was trained with another mean / std."""
+
+    def __init__(self, cfg, spec: TeacherSpec):
+        self.size = teacher_size(cfg, spec)
+        mean_s, std_s = torch.tensor(cfg.crops.mean), torch.tensor(cfg.crops.std)
+        mean_t = torch.tensor(spec.mean if spec.mean else cfg.crops.mean)
+        std_t = torch.tensor(spec.std if spec.std else cfg.crops.std)
+        # x_t = (x_s * std_s + mean_s - mean_t) / std_t = x_s * scale + shift
+        self.scale, self.shift = (std_s / std_t).view(1, 3, 1, 1), ((mean_s - mean_t) / std_t).view(1, 3, 1, 1)
+        self.identity = bool((self.scale == 1).all() and (self.shift == 0).all())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        if not self.identity:
+            x = x * self.scale.to(x.device, x.dtype) + self.shift.to(x.device, x.dtype)
+        return x
+
+
+def projection(d_in: int, d_out: int) -> nn.Sequential:
+    """Student tokens -> the teacher's width, for the feature loss: Linear, GELU, Linear (hidden = teacher width)."""
+    proj = nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+    for layer in proj[0], proj[2]:
+        nn.init.trunc_normal_(layer.weight, std=0.02)
+        nn.init.zeros_(layer.bias)
+    return proj
+
+
+def add_projections(cfg, student: nn.ModuleDict) -> None:
+    """The feature loss's projections, built into the student (trained, EMA'd and checkpointed with it)."""
+    if not cfg.distill.teacher:
+        return
+    spec = inspect_teacher(cfg.distill.teacher)
+    if loss_mode(cfg, spec) != "features":
+        return
+    d_s, d_t = student.backbone.embed_dim, vit.ARCHS[spec.vit_args.arch][0]
+    student["cls_proj"] = projection(d_s, d_t)
+    if uses_patch_targets(cfg, spec):
+        student["patch_proj"] = projection(d_s, d_t)
+
+
+def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean over rows of 1 - cos(x, y)."""
+    return (1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).mean()
+
+
+def feature_cls_loss(s_cls: torch.Tensor, t_cls: torch.Tensor) -> torch.Tensor:
+    """Projected student CLS of every crop (n_crops, B, D) vs the teacher's CLS of the 2 global crops (2, B, D),
+    paired as the DINO loss pairs them (each global crop against the other, each local crop against both)."""
+    total, terms = 0.0, 0
+    for it in range(t_cls.shape[0]):
+        for iv in range(s_cls.shape[0]):
+            if iv == it:
+                continue
+            total, terms = total + cosine_distance(s_cls[iv], t_cls[it]), terms + 1
+    return total / terms
