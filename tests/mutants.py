@@ -36,6 +36,7 @@ class Mutant:
 
 
 STEP = ["tests/test_step.py"]
+KILL = "tests/test_train.py::test_kill_9_while_a_checkpoint_is_written_resumes_exactly"
 MUTANTS = [
     # the training step (tests/test_step.py recomputes it from the math)
     Mutant("M5 teacher crop paired with its own student view", "pathfm/train.py",
@@ -51,6 +52,22 @@ MUTANTS = [
            'losses["koleo"] = sum(koleo_loss(c) for c in s_local[:, 0].chunk(2))', STEP),
     Mutant("step: teacher EMA with 1 - momentum", "pathfm/train.py",
            "p_t.lerp_(p_s.detach(), 1.0 - momentum)", "p_t.lerp_(p_s.detach(), momentum)", STEP),
+    # a real kill -9 during a checkpoint write, then a relaunch (tests/test_train.py)
+    Mutant("kill -9: a killed write's .tmp folder not cleared before the next save", "pathfm/checkpoint.py",
+           "shutil.rmtree(stale, ignore_errors=True)", "pass", [KILL]),
+    Mutant("kill -9: resume without the saved RNG state", "pathfm/checkpoint.py",
+           "        _set_rng_state(torch.load(rng, weights_only=True))", "        pass", [KILL]),
+    # the user-error path (tests/test_user_errors.py runs the launcher as users do)
+    Mutant("user errors: a SlideError in the trainer's start is a traceback", "pathfm/train.py",
+           "    except (ConfigError, SlideError) as e:", "    except ConfigError as e:",
+           ["tests/test_user_errors.py::test_launcher_user_errors_are_one_line_and_leave_no_run_folder"]),
+    Mutant("user errors: the fresh run folder is left behind", "pathfm/train.py",
+           "            shutil.rmtree(run_dir, ignore_errors=True)\n        raise SystemExit",
+           "            pass\n        raise SystemExit",
+           ["tests/test_user_errors.py::test_launcher_user_errors_are_one_line_and_leave_no_run_folder"]),
+    Mutant("user errors: --debug ignored", "pathfm/train.py",
+           "        if debug:\n            raise\n        if fresh:", "        if fresh:",
+           ["tests/test_user_errors.py::test_debug_shows_the_error_itself_and_config_errors_are_one_line"]),
     # probes
     Mutant("M1 kNN vote weights without the temperature", "eval/knn.py",
            "weights = (sims / temperature).exp()", "weights = sims.exp()", ["tests/test_eval_probes.py"]),

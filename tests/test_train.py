@@ -42,6 +42,7 @@ def test_readme_first_command_leaves_a_complete_run_folder(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "img/s" in p.stderr and "eta" in p.stderr  # the progress line
+    assert "warning" not in p.stderr.lower(), p.stderr  # a warning must mean something to act on
     run_dir = tmp_path / "smoke"
     assert load_config(run_dir / "config.yaml").train.steps == 12
     env_json = json.loads((run_dir / "env.json").read_text())
@@ -183,30 +184,53 @@ def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped(tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in teacher.state_dict().values())
 
 
-def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path, monkeypatch):
-    cfg = smoke(tmp_path, "train.steps=6", "train.ckpt_every=3", "train.rankme_every=0")
-    import torch.distributed.checkpoint as dcp
+# the child process: the trainer as `python -m pathfm.train` runs it, except that the save of step 2 pauses
+# after DCP has written its shards (before meta.json and the rename), so the kill lands inside that write
+_SLOW_SECOND_SAVE = """
+import sys, time
+import pathfm.checkpoint as c
+real = c.dcp.save
+def save(state, checkpoint_id):
+    real(state, checkpoint_id=checkpoint_id)
+    if checkpoint_id.endswith("step_0000002.tmp"):
+        time.sleep(600)
+c.dcp.save = save
+from pathfm.train import cli
+cli(sys.argv[1:])
+"""
 
-    real_save = dcp.save
-    calls = {"n": 0}
 
-    def dies_on_second_save(state, checkpoint_id):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            real_save({"student": state["student"]}, checkpoint_id=checkpoint_id)  # part of the shards
-            raise KeyboardInterrupt("killed mid-write")
-        return real_save(state, checkpoint_id=checkpoint_id)
+def test_kill_9_while_a_checkpoint_is_written_resumes_exactly(tmp_path):
+    import signal
+    import time
 
-    monkeypatch.setattr(ckpt.dcp, "save", dies_on_second_save)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    folder = Path(cfg.train.output_dir) / "run" / "checkpoints"
-    assert (folder / "step_0000006.tmp").is_dir() and not (folder / "step_0000006").exists()
-    assert ckpt.latest_checkpoint(folder).name == "step_0000003"
-    monkeypatch.setattr(ckpt.dcp, "save", real_save)
-    result = run(cfg)  # resumes from step 3, rewrites step 6 cleanly
-    assert result["step"] == 6 and ckpt.latest_checkpoint(folder).name == "step_0000006"
-    assert not (folder / "step_0000006.tmp").exists()
+    args = ["data.source=random", "model.arch=vit_tiny_d6", "optim.batch_size=2", "crops.global_size=32",
+            "crops.local_size=16", "train.steps=4", "train.ckpt_every=1",
+            "train.rankme_every=0"]
+    cfg = smoke(tmp_path / "killed", *args)
+    overrides = [f"train.output_dir={tmp_path / 'killed'}", "train.name=run", "train.log_every=1", "data.num_workers=0", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_SECOND_SAVE, "--config", "smoke", *overrides], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "killed" / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while not (folder / "step_0000002.tmp" / ".metadata").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == -signal.SIGKILL, err[-2000:]
+    # the write was cut: shards there, no meta.json, never renamed; the last complete checkpoint is step 1, and loads
+    assert (folder / "step_0000002.tmp").is_dir() and not (folder / "step_0000002").exists()
+    assert ckpt.latest_checkpoint(folder).name == "step_0000001"
+    assert ckpt.load_teacher_backbone(folder)[1]["step"] == 1
+    resumed = run(cfg)  # the relaunch resumes from step 1 and rewrites step 2 cleanly
+    assert resumed["status"] == "finished" and resumed["step"] == 4
+    assert sorted(p.name for p in folder.glob("step_*")) == ["step_0000003", "step_0000004"]  # keep_last 2, no .tmp
+    full = run(smoke(tmp_path / "full", *args))
+    a, b = losses(full["run_dir"]), losses(resumed["run_dir"])
+    assert sorted(b) == [1, 2, 3, 4]  # step 2, logged by the killed process, is logged once
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
 
 def test_missing_manifest_fails_before_any_folder_is_made(tmp_path):
@@ -282,6 +306,7 @@ def test_device_side_augmentation_trains_on_the_same_views(tmp_path):
 
 def test_readme_two_process_command_runs_a_gloo_group(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS")  # as a user starts it: the launcher shares the cores out (torchrun would warn)
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/smoke.yaml", "--local", "--nproc", "2",
            f"train.output_dir={tmp_path}", f"data.cache_dir={ROOT / '.cache' / 'pathfm-tests'}", "train.steps=2",
            "train.rankme_every=0", "data.num_workers=0"]
@@ -291,6 +316,8 @@ def test_readme_two_process_command_runs_a_gloo_group(tmp_path):
     assert json.loads((tmp_path / "smoke" / "status.json").read_text()) == {"status": "interrupted", "step": 1}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # resumes on 2 ranks
     assert p.returncode == 0, p.stderr[-3000:]
+    for out in (stopped, p):  # neither torchrun's report of the stop nor any warning on the console
+        assert "warning" not in out.stderr.lower() and "ChildFailedError" not in out.stderr, out.stderr
     assert json.loads((tmp_path / "smoke" / "status.json").read_text()) == {"status": "finished", "step": 2}
     run_dir = tmp_path / "smoke"
     meta = json.loads((run_dir / "env.json").read_text())

@@ -31,17 +31,55 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         load_config(bad)
 
 
+def _manifests(tmp_path):
+    """Two manifests users write: one whose every slide is unusable, one whose mpp column holds a word."""
+    (tmp_path / "notes.svs").write_text("not a slide")
+    (tmp_path / "empty.svs").write_bytes(b"")
+    (tmp_path / "unusable.csv").write_text(f"path\n{tmp_path / 'notes.svs'}\n{tmp_path / 'empty.svs'}\n")
+    (tmp_path / "bad_mpp.csv").write_text(f"path,mpp\n{tmp_path / 'notes.svs'},half\n")
+    return {"unusable": (tmp_path / "unusable.csv", r"no usable slide among 2 manifest entries: .*notes.svs.*empty.svs"),
+            "bad mpp": (tmp_path / "bad_mpp.csv", r"bad_mpp.csv.*row 2.*'half' is not a number")}
+
+
+def _launch(tmp_path, manifest, *extra):
+    return ["--config", "configs/smoke.yaml", "--local", *extra, f"train.output_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.source=manifest", f"data.manifest={manifest}",
+            "data.index_workers=1"]
+
+
 def test_launcher_user_errors_are_one_line_and_leave_no_run_folder(tmp_path):
+    # errors raised inside the trainer's start, after it made the run folder: main_for_user turns them into one line
+    # and removes the folder it made. As users meet them: the launcher in its own process, its stderr, its exit status
+    import re
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for case, (manifest, words) in _manifests(tmp_path).items():
+        p = subprocess.run([sys.executable, "launch/train.py", *_launch(tmp_path, manifest)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, (case, p.stderr)
+        *before, line = p.stderr.strip().splitlines()
+        # one line naming what is wrong; before it at most the index build's progress bar
+        assert line.startswith("error: ") and re.search(words, line), (case, p.stderr)
+        assert all(ln.startswith("\r") and "indexing slides" in ln for ln in before), (case, p.stderr)
+        assert not (tmp_path / "runs" / "smoke").exists(), case
+
+
+def test_debug_shows_the_error_itself_and_config_errors_are_one_line(tmp_path):
+    from launch.train import main as launch
+    from pathfm.data.slides import SlideError
+
+    for case, (manifest, words) in _manifests(tmp_path).items():
+        with pytest.raises(SlideError, match=words):  # raised, not turned into a line: python prints the traceback
+            launch(_launch(tmp_path, manifest, "--debug"))
+    # refused before the trainer starts (config values, files that are not weights): one line, no folder either
     not_weights = tmp_path / "w.pth"
     not_weights.write_text("hello")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for override in ("model.arch=vit_huge", f"model.init_weights={not_weights}"):
-        p = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", "--local",
-                            f"train.output_dir={tmp_path / 'runs'}", override], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
-        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1 and ("vit_huge" in p.stderr or "not a PyTorch state dict" in p.stderr)
-        assert not (tmp_path / "runs" / "smoke").exists()
+    for override, words in (("model.arch=vit_huge", "'model.arch' is 'vit_huge'; expected one of"),
+                            (f"model.init_weights={not_weights}", "not a PyTorch state dict")):
+        with pytest.raises(SystemExit) as e:
+            launch(["--config", "configs/smoke.yaml", "--local", f"train.output_dir={tmp_path / 'other'}", override])
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code and words in e.value.code, e.value.code
+        assert not (tmp_path / "other").exists()
 
 
 def test_weights_that_are_a_folder_or_text_are_named(tmp_path):
