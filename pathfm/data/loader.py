@@ -217,7 +217,7 @@ def loader_fault(error: BaseException, failures_dir, rank: int, *, step: int | N
         for _, (_, _, slide, path) in dead:
             record.record(slide, path, f"{DIED}: {how} while reading it")
     where = "; ".join(f"{name} (pid {pid}) was reading {path} for step {s}" for name, (pid, s, _, path) in dead)
-    at = f" at step {step}" if step is not None else (f" at step {dead[0][1][1]}" if dead else "")
+    at = f" while training waited for step {step}" if step is not None else ""
     kept = "" if stopped or not dead or not failures_dir else (f"; {'the slide is' if len(dead) == 1 else 'slides are'} recorded in {failures_dir} "
                                "and skipped when the run resumes")
     return LoaderFault(f"data loader worker died{at} ({how}): {where or 'no slide recorded'}{kept}. "
