@@ -95,7 +95,18 @@ def _app_state(student, teacher, optimizer, loss_state) -> dict:
     }
 
 
-class DiskFullError(OSError):
+
+
+class CheckpointError(OSError):
+    """A checkpoint that was not written, with the same one-line message on every rank (naming the ranks that
+    failed); the previous checkpoint is intact. .ranks: the ranks that failed, .step: the step being saved."""
+
+    def __init__(self, errno_: int, message: str, ranks=(), step: int = 0):
+        super().__init__(errno_, message)
+        self.ranks, self.step = list(ranks), step
+
+
+class DiskFullError(CheckpointError):
     """No space for a checkpoint; the message names the folder and the size, the previous one is intact."""
 
 
@@ -130,38 +141,93 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
     if final.exists():  # already saved at this step (e.g. a signal right after a periodic save)
         return final
     tmp = ckpt_dir / (step_name(step) + ".tmp")
-    if rank == 0:
-        for stale in ckpt_dir.glob("step_*.tmp"):  # left over from a killed write; never a complete checkpoint
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    # Each phase ends in _agree: every rank learns whether any rank failed, so a write that fails on some
+    # ranks (a full disk, an exception) ends every rank with the same error instead of leaving the others
+    # waiting at the next collective. Nothing is renamed unless every rank wrote its part.
+    failure = None
+    try:
+        if rank == 0:
+            for stale in ckpt_dir.glob("step_*.tmp"):  # left over from a killed write; never a complete checkpoint
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        failure = e
+    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, teacher), rank, step)
     try:
         with _quiet_dcp():
             dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-        _barrier()
-        if rank == 0:
+        if rank == 0:  # dcp.save ends with a collective: every rank's shards are written by now
             world = dist.get_world_size() if dist.is_initialized() else 1
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
             if hold:
                 (tmp / PROBE_HOLD).write_text("")
-    except BaseException as e:  # DCP wraps a writer's OSError in a CheckpointException (a BaseException)
-        if not _is_no_space(e):
-            raise
-        raise _no_space(ckpt_dir, final.name, tmp, (student, teacher)) from None
-    if rank == 0:
-        tmp.rename(final)
-        pointer_tmp = ckpt_dir / "last.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        pointer_tmp.replace(ckpt_dir / "last")
-        old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        excess = old[: max(len(old) - keep_last, 0)]
-        held = [p for p in excess if (p / PROBE_HOLD).exists()][-MAX_HELD:]
-        for p in excess:
-            if p not in held:
-                shutil.rmtree(p, ignore_errors=True)
-    _barrier()
+    except (Exception, dcp.CheckpointException) as e:  # DCP wraps a writer's OSError in a CheckpointException
+        failure = e
+    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, teacher), rank, step)
+    try:
+        if rank == 0:
+            tmp.rename(final)
+            pointer_tmp = ckpt_dir / "last.tmp"
+            pointer_tmp.write_text(final.name + "\n")
+            pointer_tmp.replace(ckpt_dir / "last")
+            old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            excess = old[: max(len(old) - keep_last, 0)]
+            held = [p for p in excess if (p / PROBE_HOLD).exists()][-MAX_HELD:]
+            for p in excess:
+                if p not in held:
+                    shutil.rmtree(p, ignore_errors=True)
+    except OSError as e:  # the step folder may be complete already; latest_checkpoint finds it without the pointer
+        failure = e
+    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, teacher), rank, step)
     return final
+
+
+def _one_line(e: BaseException) -> str:
+    """What went wrong on this rank, in one line: a DCP CheckpointException's first per-rank failure."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _agree(failure: BaseException | None) -> dict[int, tuple[bool, str]]:
+    """{rank: (out of space, one-line reason)} for every rank whose part failed, known to every rank.
+
+    A collective (all_gather_object), reached by every rank whether its own part failed or not."""
+    mine = None if failure is None else (_is_no_space(failure), _one_line(failure))
+    if not dist.is_initialized():
+        return {} if mine is None else {0: mine}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {r: f for r, f in enumerate(everyone) if f is not None}
+
+
+def _raise_if_failed(failed: dict, ckpt_dir: Path, name: str, tmp: Path, models, rank: int, step: int) -> None:
+    """Every rank raises the same error when any rank failed: rank 0 removes the half-written folder and words
+    the message (free space is read once), the others receive it."""
+    if not failed:
+        return
+    no_space = any(full for full, _ in failed.values())
+    message = None
+    if rank == 0:
+        if no_space:
+            message = _no_space(ckpt_dir, name, tmp, models).strerror
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = ckpt_dir / "last"
+            kept = f"the previous checkpoint {last.read_text().strip()} is intact" if last.exists() else "no earlier checkpoint"
+            message = f"checkpoint {name} was not written; {kept}"
+        who = "; ".join(f"rank {r}: {reason}" for r, (_, reason) in sorted(failed.items()))
+        message = f"{message} (failed on {who})"
+    if dist.is_initialized():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    error = DiskFullError if no_space else CheckpointError
+    raise error(errno.ENOSPC if no_space else errno.EIO, message, ranks=sorted(failed), step=step)
 
 
 def _is_no_space(e: BaseException | None) -> bool:

@@ -168,6 +168,17 @@ def broadcast_from_rank0(model: nn.Module) -> None:
         dist.broadcast(t, src=0)
 
 
+def mixed_precision(precision: str):
+    """FSDP2's policy for train.precision. bf16: blocks compute with bf16 copies of the fp32 shards; gradients
+    are reduce-scattered in fp32 so the sum over ranks keeps full precision. The optimizer and the teacher EMA
+    see fp32 shards either way."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "none", compile: bool = False,
                precision: str = "fp32", reshard_after_forward: bool = True) -> nn.Module:
     """Activation checkpointing, then compile, then FSDP2, each per transformer block.
@@ -194,12 +205,10 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "
         for blk in vit.blocks:
             blk.compile()
     if env.world_size > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         broadcast_from_rank0(model)
-        # bf16: blocks compute with bf16 copies of the fp32 shards; gradients are reduce-scattered in fp32
-        # so the sum over ranks keeps full precision. The optimizer and the teacher EMA see fp32 shards.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+        mp = mixed_precision(precision)
         for blk in vit.blocks:  # one all-gather per block: peak memory is one unsharded block, not the model
             fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         # The roots: FSDP2 refuses a container without forward (nn.ModuleDict), so each child that is

@@ -12,6 +12,7 @@ images per step, so their losses (logged as the mean over ranks) must agree.
 
 import copy
 import json
+import math
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_ranks
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,3 +201,58 @@ def test_bf16_losses_close_to_fp32(tmp_path):
     bf16 = train(tmp_path / "bf16", nproc, "train.precision=bf16")
     for step in fp32:
         assert bf16[step]["loss/total"] == pytest.approx(fp32[step]["loss/total"], rel=2e-2), step
+
+
+# --- gradient norms, stochastic depth and bf16 on 2 ranks forked from this process (tests/ranks.py) -----------
+
+
+def _tiny_student(seed: int = 0) -> nn.ModuleDict:
+    from pathfm.heads import DINOHead
+    from pathfm.vit import ViTArgs, build_vit
+
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"backbone": build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, layerscale=1e-5)),
+                          "dino_head": DINOHead(192, 32, 64, 16)})
+
+
+def _tiny_loss(student: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+    return student.dino_head(student.backbone.forward_features(x)[:, 0]).logsumexp(-1).mean()
+
+
+def _grad_norm_worker(rank: int, world: int) -> dict:
+    from pathfm.dist import init_distributed, teardown, wrap_model
+    from pathfm.train import clip_gradients
+
+    env = init_distributed(device="cpu")
+    student = _tiny_student()
+    ref = copy.deepcopy(student)  # one process's view: the whole model, the whole gradient
+    wrap_model(student, env)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # the same images on both ranks
+    _tiny_loss(ref, x).backward()  # FSDP averages the ranks' gradients: equal inputs give ref's gradient
+    _tiny_loss(student, x).backward()
+    out = {"want": {name: float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None]))
+                    for name, m in ref.items()} if hasattr(torch.nn.utils, "get_total_norm") else
+                   {name: float(torch.stack([p.grad.norm() for p in m.parameters() if p.grad is not None]).norm()) for name, m in ref.items()}}
+    out["per_module"] = clip_gradients(student, 0.0, per_module=True)  # max_norm 0: measure only
+    out["global"] = clip_gradients(student, 0.0, per_module=False)
+    clip_gradients(student, 1.0, per_module=False)  # global mode clips the norm over every module and rank to 1
+    out["after_clip"] = float(torch.stack([p.grad.full_tensor().norm() for p in student.parameters() if p.grad is not None]).norm())
+    qkv = student.backbone.blocks[0].attn.qkv.weight
+    if rank == 1:  # an inf in rank 1's shard only
+        qkv.grad.to_local()[0, 0] = float("inf")
+    out["inf"] = clip_gradients(student, 3.0, per_module=True)
+    teardown()
+    return out
+
+
+def test_gradient_norm_is_the_full_norm_on_every_rank():
+    # torch 2.6-2.9: clip_grad_norm_ on DTensor gradients returns a partial DTensor whose float() is this rank's
+    # shard; ranks then skip a non-finite step (or not) on their own and the job hangs or trains a poisoned model
+    r0, r1 = run_ranks(_grad_norm_worker, 2)
+    for r in (r0, r1):
+        assert r["per_module"] == pytest.approx(r["want"], rel=1e-5)
+        want_all = math.sqrt(sum(v * v for v in r["want"].values()))
+        assert r["global"]["all"] == pytest.approx(want_all, rel=1e-5)
+        assert r["after_clip"] == pytest.approx(1.0, rel=1e-4)
+        assert math.isinf(r["inf"]["backbone"]) and math.isfinite(r["inf"]["dino_head"])  # on both ranks
+    assert r0["per_module"] == r1["per_module"] and r0["global"] == r1["global"]  # the same numbers, bit for bit
