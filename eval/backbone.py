@@ -83,7 +83,7 @@ def _timm_backbone(name: str, weights: str | None, img_size: int | None) -> Eval
     """A timm architecture, randomly initialised (the paper's lower bound) or from a local weights file."""
     import timm
 
-    kwargs = {"img_size": img_size} if img_size else {}
+    kwargs = {"img_size": img_size or 224}  # built for the probe's crop: timm's DINOv2 family defaults to 518 px
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as e:
