@@ -43,7 +43,6 @@ def test_readme_first_command_leaves_a_complete_run_folder(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "img/s" in p.stderr and "eta" in p.stderr  # the progress line
     assert "warning" not in p.stderr.lower(), p.stderr  # a warning must mean something to act on
-    assert "warning" not in p.stderr.lower(), p.stderr  # a warning must mean something to act on
     run_dir = tmp_path / "smoke"
     assert load_config(run_dir / "config.yaml").train.steps == 12
     env_json = json.loads((run_dir / "env.json").read_text())
@@ -317,8 +316,6 @@ def test_readme_two_process_command_runs_a_gloo_group(tmp_path):
     assert json.loads((tmp_path / "smoke" / "status.json").read_text()) == {"status": "interrupted", "step": 1}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # resumes on 2 ranks
     assert p.returncode == 0, p.stderr[-3000:]
-    for out in (stopped, p):  # neither torchrun's report of the stop nor any warning on the console
-        assert "warning" not in out.stderr.lower() and "ChildFailedError" not in out.stderr, out.stderr
     for out in (stopped, p):  # neither torchrun's report of the stop nor any warning on the console
         assert "warning" not in out.stderr.lower() and "ChildFailedError" not in out.stderr, out.stderr
     assert json.loads((tmp_path / "smoke" / "status.json").read_text()) == {"status": "finished", "step": 2}
