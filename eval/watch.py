@@ -355,7 +355,10 @@ def main(argv=None) -> int:
     p.add_argument("--job", help="the run ends when this SLURM job leaves the queue")
     p.add_argument("--once", action="store_true", help="probe the checkpoints there are now, then stop")
     p.add_argument("--poll", type=float, default=3.0, help="seconds between looks for new checkpoints")
+    p.add_argument("--nice", type=int, default=0, help="lower this process's priority by this much (trainer: 19)")
     args = p.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     run_dir = Path(args.run)
     if not (run_dir / "checkpoints").is_dir() and not (run_dir / "config.yaml").is_file():  # a launcher writes config.yaml first
         raise SystemExit(f"error: '{run_dir}' is not a pathfm run folder (no checkpoints/ or config.yaml in it)")

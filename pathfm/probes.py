@@ -120,11 +120,11 @@ class ProbeProcess:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         cmd = [sys.executable, "-m", "eval.watch", str(self.run_dir), "--pid", str(os.getpid()),
-               "--threads", str(self.threads)]
+               "--threads", str(self.threads), "--nice", "19"]
         with open(self.log, "a") as log:  # the child keeps its own handle
             # own session: a Ctrl-C or SLURM signal to the trainer is the trainer's; the probes finish their queue
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, preexec_fn=lambda: os.nice(19))
+                                         start_new_session=True)
 
     def poll(self) -> str | None:
         """At a checkpoint: None while the probe process lives; else a warning (recorded, and a new one started)."""

@@ -24,7 +24,7 @@ def task(name="crc", protocols=""):
     return f"{name}{'@' + protocols if protocols else ''}={TILES},{TILES}"  # 9 classes, one tile each: train = test
 
 
-def launch(args, cwd=ROOT, timeout=240):
+def launch(args, cwd=ROOT, timeout=540):
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/smoke.yaml", *SMALL, *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
