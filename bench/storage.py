@@ -67,9 +67,17 @@ def build_slowfs(cache: Path) -> Path:
     return exe
 
 
+def unmount(point: Path) -> None:
+    """Lazily (-z): a file still open on the mount must not leave it and its daemon behind."""
+    try:
+        subprocess.run(["fusermount3", "-u", "-z", "-q", str(point)], check=False, capture_output=True)
+    except OSError:  # no fusermount3: nothing was mounted
+        pass
+
+
 def mount(exe: Path, source: Path, point: Path, delay_ms: float) -> None:
     point.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["fusermount3", "-u", "-q", str(point)], check=False)  # a mount left by a killed run
+    unmount(point)  # a mount left by a killed run
     env = {**os.environ, "SLOWFS_SOURCE": str(source), "SLOWFS_DELAY_US": str(int(delay_ms * 1000))}
     subprocess.run([str(exe), str(point), "-o", "max_threads=128"], env=env, check=True)  # returns once mounted
 
@@ -84,8 +92,10 @@ def tiles_per_s(index, seconds: float, batch: int, **kw) -> float:
     while time.perf_counter() - start < seconds:
         n += len(next(it)["tiles"])
     rate = n / (time.perf_counter() - start)
-    if ds.reader.ahead is not None:
+    if ds.reader.ahead is not None and ds.reader.ahead.pool is not None:
         ds.reader.ahead.pool.shutdown(cancel_futures=True)
+    for path in list(ds.reader.handles):  # close the files now: an open file keeps its mount busy
+        ds.reader.forget(path)
     return rate
 
 
@@ -112,11 +122,17 @@ def main():
                         workers=1, mask_dir=cache / "masks", progress=False)
     ahead = dict(read_ahead_bytes=int(DataConfig.read_ahead_mb * 2**20), read_threads=DataConfig.read_threads)
     delays = [float(d) for d in args.delays.split(",")]
-    exe = build_slowfs(cache)
     points = {d: cache / f"mnt-{d:g}ms" for d in delays}
     try:
+        exe = build_slowfs(cache)
         for d, point in points.items():
             mount(exe, slides, point, d)
+    except (OSError, subprocess.CalledProcessError) as e:
+        for point in points.values():
+            unmount(point)
+        raise SystemExit(f"bench/storage.py: cannot build or mount the FUSE file system ({e}); it needs /dev/fuse, "
+                         "fuse3, libfuse3-dev, gcc and pkg-config (apt-get install fuse3 libfuse3-dev gcc pkg-config)")
+    try:
         indexes = {"page cache": index, **{f"{d:g} ms": MountedIndex(index, slides, p) for d, p in points.items()}}
         times = {}
         for r in range(args.repeats):  # alternate everything, so the machine's load hits every row alike
@@ -128,7 +144,7 @@ def main():
                         print(f"round {r + 1}: {name}, {where}, reads {mode}: {rate:.0f} tiles/s", file=sys.stderr, flush=True)
     finally:
         for point in points.values():
-            subprocess.run(["fusermount3", "-u", "-q", str(point)], check=False)
+            unmount(point)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n| per worker, tiles/s (median of {args.repeats}) | reads | page cache | "
           + " | ".join(f"+{d:g} ms a read" for d in delays) + " |")
