@@ -117,9 +117,12 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     step_dir = resolve_checkpoint(path)
     vit, meta = load_teacher_backbone(step_dir)
     img_size = meta.get("config", {}).get("crops", {}).get("global_size")
-    return save_export(vit, out_dir, mean=meta["mean"], std=meta["std"], img_size=img_size,
-                       extra={"step": meta["step"], "checkpoint": str(step_dir.resolve())},
-                       run_dir=step_dir.parent.parent)  # <run>/checkpoints/step_N
+    out = save_export(vit, out_dir, mean=meta["mean"], std=meta["std"], img_size=img_size,
+                      extra={"step": meta["step"], "checkpoint": str(step_dir.resolve())},
+                      run_dir=step_dir.parent.parent)  # <run>/checkpoints/step_N
+    if heads := checkpoint_heads(step_dir):  # heads.safetensors: to continue or distil from the export
+        save_heads(out_dir, *heads)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
