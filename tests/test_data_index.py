@@ -183,6 +183,12 @@ def test_training_from_a_built_index(reference, cohort, tmp_path):
     assert last["data/usable_slides"] == len(reference) and last["data/unusable_slides"] == 1
     with pytest.raises(SlideError, match="tile_size: index 224 vs run 256"):
         main(load_config("smoke", [*overrides, "data.tile_size=256", "train.name=other"]))
+    # the index of another manifest (here: the cohort less its last row) is refused by the trainer, before any step
+    rows = (cohort / "manifest.csv").read_text().splitlines()
+    (tmp_path / "fewer.csv").write_text("\n".join(rows[:-1]).replace("syn", f"{cohort}/syn") + "\n")
+    with pytest.raises(SlideError, match=r"does not match this run: manifest: index built from .*\(\d+ rows\), the run's has other rows"):
+        main(load_config("smoke", [*overrides, "data.manifest=" + str(tmp_path / "fewer.csv"), "train.name=third"]))
+    assert not (tmp_path / "third" / "metrics.jsonl").exists()
 
 
 def test_two_ranks_and_two_workers_resume_the_same_stream(reference):

@@ -63,7 +63,10 @@ def test_a_budget_too_short_skips_every_item_and_says_why(tmp_path):
 
 
 def test_bad_sections_and_config_keys_fail_before_anything_runs(tmp_path, monkeypatch):
-    assert "unknown section(s) gpu" in check(tmp_path, "--sections", "gpu").stderr
+    proc = check(tmp_path / "out", "--sections", "gpu")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: unknown section(s) gpu; expected some of {', '.join(gpu_check.SECTIONS)}"], proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
     monkeypatch.setitem(gpu_check.FAST_PATHS, "fused_adamw", ("optim.fussed=true", ""))
     items = gpu_check.plan("cpu-smoke", ["fast_paths"], {"xformers": False})
     with pytest.raises(SystemExit, match="fast_paths/fused_adamw: .*'optim.fussed'"):

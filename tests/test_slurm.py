@@ -87,9 +87,15 @@ def test_interrupted_job_requeues_and_resumes(tmp_path):
     assert steps_logged.count(1) == 1 and saved + 1 in steps_logged
     # the same job id ran again: SLURM counted a restart (written into env.json by the resumed run)
     assert json.loads((run_dir / "env.json").read_text())["slurm_restart_count"] >= 1
-    states = subprocess.run(["sacct", "-D", "-X", "-n", "-o", "State", "-j", job.job_id], capture_output=True, text=True).stdout
-    if states.strip():  # sacct's database is sometimes slow to answer on this one-machine cluster
-        assert "REQUEUED" in states, states
+    # sacct's database is sometimes slow to answer on this one-machine cluster: ask until it lists the job's
+    # records (bounded), then the requeue must be among them
+    deadline, states = time.time() + 60, ""
+    while not states.strip() and time.time() < deadline:
+        states = subprocess.run(["sacct", "-D", "-X", "-n", "-o", "State", "-j", job.job_id], capture_output=True,
+                                text=True).stdout
+        if not states.strip():
+            time.sleep(2)
+    assert "REQUEUED" in states, f"sacct -D -j {job.job_id} after 60 s: {states!r}"
 
 
 def test_rejected_partition_shows_slurm_error_and_leaves_nothing(tmp_path):
