@@ -1,6 +1,7 @@
 """Tiles/s of one loader worker when every read of the slide costs 0, 1 or 5 ms more, against the page cache.
 
     python bench/storage.py [--seconds 3] [--repeats 3] [--delays 0,1,5] [--batch 32]
+    python bench/storage.py --cohort 10000      # bench/cohort.py's 10,000-slide index: a file opened per visit
 
 The slow storage is a real file system: bench/slowfs.c, a FUSE passthrough (compiled here with gcc and
 libfuse3; `apt-get install fuse3 libfuse3-dev gcc pkg-config`) that opens files with direct_io (no page
@@ -30,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pathfm.config import DataConfig  # noqa: E402
-from pathfm.data.index import IndexParams, build_index  # noqa: E402
+from pathfm.data.index import IndexParams, SlideIndex, build_index  # noqa: E402
 from pathfm.data.sampler import SlideTileDataset  # noqa: E402
 from pathfm.data.slides import SlideEntry  # noqa: E402
 from pathfm.data.synthetic import write_synthetic_slide  # noqa: E402
@@ -107,6 +108,8 @@ def main():
     parser.add_argument("--delays", default="0,1,5", help="ms added to every read, comma-separated")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cache", default=".cache/pathfm/bench")
+    parser.add_argument("--cohort", type=int, default=0, help="read bench/cohort.py's index of this many slides "
+                        "(hard links of the slide, each a file to open; run bench/cohort.py first)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache = Path(args.cache).resolve()
@@ -120,6 +123,11 @@ def main():
             write_synthetic_slide(path, args.size, seed=0)
     index = build_index([SlideEntry(str(path))], cache / f"index-storage-{args.size}", IndexParams(224, tuple(MIX), 0.4),
                         workers=1, mask_dir=cache / "masks", progress=False)
+    if args.cohort:
+        folder = cache / "cohort" / f"index-{args.cohort}"
+        if not (folder / "index.json").exists():
+            raise SystemExit(f"bench/storage.py: no {folder}; run `python bench/cohort.py` first")
+        index, slides = SlideIndex(folder), cache / "cohort" / "links"
     ahead = dict(read_ahead_bytes=int(DataConfig.read_ahead_mb * 2**20), read_threads=DataConfig.read_threads)
     delays = [float(d) for d in args.delays.split(",")]
     points = {d: cache / f"mnt-{d:g}ms" for d in delays}
@@ -146,7 +154,8 @@ def main():
         for point in points.values():
             unmount(point)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n| per worker, tiles/s (median of {args.repeats}) | reads | page cache | "
+    what = f"{args.cohort:,} slides" if args.cohort else "1 slide"
+    print(f"\n| per worker, {what}, tiles/s (median of {args.repeats}) | reads | page cache | "
           + " | ".join(f"+{d:g} ms a read" for d in delays) + " |")
     print("|---|---|---|" + "---|" * len(delays))
     for name in PATHS:

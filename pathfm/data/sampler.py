@@ -48,6 +48,7 @@ MAX_OPEN_HANDLES = 64  # per worker: a 10k-slide manifest must not hold 10k open
 # Reads are kept in flight while they take longer than this on average (the page cache serves a stored tile
 # in ~10 µs, where handing it to a thread costs more than it hides; shared storage takes milliseconds)
 SLOW_READ_S = 1e-4
+OPENS_AHEAD = 4  # slides opened at once ahead of their visits (an open reads the TIFF directories: ~15 reads)
 
 
 class ReadAhead:
@@ -81,9 +82,12 @@ class ReadAhead:
     def room(self, nbytes: int) -> bool:
         return self.held == 0 or self.held + nbytes <= self.max_bytes
 
-    def submit(self, handle, level: int, col: int, row: int, nbytes: int):
+    def start(self) -> None:
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="pathfm-read")
+
+    def submit(self, handle, level: int, col: int, row: int, nbytes: int):
+        self.start()
         self.held += nbytes
         self.peak = max(self.peak, self.held)
         future = self.pool.submit(self.timed, handle.tile_bytes, level, col, row)
@@ -121,6 +125,20 @@ class TileReader:
         self.handles: OrderedDict[str, object] = OrderedDict()
         self.opens = 0  # files opened so far (the cost visits amortise)
         self.ahead = ReadAhead(read_ahead_bytes, read_threads) if read_ahead_bytes > 0 else None
+        self.opening: dict = {}  # path -> future of a JPEG reader being opened ahead of its visit
+
+    def open_ahead(self, slide: IndexedSlide) -> bool:
+        """Open slide's JPEG reader on a read-ahead thread; False once it is open here (handle() has it)."""
+        path = slide.info.path
+        if path in self.handles or self.reader == "openslide":
+            return False
+        if path not in self.opening:
+            self.ahead.start()
+            self.opening[path] = self.ahead.pool.submit(JpegTiffReader, path, slide.info.dimensions)
+        if not self.opening[path].done():
+            return True
+        self.handle(slide)  # adopts it (or, on an error, opens as usual, which reports it at its turn)
+        return False
 
     def handle(self, slide: IndexedSlide):
         path = slide.info.path
@@ -128,7 +146,10 @@ class TileReader:
             self.handles.move_to_end(path)
             return self.handles[path]
         handle = None
-        if self.reader in ("auto", "jpeg"):
+        opened = self.opening.pop(path, None)
+        if opened is not None and opened.exception() is None:  # waits for an open ahead
+            handle = opened.result()
+        elif self.reader == "jpeg" or self.reader == "auto" and opened is None:  # (auto: a failed open ahead tried)
             try:
                 handle = JpegTiffReader(path, slide.info.dimensions)
             except Exception as e:  # not a JPEG-tiled TIFF (or not a TIFF at all)
@@ -148,6 +169,9 @@ class TileReader:
         handle.close()
 
     def forget(self, path: str) -> None:
+        opened = self.opening.pop(path, None)
+        if opened is not None and opened.exception() is None:
+            opened.result().close()
         handle = self.handles.pop(path, None)
         if handle is not None:
             try:
@@ -339,13 +363,16 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         return draws
 
     def _read_ahead(self, steps: list[int]) -> None:
-        """Start the reads of the next draws of these steps, in stream order, while there is room."""
-        ahead = self.reader.ahead
+        """Start the reads of the next draws of these steps, in stream order, while there is room. A draw
+        whose slide is not open yet waits for its open (on a read-ahead thread); meanwhile the slides of
+        up to OPENS_AHEAD later visits are opened too, so that opens overlap as reads do."""
+        ahead, waiting = self.reader.ahead, False
         for step in steps:
             draws = self._draws_of(step)
+            i = draws.submitted
             while True:
-                if draws.submitted < len(draws.made):
-                    d = draws.made[draws.submitted]
+                if i < len(draws.made):
+                    d = draws.made[i]
                 else:
                     try:
                         d = draws.draw()
@@ -353,9 +380,17 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                         return
                     if d is None:
                         break
-                if not self._submit(d, ahead):
+                i += 1
+                slide = self.slide(d.location[0])[0]
+                if waiting:  # only open the slides of later visits
+                    if self.reader.open_ahead(slide) and len(self.reader.opening) >= OPENS_AHEAD:
+                        return
+                elif self.reader.open_ahead(slide):
+                    waiting = True
+                elif not self._submit(d, ahead):
                     return
-                draws.submitted += 1
+                else:
+                    draws.submitted += 1
 
     def _submit(self, d: "_Draw", ahead: ReadAhead, now: bool = False) -> bool:
         """Start the reads of the stored tiles draw d needs; False when they do not fit in the bound. now:
