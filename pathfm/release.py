@@ -183,8 +183,8 @@ def model_card(config: dict, n_params: int, run_dir: Path | None, step: int | No
            f"- parameters: {n_params / 1e6:.1f} M; embedding size {config['num_features']}",
            ]
     if cfg:
-        out += [f"- recipe: {ssl.get('objective', '?')} (prototypes {ssl.get('prototypes')}, centering "
-                f"{ssl.get('centering')}, KoLeo {ssl.get('koleo_weight')}, KDE {ssl.get('kde_weight')}), "
+        out += [f"- recipe: {ssl.get('objective', '?')} ({ssl.get('prototypes')} prototypes, teacher targets by "
+                f"{ssl.get('centering')}, KoLeo weight {ssl.get('koleo_weight')}, KDE weight {ssl.get('kde_weight')}), "
                 f"{step} of {train.get('steps')} steps, {optim.get('batch_size')} tiles per rank x {world} rank(s) "
                 f"per step, base lr {optim.get('base_lr')}",
                 f"- crops: {crops.get('global_size')} px global, {crops.get('n_local')} x {crops.get('local_size')} px local"]
