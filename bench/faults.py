@@ -153,22 +153,25 @@ def loader_stall(tmp: Path, limit: float = 10.0):
     paths[1].rename(tmp / "saved.svs")
     os.mkfifo(paths[1])  # the storage under one slide stops answering
     start = time.monotonic()
-    p = subprocess.Popen(train_command(tmp, m, f"data.stall_timeout_s={limit:g}"), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    err, waiting = "", None
-    for line in p.stderr:  # the clock starts when training asks for its first batch
-        err += line
-        if line.startswith("training steps"):
-            waiting = time.monotonic()
-    p.wait(timeout=900)
+    log = open(tmp / "stderr.txt", "w+")
+    p = subprocess.Popen(train_command(tmp, m, f"data.stall_timeout_s={limit:g}"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=log, text=True)
+    stalled = None  # when a loader worker started on the FIFO: what it writes before each read says so
+    while p.poll() is None:
+        if stalled is None and any(str(paths[1]) in r.read_text(errors="replace")
+                                   for r in (tmp / "run" / "read_failures").glob("*.reading")):
+            stalled = time.monotonic()
+        time.sleep(0.05)
     end = time.monotonic()
-    assert p.returncode == 75 and waiting, err[-3000:]
+    log.seek(0)
+    err = log.read()
+    assert p.returncode == 75 and stalled, err[-3000:]
     paths[1].unlink()
     (tmp / "saved.svs").rename(paths[1])  # it answers again
     kept = resume(tmp, m)
     row("stalled loader (one slide's storage stops answering: a FIFO)", "1 (2 loader workers)",
-        f"exit 75, `{error_line(err)[:150]}...`", f"{end - waiting:.1f} s from the first batch asked for "
-        f"(data.stall_timeout_s={limit:g}); {end - start:.1f} s for the launch", kept)
+        f"exit 75, `{error_line(err)[:150]}...`", f"{end - stalled:.1f} s from the worker's first read of the "
+        f"stalled slide (data.stall_timeout_s={limit:g}); {end - start:.1f} s for the launch", kept)
 
 
 def loader_kill(tmp: Path):

@@ -146,6 +146,8 @@ def build_loader(cfg, index: SlideIndex | None, *, rank: int, world_size: int, s
     else:
         dataset = tile_dataset(cfg, index, rank=rank, world_size=world_size, start_step=start_step,
                                transform=None if d.device_augment else views, failures_dir=failures_dir)
+        for stale in Path(failures_dir).glob(f"rank{rank:05d}-*.reading") if failures_dir else ():
+            stale.unlink(missing_ok=True)  # an earlier launch's workers: never name their slides in this one
     # a private generator: creating the loader must not consume the global RNG (exact resume). timeout: the
     # longest wait for one batch (data.stall_timeout_s; only with workers: without, reads run in this process)
     return torch.utils.data.DataLoader(
