@@ -155,6 +155,7 @@ def run_torchrun(cmd, env, run_dir: Path, name: str) -> int:
 
     own = re.compile(rb"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/")  # torchrun's logging format
     report, diverting, pending = [], False, b""
+    started = time.time()
     p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     err = sys.stderr.buffer
     while chunk := os.read(p.stderr.fileno(), 65536):
@@ -184,7 +185,11 @@ def run_torchrun(cmd, env, run_dir: Path, name: str) -> int:
             except ValueError:
                 sig = f"signal {-int(root.group(2))}"
             hint = " (the kernel's out-of-memory killer sends it)" if sig == "SIGKILL" else ""
-            print(f"error: rank {root.group(1).decode()} was killed by {sig}{hint}; torchrun's report: {log}", file=sys.stderr)
+            reason = f"rank {root.group(1).decode()} was killed by {sig}{hint}"
+            print(f"error: {reason}; torchrun's report: {log}", file=sys.stderr)
+            status = run_dir / "status.json"  # the dead rank wrote nothing: say here which rank failed, and why
+            if run_dir.is_dir() and not (status.is_file() and status.stat().st_mtime >= started):
+                status.write_text(json.dumps({"status": "failed", "ranks": [int(root.group(1))], "reason": reason}) + "\n")
     return rc
 
 

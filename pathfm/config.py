@@ -186,6 +186,8 @@ class DistConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False  # torch.compile per block
     reshard_after_forward: bool = True
+    timeout_s: float = 600.0  # a collective waiting longer than this ends the run (a rank died or hangs): every rank
+                              # is down within it, not torch's 30-minute default; the index build waits on its own
 
 
 @dataclass

@@ -75,10 +75,12 @@ def launch_vars(environ) -> tuple[str, dict]:
     return "single", {}
 
 
-def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistEnv:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     """Initialise from torchrun's variables first, then SLURM's, else a single process.
 
-    NCCL on CUDA, gloo on CPU. Under SLURM the SLURM variables are written into os.environ (over any
+    NCCL on CUDA, gloo on CPU. timeout_s (dist.timeout_s) bounds every collective: when a rank dies or hangs,
+    the others end within it (gloo raises; NCCL's watchdog aborts the process, torch's default error handling).
+    A rank that dies on gloo usually ends the others at once, as its connections close. Under SLURM the SLURM variables are written into os.environ (over any
     stale RANK / MASTER_ADDR), because init_process_group's env:// rendezvous reads them there.
     """
     environ = os.environ
@@ -104,7 +106,7 @@ def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistEnv:
             backend="nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(minutes=timeout_min),
+            timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
         )
     return DistEnv(rank, world, local, dev, source)

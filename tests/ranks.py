@@ -16,6 +16,9 @@ import os
 import socket
 import time
 import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -25,11 +28,15 @@ def free_port() -> int:
 
 
 def _rank_main(fn, rank, world, port, queue, args):
-    drop = ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+    drop = ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "LOCAL_WORLD_SIZE")  # launcher variables of an outer job
     for k in [k for k in os.environ if k.startswith("SLURM_") or k in drop]:
         del os.environ[k]
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    if world > 1:  # world 1: a plain single process, no process group (as `python -m pathfm.train`)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)  # one thread per rank: no OpenMP pool inherited across the fork is entered
@@ -73,3 +80,20 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, expect_errors: bool
                 p.kill()
                 p.join()
     return [results[r] for r in range(world)]
+
+
+def _train_rank(rank: int, world: int, overrides: list) -> dict:
+    from pathfm.config import load_config
+    from pathfm.train import main
+
+    return main(load_config(str(ROOT / "configs" / "smoke.yaml"), overrides))
+
+
+def train_ranks(run_dir, world: int, overrides, timeout: float = 240.0) -> dict[int, dict]:
+    """pathfm.train.main on `world` forked ranks (configs/smoke.yaml + overrides) into run_dir; {step: logged metrics}."""
+    import json
+
+    run_ranks(_train_rank, world, [*overrides, f"train.output_dir={run_dir.parent}", f"train.name={run_dir.name}"],
+              timeout=timeout)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m for m in rows if "loss/total" in m}
