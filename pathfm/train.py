@@ -351,7 +351,7 @@ def resume(cfg: Config, run_dir: Path, student, teacher, optimizer, loss_state, 
 def main(cfg: Config) -> dict:
     check_device(cfg)
     check_inputs(cfg)
-    env = pdist.init_distributed()
+    env = pdist.init_distributed(timeout_s=cfg.dist.timeout_s)
     device = env.device
     run_dir, restart_file, resume_changes = prepare_run_folder(cfg, env)
     s, o, t = cfg.ssl, cfg.optim, cfg.train
@@ -642,6 +642,17 @@ def crop_grid(global_crops, local_crops, crops_cfg, n: int = 4) -> torch.Tensor:
     return make_grid(images.clamp(0, 1).float().cpu(), nrow=rows[0].shape[0])
 
 
+def write_status(run_dir: Path, **fields) -> None:
+    """run_dir/status.json, for launchers and scripts: {"status": finished | interrupted | failed, "step": ...};
+    a failure adds "ranks" (those that failed) and "reason" (one line). Replaced whole, never half-written."""
+    tmp = run_dir / "status.json.tmp"
+    try:
+        tmp.write_text(json.dumps(fields) + "\n")
+        tmp.replace(run_dir / "status.json")
+    except OSError as e:  # e.g. the disk that made the run fail: the launcher then has torchrun's exit status only
+        print(f"warning: could not write {run_dir / 'status.json'}: {e.strerror}", file=sys.stderr, flush=True)
+
+
 def main_for_user(cfg: Config, debug: bool = False) -> dict:
     """main(cfg) for a command line: an error the user caused (a config value, slide, manifest or weights file) is
     one line naming it, and a run folder this launch created is removed; --debug keeps the traceback."""
@@ -649,7 +660,9 @@ def main_for_user(cfg: Config, debug: bool = False) -> dict:
     fresh = not run_dir.exists()
     try:
         return main(cfg)
-    except ckpt.DiskFullError as e:  # keep the run folder: it holds the previous checkpoint and the metrics
+    except ckpt.CheckpointError as e:  # the same line on every rank; keep the run folder: it holds the previous checkpoint
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            write_status(run_dir, status="failed", step=e.step, ranks=e.ranks, reason=e.strerror)
         if debug:
             raise
         raise SystemExit(f"error: {e.strerror}") from None
