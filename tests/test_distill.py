@@ -172,15 +172,21 @@ def test_head_warmup_leaves_the_backbone_and_its_ema_bit_identical(teacher, tmp_
     assert head_warmup_steps(config(tmp_path, "x", f"model.init_weights={export}", "train.steps=20")) == 0  # heads loaded
     start = state(build_student(cfg))
     main(cfg)
+    import torch.distributed.checkpoint as dcp
+
     step = ckpt.latest_checkpoint(tmp_path / "cont" / "checkpoints")
     ema = build_student(cfg)
     load_ema(step, ema)
     ema = state(ema)
+    student = {"student": state(build_student(cfg))}
+    with ckpt._quiet_dcp():
+        dcp.load(student, checkpoint_id=str(step), no_dist=True)
     weights = read_state_dict(export / "model.pth")
     for k, v in weights.items():
         assert torch.equal(ema[f"backbone.{k}"], v), k
-    assert_same(start, ema, "backbone.")
-    assert not torch.equal(start["dino_head.mlp.0.weight"], ema["dino_head.mlp.0.weight"])  # the heads learnt
+    for trained in (ema, student["student"]):
+        assert_same(start, trained, "backbone.")
+        assert not torch.equal(start["dino_head.mlp.0.weight"], trained["dino_head.mlp.0.weight"])  # the heads learnt
 
 
 def test_heads_round_trip_through_an_export(teacher, tmp_path):
@@ -199,6 +205,15 @@ def test_heads_round_trip_through_an_export(teacher, tmp_path):
     assert_same(student, {f"backbone.{k}": v for k, v in vit.state_dict().items() if k != "mask_token"}, "backbone.blocks.")
     fresh = state(build_student(config(tmp_path, "s", f"model.init_weights={tmp_path / 'exp'}", "model.init_heads=false")))
     assert not torch.equal(fresh["dino_head.mlp.0.weight"], heads["dino_head.mlp.0.weight"])
+
+
+def test_step_flops_count_the_frozen_teacher(teacher, tmp_path):
+    from pathfm.flops import step_flops
+
+    own = step_flops(config(tmp_path, "s", "model.arch=vit_tiny_d6"))  # the EMA: 6 blocks
+    distilled = step_flops(config(tmp_path, "s", "model.arch=vit_tiny_d6", f"distill.teacher={teacher}"))  # 12 blocks
+    assert distilled["student_forward"] == own["student_forward"]
+    assert 1.8 < distilled["teacher_forward"] / own["teacher_forward"] < 2.1
 
 
 def test_pos_embed_resampling_is_antialiased_bicubic_as_dinov2_reg4_and_timm():
