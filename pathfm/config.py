@@ -156,8 +156,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (CUDA)
     sync_timing: bool = False  # wait for the GPU at each phase so time/* metrics are exact (benchmarks)
     head_warmup_steps: int = -1  # continued pretraining: the backbone and its EMA untouched this many steps while fresh
-                                 # heads learn; -1 = auto: train.steps // 10 when model.init_weights gives a backbone
-                                 # without heads, else 0
+                                 # heads learn; -1 = auto: train.steps // 10 (at most 2500) when model.init_weights
+                                 # gives a backbone without heads, else 0
     init_checkpoint: str = ""  # start from a pathfm checkpoint (weights only), e.g. high-res post-training
     allow_resume_changes: bool = False  # resume even when steps / schedules / batch / world size differ from the
                                         # checkpoint's run (refused otherwise); recorded in the run folder

@@ -86,11 +86,11 @@ def init_heads_file(cfg: Config) -> bool:
 
 
 def head_warmup_steps(cfg: Config) -> int:
-    """train.head_warmup_steps, resolved: -1 (auto) = train.steps // 10 when the backbone comes from
-    model.init_weights and the heads start random, else 0."""
+    """train.head_warmup_steps, resolved: -1 (auto) = a tenth of train.steps, at most 2500, when the backbone comes
+    from model.init_weights and the heads start random, else 0."""
     if cfg.train.head_warmup_steps >= 0:
         return cfg.train.head_warmup_steps
-    return cfg.train.steps // 10 if cfg.model.init_weights and not init_heads_file(cfg) else 0
+    return min(cfg.train.steps // 10, 2500) if cfg.model.init_weights and not init_heads_file(cfg) else 0
 
 
 class StopSignal:
