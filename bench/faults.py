@@ -152,6 +152,8 @@ def loader_stall(tmp: Path, limit: float = 10.0):
     assert p.returncode == 75, p.stderr[-3000:]
     paths[1].rename(tmp / "saved.svs")
     os.mkfifo(paths[1])  # the storage under one slide stops answering
+    for stale in (tmp / "run" / "read_failures").glob("*.reading"):  # the first launch's (the trainer drops them
+        stale.unlink()  # too, but only once its loader starts)
     start = time.monotonic()
     log = open(tmp / "stderr.txt", "w+")
     p = subprocess.Popen(train_command(tmp, m, f"data.stall_timeout_s={limit:g}"), cwd=ROOT, stdout=subprocess.DEVNULL,
