@@ -123,6 +123,7 @@ def hub_folder(name: str) -> Path:
             raise FileNotFoundError(f"--timm {name}: no config.json in '{folder}' (expected a model folder as the hub "
                                     "holds it: config.json + model.safetensors)")
         return folder
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # for huggingface_hub if not imported yet; local_files_only decides
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
