@@ -412,9 +412,9 @@ def markdown(results: dict) -> str:
         step = next((t for t in by("throughput") if t["name"] == "vits16" and t.get("images_per_s_per_device")), None)
         if step and rate.get("batched"):
             share = step["images_per_s_per_device"] / rate["batched"]
-            lines += ["", f"At ViT-S/16's {step['images_per_s_per_device']:.0f} images/s per GPU, augmenting on the GPU "
-                      f"would take {share:.0%} of its time (the CPU mode's multi-crop alone: {step['images_per_s_per_device'] / rate['cpu_mode']:.0f} "
-                      "cores per GPU)."]
+            images = step["images_per_s_per_device"]
+            lines += ["", f"At ViT-S/16's {images:.0f} images/s per GPU, augmenting on the GPU would take {share:.0%} "
+                      f"of its time (the CPU mode's multi-crop alone: {images / rate['cpu_mode']:.0f} cores per GPU)."]
     return "\n".join(lines) + "\n"
 
 

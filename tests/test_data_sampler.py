@@ -259,8 +259,8 @@ def test_reads_in_flight_stay_within_their_memory_bound(prepared, monkeypatch):
     for _ in range(3):
         next(it)
     ahead = ds.reader.ahead
-    largest = max(int(c) for i in range(len(prepared)) for lv in P.JpegTiffReader(prepared.path(i), prepared.slide(i).info.dimensions).levels
-                  for c in lv.counts)
+    readers = [P.JpegTiffReader(prepared.path(i), prepared.slide(i).info.dimensions) for i in range(len(prepared))]
+    largest = max(int(c) for reader in readers for lv in reader.levels for c in lv.counts)
     assert 2 * largest < ahead.peak <= bound  # several reads in flight at once, never more than the bound
     assert 0 < ahead.held <= bound  # the next step's reads, started while this one was made
     ahead.pool.shutdown()

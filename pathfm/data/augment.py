@@ -321,7 +321,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
             planes = [x[i, c].numpy() for c in range(3)]  # views of x's (H, W) planes
             hsv = cv2.cvtColor(cv2.merge(planes), cv2.COLOR_RGB2HSV)  # interleaved; H in degrees, S and V in [0, 1]
             cv2.add(hsv, (360.0 * (turns % 1.0), 0.0, 0.0, 0.0), dst=hsv)  # a shift >= 0: HSV2RGB wraps >= 360, not < 0
-            cv2.split(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=hsv), planes)  # back into x (merge / split: 2x torch's permuted copies)
+            # back into x's planes (merge / split: twice as fast as torch's permuted copies)
+            cv2.split(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=hsv), planes)
         return x
     r, g, b = x.unbind(1)  # each (n, H, W)
     maxc, minc = x.amax(dim=1), x.amin(dim=1)
