@@ -4,7 +4,6 @@ a reader process that dies (SIGKILL, as the OOM killer sends it), in the index b
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +83,8 @@ def test_a_stalled_loader_and_a_dead_loader_worker_stop_for_a_requeue_and_the_ru
     stalls = Path(cohort.path(1))
     stalls.unlink()
     os.mkfifo(stalls)
-    start = time.monotonic()
-    stalled = run(tmp_path, cohort, "data.stall_timeout_s=2")
-    assert stalled["status"] == "interrupted" and time.monotonic() - start < 60  # "interrupted": exit status 75
+    stalled = run(tmp_path, cohort, "data.stall_timeout_s=2")  # (without the limit: a hang, until pytest's timeout)
+    assert stalled["status"] == "interrupted"  # exit status 75
     assert "no batch for 2" in stalled["reason"] and "waiting for step 1" in stalled["reason"]
     assert f"was reading {stalls}" in stalled["reason"]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
