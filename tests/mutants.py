@@ -68,6 +68,18 @@ MUTANTS = [
     Mutant("user errors: --debug ignored", "pathfm/train.py",
            "        if debug:\n            raise\n        if fresh:", "        if fresh:",
            ["tests/test_user_errors.py::test_debug_shows_the_error_itself_and_config_errors_are_one_line"]),
+    # weak assertions made strong
+    Mutant("export: attention projections transposed", "pathfm/export.py",
+           'sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k != "mask_token"}',
+           'sd = {k: (v.T if k.endswith("attn.proj.weight") else v).detach().float().cpu().contiguous() '
+           'for k, v in model.state_dict().items() if k != "mask_token"}',
+           ["tests/test_export.py::test_export_loads_strictly_into_timm_and_matches"]),
+    Mutant("unsupervised: alignment of mismatched views", "eval/unsupervised.py",
+           'out["alignment"] = alignment(view1, view2)', 'out["alignment"] = alignment(view1, view2.flip(0))',
+           ["tests/test_eval_cli.py::test_unsupervised_on_slides_and_images"]),
+    Mutant("gpu_check: an unknown section only printed", "bench/gpu_check.py",
+           '        raise SystemExit(f"error: unknown section(s)', '        print(f"error: unknown section(s)',
+           ["tests/test_gpu_check.py::test_bad_sections_and_config_keys_fail_before_anything_runs"]),
     # probes
     Mutant("M1 kNN vote weights without the temperature", "eval/knn.py",
            "weights = (sims / temperature).exp()", "weights = sims.exp()", ["tests/test_eval_probes.py"]),
