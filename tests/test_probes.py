@@ -41,7 +41,7 @@ def scalars(run, tag):
     return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
 
 
-def wait_unlocked(run, timeout_s=120):
+def wait_unlocked(run, timeout_s=600):
     """Until no probe process holds the run's watch lock (it has finished its queue)."""
     import fcntl
 
@@ -67,8 +67,8 @@ def killed_run(tmp_path_factory):
     run = out / "runs" / "p"
     current, killed = run / "eval" / "probes.current", {}
 
-    def kill_first_probe():
-        deadline = time.time() + 200
+    def kill_first_probe():  # also after training ended: the probe process then still works through its queue
+        deadline = time.time() + 900
         while time.time() < deadline and not killed:
             try:
                 cur = json.loads(current.read_text())
@@ -81,7 +81,7 @@ def killed_run(tmp_path_factory):
     killer.start()
     proc = launch(["--local", "--name", "p", f"train.output_dir={out / 'runs'}", "train.steps=6", "train.ckpt_every=2",
                    "train.keep_last=1", f"probes.tasks={task()}"])
-    killer.join(timeout=120)
+    killer.join(timeout=300)
     wait_unlocked(run)  # a probe process the trainer restarted finishes its queue after the trainer has gone
     return proc, run, killed.get("step")
 
