@@ -678,7 +678,7 @@ def main_for_user(cfg: Config, debug: bool = False) -> dict:
         if fault is None or debug:
             raise
         print(f"error: {fault}", file=sys.stderr, flush=True)
-        (run_dir / "status.json").write_text(json.dumps({"status": "interrupted", "rank": rank, "reason": str(fault)}) + "\n")
+        write_status(run_dir, status="interrupted", ranks=[rank], reason=str(fault))
         return {"run_dir": str(run_dir), "status": "interrupted", "reason": str(fault)}
 
 
