@@ -71,18 +71,18 @@ def test_each_teacher_format_loads_as_a_frozen_teacher(teacher, tmp_path):
     reg = build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=64, num_registers=4)).eval()
     torch.save(dinov2_names(reg), tmp_path / "dinov2_reg4.pth")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    cases = [(teacher, "heads", ref), (teacher / "checkpoints" / "last", "heads", ref), (teacher / "export", "heads", ref),
+    cases = [(teacher / "checkpoints" / "last", "heads", ref), (teacher / "export", "heads", ref),
              (headless, "features", ref), (tmp_path / "timm.pth", "features", ref), (tmp_path / "dinov2_reg4.pth", "features", reg)]
+    loaded = []
     for path, mode, want in cases:
         model = load_teacher(config(tmp_path, "s", "model.arch=vit_tiny_d6", f"distill.teacher={path}"), single_env())
+        loaded.append(model)
         assert model.mode == mode, path
         assert ("dino_head" in model) == (mode == "heads") and ("ibot_head" in model) is False
         assert not model.training and not any(p.requires_grad for p in model.parameters())
         with torch.no_grad():
             torch.testing.assert_close(model.backbone.forward_features(x), want.forward_features(x), rtol=0, atol=0)
-    heads = load_teacher(config(tmp_path, "s", f"distill.teacher={teacher / 'export'}"), single_env())
-    own = load_teacher(config(tmp_path, "s", f"distill.teacher={teacher}"), single_env())
-    assert_same(state(heads), state(own))  # the export's heads are the checkpoint's EMA heads
+    assert_same(state(loaded[1]), state(loaded[0]))  # the export's heads are the checkpoint's EMA heads
 
 
 def test_refused_teachers_and_pairings_are_one_line_and_leave_no_run_folder(teacher, tmp_path):
