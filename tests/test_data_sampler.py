@@ -271,6 +271,7 @@ def test_reads_go_ahead_only_while_they_are_slow(prepared, monkeypatch):
     ahead on within a batch, and the stream stays the same. (A 2 ms threshold and 20 ms reads here: a loaded
     test machine can stretch a page-cache read past the real 0.1 ms.)"""
     monkeypatch.setattr(P, "SLOW_READ_S", 0.002)
+    monkeypatch.setattr(P, "TIMED_EVERY", 1)
     ds = dataset(prepared, batch_size=16, read_ahead_bytes=1 << 24)
     fast = ds.batch(0)
     assert not ds.reader.ahead.active and ds.reader.ahead.pool is None
