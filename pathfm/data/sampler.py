@@ -59,9 +59,9 @@ class ReadAhead:
 
     At most `max_bytes` of tile streams are held at once, counting those being read and those read but
     not decoded yet (one draw's tiles larger than that are still read, alone). The threads only call
-    os.pread (which releases the GIL); decoding stays in the worker's own thread. Every read, ahead or
-    in turn, is timed: reads go ahead only while they are slow (`active`), so the page cache keeps its
-    cheaper synchronous path.
+    os.pread (which releases the GIL); decoding stays in the worker's own thread. Reads ahead, and one
+    draw's in TIMED_EVERY read in turn, are timed: reads go ahead only while they are slow (`active`), so
+    the page cache keeps its cheaper synchronous path.
     """
 
     def __init__(self, max_bytes: int, threads: int):
