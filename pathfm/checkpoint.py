@@ -173,7 +173,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
             pointer_tmp.replace(ckpt_dir / "last")
             old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             excess = old[: max(len(old) - keep_last, 0)]
-            held = [p for p in excess if (p / PROBE_HOLD).exists()][-MAX_HELD:]
+            held = [p for p in excess if (p / PROBE_HOLD).exists()]
+            held = held[max(len(held) - MAX_HELD, 0):]  # the newest MAX_HELD
             for p in excess:
                 if p not in held:
                     shutil.rmtree(p, ignore_errors=True)

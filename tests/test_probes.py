@@ -132,6 +132,28 @@ def torch_threads(n=None):
     return torch.get_num_threads()
 
 
+def test_keep_last_keeps_held_checkpoints_until_released_at_most_max_held(tmp_path):
+    """A checkpoint a probe has not copied yet survives keep_last pruning; a released one goes; a dead probe
+    process cannot make held folders pile up beyond MAX_HELD."""
+    import torch
+
+    from pathfm.checkpoint import MAX_HELD, PROBE_HOLD, save_checkpoint
+
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(student.parameters())
+    kw = dict(student=student, teacher=teacher, optimizer=opt, loss_state=torch.nn.ModuleDict(), meta={}, keep_last=1)
+    names = lambda: sorted(p.name for p in tmp_path.glob("step_*"))  # noqa: E731
+    save_checkpoint(tmp_path, 1, hold=True, **kw)
+    save_checkpoint(tmp_path, 2, hold=False, **kw)
+    assert names() == ["step_0000001", "step_0000002"]  # 1 is held: not pruned by keep_last=1
+    (tmp_path / "step_0000001" / PROBE_HOLD).unlink()  # the probe copied it
+    save_checkpoint(tmp_path, 3, hold=True, **kw)
+    assert names() == ["step_0000003"]
+    for step in range(4, 8):  # nobody releases anything: at most MAX_HELD beyond keep_last
+        save_checkpoint(tmp_path, step, hold=True, **kw)
+    assert names() == [f"step_{s:07d}" for s in range(7 - MAX_HELD, 8)]
+
+
 @pytest.mark.parametrize("spec, says", [
     (f"crc=crx:{TILES}:train,{TILES}", "unknown dataset kind 'crx'"),
     (f"crc={TILES},/no/such/folder", "'/no/such/folder' does not exist"),
