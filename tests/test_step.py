@@ -15,8 +15,8 @@ and after the step: teacher = m * teacher_0 + (1 - m) * student_1, centre = (1 -
 Distinct loss weights and LayerScale 1 (so the CLS token depends on the image) make a swapped weight, a
 teacher crop paired with its own student view, or a teacher fed the student's masked crops visible.
 
-A distilled step (a frozen teacher from a file) differs only in where `teacher` comes from: pass that module
-to `expected` (see `recompute`).
+A distilled step (distill.teacher: a frozen teacher from a file) differs only in where the targets come from:
+the same recomputation, given the teacher module that was written to the file.
 """
 
 import copy
@@ -130,6 +130,7 @@ def expected(cfg, batch, student, teacher, teacher_temp) -> dict:
     p = student.backbone.num_prefix_tokens
 
     t_tok = teacher.backbone.forward_features(g)  # the teacher sees the global crops, unmasked
+    tp = teacher.backbone.num_prefix_tokens  # a frozen teacher may have registers the student has not
     t_logits = teacher.dino_head(t_tok[:, 0])
     p_t = teacher_targets(t_logits, teacher_temp, s.centering)  # (2B, K)
 
@@ -145,7 +146,7 @@ def expected(cfg, batch, student, teacher, teacher_temp) -> dict:
     if ibot:
         t_head = teacher.ibot_head if s.ibot_separate_head else teacher.dino_head
         s_head = student.ibot_head if s.ibot_separate_head else student.dino_head
-        t_patch = t_head(t_tok[:, p:][masks])  # (M, K), image by image
+        t_patch = t_head(t_tok[:, tp:][masks])  # (M, K), image by image
         p_patch = teacher_targets(t_patch, teacher_temp, s.centering)
         ce = cross_entropy(p_patch, s_head(s_glob[:, p:][masks]), s.student_temp)  # (M,)
         counts = masks.sum(1).tolist()
@@ -212,4 +213,33 @@ def test_sinkhorn_knopp_separate_ibot_head_and_kde_step_matches_the_math(tmp_pat
     seen = run_one_step(cfg, monkeypatch)
     assert "ibot_head" in dict(seen["student0"].named_children())
     want = recompute(cfg, seen)
+    check_after_step(cfg, seen, want)
+
+
+def test_distillation_step_from_a_frozen_teacher_file_matches_the_math(tmp_path, monkeypatch):
+    """distill.teacher = an export with heads: a 12-block ViT-Ti (LayerScale 1, its own random weights and heads)
+    teaches the 6-block student; targets from it, the student's EMA still updated as before."""
+    from pathfm.distill import build_heads
+    from pathfm.export import save_export, save_heads
+    from pathfm.vit import ViTArgs, build_vit
+
+    cfg = step_config(tmp_path, f"distill.teacher={tmp_path / 'teacher'}")
+    s = cfg.ssl
+    torch.manual_seed(123)
+    teacher = torch.nn.ModuleDict({"backbone": build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=64,
+                                                                 layerscale=1.0))})
+    args = {"objective": s.objective, "prototypes": s.prototypes, "head_hidden": s.head_hidden,
+            "head_bottleneck": s.head_bottleneck, "head_layers": s.head_layers,
+            "ibot_separate_head": s.ibot_separate_head, "ibot_prototypes": s.ibot_prototypes}
+    teacher.update(build_heads(192, args))
+    teacher.eval()
+    save_export(teacher.backbone, tmp_path / "teacher", mean=cfg.crops.mean, std=cfg.crops.std)
+    heads = {f"{name}.{k}": v for name in ("dino_head",) for k, v in teacher[name].state_dict().items()}
+    save_heads(tmp_path / "teacher", heads, args | {"in_dim": 192})
+
+    seen = run_one_step(cfg, monkeypatch)
+    want = recompute(cfg, seen, teacher=teacher)
+    # the targets did come from the file: the student's own step-0 EMA would give other losses
+    own = expected(cfg, seen["batch"], seen["student0"], seen["teacher0"], s.teacher_temp_warmup_start)
+    assert abs(float(own["dino"]) - float(want["dino"])) > 1e-2
     check_after_step(cfg, seen, want)
