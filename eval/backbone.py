@@ -211,9 +211,9 @@ def _hub_backbone(name: str, img_size: int | None, timm_args: dict) -> EvalBackb
                          f"{arch} ({str(e).splitlines()[0][:160]})") from None
     except RuntimeError as e:  # weights that do not fit the architecture the config describes
         msg = " ".join(str(e).split())
-        keys = re.findall(r'"([\w.]+)"', msg)
+        key = re.search(r'(?:size mismatch for |key\(s\) in state_dict: ")([\w.]+)', msg)
         raise ValueError(f"{where}: the weights do not fit {arch} as model_args describe it (first key at fault: "
-                         f"{keys[0] if keys else '?'}; {msg[:160]}...); a layer its config does not name (e.g. "
+                         f"{key.group(1) if key else '?'}; {msg[:200]}...); a layer its config does not name (e.g. "
                          "mlp_layer) can be given with --timm-args") from None
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--timm {name}: {e}") from None

@@ -187,6 +187,7 @@ def test_a_model_that_cannot_be_built_is_refused_in_one_line(tmp_path):
     for edit, words in [({"mlp_layer": "timm.layers.NoSuchMlp"}, "model_args.mlp_layer = 'timm.layers.NoSuchMlp'"),
                         ({"act_layer": "os.system"}, "model_args.act_layer = 'os.system'"),  # layers only, no functions
                         ({"wings": 2}, "model_args.wings is not an argument"),
+                        ({"mlp_ratio": 2.0}, "first key at fault: blocks.0.mlp.fc1.weight"),  # weights of another layout
                         ({"architecture": "vit_enormous_patch3"}, "architecture 'vit_enormous_patch3'")]:
         cfg = json.loads(json.dumps(good))
         cfg.update({k: v for k, v in edit.items() if k == "architecture"})
