@@ -34,7 +34,7 @@ from pathfm.vit import ViTArgs, build_vit
 
 
 @contextlib.contextmanager
-def _quiet_dcp():
+def quiet_dcp():
     """DCP warns on every call without a process group, and a single process is a supported case here:
     silence that one warning inside our own DCP calls, not process-wide."""
     with warnings.catch_warnings():
@@ -154,7 +154,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
         failure = e
     _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, teacher), rank, step)
     try:
-        with _quiet_dcp():
+        with quiet_dcp():
             dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:  # dcp.save ends with a collective: every rank's shards are written by now
@@ -254,7 +254,7 @@ def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state["optimizer"]["state"] = {fqn: s for fqn, s in state["optimizer"]["state"].items()
                                    if all(f"optimizer.state.{fqn}.{k}" in saved for k in s)}
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
@@ -272,7 +272,7 @@ def load_weights(path: str | Path, *, student, teacher) -> dict:
     """Model weights only (no optimizer, step or RNG): the start of a post-training run."""
     path = resolve_checkpoint(path)
     state = {"student": get_model_state_dict(student), "teacher": get_model_state_dict(teacher)}
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
@@ -307,7 +307,7 @@ def load_teacher_backbone(path: str | Path):
     vit = vit.to_empty(device="cpu")
     state = {"teacher": {"backbone." + k: v for k, v in vit.state_dict().items()}}
     # no_dist: a read by this process alone, also inside a distributed job (e.g. rank 0 exporting)
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     vit.load_state_dict({k[len("backbone."):]: v for k, v in state["teacher"].items()}, strict=True)
     return vit.eval(), meta

@@ -33,12 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathfm.heads import DINOHead
+from pathfm.heads import HEAD_KEYS, build_heads
 from pathfm import vit
 from pathfm.vit import ViTArgs, build_vit
-
-HEAD_KEYS = ("objective", "prototypes", "head_hidden", "head_bottleneck", "head_layers", "ibot_separate_head",
-             "ibot_prototypes")
 
 
 @dataclass
@@ -54,15 +51,6 @@ class TeacherSpec:
     def describe(self) -> str:
         a = self.vit_args
         return f"teacher {a.arch}/{a.patch_size} ({vit.ARCHS[a.arch][0]} wide, {self.kind} '{self.path}')"
-
-
-def build_heads(in_dim: int, heads: dict) -> dict:
-    """{"dino_head": DINOHead[, "ibot_head": DINOHead]} for head args (HEAD_KEYS), as train.build_student builds them."""
-    make = lambda k: DINOHead(in_dim, k, heads["head_hidden"], heads["head_bottleneck"], heads["head_layers"])  # noqa: E731
-    out = {"dino_head": make(heads["prototypes"])}
-    if heads["objective"] == "dinov2" and heads["ibot_separate_head"]:
-        out["ibot_head"] = make(heads["ibot_prototypes"])
-    return out
 
 
 def heads_mismatch(heads: dict, ssl) -> str:

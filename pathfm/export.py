@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pathfm.checkpoint import _quiet_dcp, load_teacher_backbone, resolve_checkpoint
+from pathfm.checkpoint import quiet_dcp, load_teacher_backbone, resolve_checkpoint
 from pathfm.vit import ARCHS, VisionTransformer, ViTArgs, build_vit, resample_pos_grid
 
 _TIMM_FAMILY = {"vit_tiny": "vit_tiny", "vit_tiny_d6": "vit_tiny", "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_giant2": "vit_giant"}
@@ -202,7 +202,7 @@ def load_ema(step_dir: str | Path, model: torch.nn.ModuleDict) -> dict:
 
     step_dir = resolve_checkpoint(step_dir)
     state = {"teacher": {k: v for k, v in model.state_dict().items()}}
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     model.load_state_dict(state["teacher"], strict=True)
     return json.loads((step_dir / "meta.json").read_text())
@@ -210,7 +210,7 @@ def load_ema(step_dir: str | Path, model: torch.nn.ModuleDict) -> dict:
 
 def checkpoint_heads(step_dir: str | Path) -> tuple[dict, dict] | None:
     """(head tensors, head args) of a checkpoint's EMA heads, for save_heads; None for a checkpoint without them."""
-    from pathfm.distill import HEAD_KEYS, build_heads
+    from pathfm.heads import HEAD_KEYS, build_heads
 
     step_dir = resolve_checkpoint(step_dir)
     meta = json.loads((step_dir / "meta.json").read_text())
@@ -226,7 +226,7 @@ def checkpoint_heads(step_dir: str | Path) -> tuple[dict, dict] | None:
     state = {"teacher": dict(heads.state_dict())}
     import torch.distributed.checkpoint as dcp
 
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     return state["teacher"], args
 

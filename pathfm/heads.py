@@ -53,3 +53,17 @@ class DINOHead(nn.Module):
         x = self.mlp(x)
         x = F.normalize(x, dim=-1)  # (..., bottleneck) on the unit sphere
         return self.last_layer(x)
+
+
+# what defines a pair of heads (ssl.* keys); exports and checkpoints record them so heads can be rebuilt
+HEAD_KEYS = ("objective", "prototypes", "head_hidden", "head_bottleneck", "head_layers", "ibot_separate_head",
+             "ibot_prototypes")
+
+
+def build_heads(in_dim: int, heads: dict) -> dict:
+    """{"dino_head": DINOHead[, "ibot_head": DINOHead]} for head args (HEAD_KEYS), as train.build_student builds them."""
+    make = lambda k: DINOHead(in_dim, k, heads["head_hidden"], heads["head_bottleneck"], heads["head_layers"])  # noqa: E731
+    out = {"dino_head": make(heads["prototypes"])}
+    if heads["objective"] == "dinov2" and heads["ibot_separate_head"]:
+        out["ibot_head"] = make(heads["ibot_prototypes"])
+    return out

@@ -179,7 +179,7 @@ def test_head_warmup_leaves_the_backbone_and_its_ema_bit_identical(teacher, tmp_
     load_ema(step, ema)
     ema = state(ema)
     student = {"student": state(build_student(cfg))}
-    with ckpt._quiet_dcp():
+    with ckpt.quiet_dcp():
         dcp.load(student, checkpoint_id=str(step), no_dist=True)
     weights = read_state_dict(export / "model.pth")
     for k, v in weights.items():
