@@ -28,7 +28,7 @@ def make_checkpoint(arch: str, folder: Path) -> float:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from pathfm.checkpoint import _quiet_dcp
+    from pathfm.checkpoint import quiet_dcp
     from pathfm.vit import ViTArgs, build_vit
 
     args = ViTArgs(arch=arch, patch_size=14, num_registers=4, ffn="swiglu" if arch == "vit_giant2" else "mlp", img_size=224)
@@ -36,7 +36,7 @@ def make_checkpoint(arch: str, folder: Path) -> float:
         vit = build_vit(args)
     state = {"teacher": {"backbone." + k: torch.zeros(v.shape) for k, v in vit.state_dict().items()}}
     folder.mkdir(parents=True)
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.save(state, checkpoint_id=str(folder))
     meta = {"step": 1, "vit_args": vars(args), "mean": [0.5] * 3, "std": [0.5] * 3, "config": {"crops": {"global_size": 224}}}
     (folder / "meta.json").write_text(json.dumps(meta))
