@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -41,7 +42,8 @@ def _rank_main(fn, rank, world, port, queue, args):
 
     torch.set_num_threads(1)  # one thread per rank: no OpenMP pool inherited across the fork is entered
     try:
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle: tensors travel by value (torch's queue reduction shares them through the sender, which exits)
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # noqa: BLE001 -- SystemExit too: the test reads what each rank ended with
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -66,13 +68,13 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, expect_errors: bool
             try:
                 rank, kind, value = queue.get(timeout=min(left, 1.0))
             except Exception:  # queue.Empty; a rank that died without reporting is caught here
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead:
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+                if dead and queue.empty():
                     raise AssertionError(f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
                 continue
             if kind == "error" and not expect_errors:
                 raise AssertionError(f"rank {rank} raised:\n{value}")
-            results[rank] = ("error", value) if kind == "error" else value
+            results[rank] = ("error", value) if kind == "error" else pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5)

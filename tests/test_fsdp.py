@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import run_ranks
+from ranks import run_ranks, train_ranks
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,14 @@ def clean_env() -> dict:
 
 
 def train(run_dir: Path, nproc: int, *overrides: str) -> dict[int, dict]:
-    """Run pathfm.train on nproc gloo ranks into run_dir; {step: logged metrics}."""
+    """pathfm.train.main on nproc gloo ranks forked from this process (tests/ranks.py: no torch import per rank)
+    into run_dir; {step: logged metrics}. The command line and torchrun are exercised by test_rank_faults.py's
+    launcher run and test_launch.py."""
+    return train_ranks(run_dir, nproc, [*SMOKE, f"optim.batch_size={GLOBAL_BATCH // nproc}", *overrides])
+
+
+def train_torchrun(run_dir: Path, nproc: int, *overrides: str) -> dict[int, dict]:
+    """Run pathfm.train on nproc ranks under torchrun into run_dir; {step: logged metrics}."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
     cmd = [*launcher, "-m", "pathfm.train", "--config", "configs/smoke.yaml", *SMOKE, f"optim.batch_size={GLOBAL_BATCH // nproc}",
            f"train.output_dir={run_dir.parent}", f"train.name={run_dir.name}", *overrides]
@@ -197,8 +204,8 @@ def test_bf16_losses_close_to_fp32(tmp_path):
     # the error grows over steps, so 2e-2 relative on a loss of about 8 is loose but catches a wrong dtype
     # in a reduction or a loss computed in bf16 (the losses cast to fp32 on purpose).
     nproc = 2 if torch.cuda.device_count() >= 2 else 1
-    fp32 = train(tmp_path / "fp32", nproc)
-    bf16 = train(tmp_path / "bf16", nproc, "train.precision=bf16")
+    fp32 = train_torchrun(tmp_path / "fp32", nproc)  # fresh processes: CUDA does not survive a fork
+    bf16 = train_torchrun(tmp_path / "bf16", nproc, "train.precision=bf16")
     for step in fp32:
         assert bf16[step]["loss/total"] == pytest.approx(fp32[step]["loss/total"], rel=2e-2), step
 
@@ -256,3 +263,99 @@ def test_gradient_norm_is_the_full_norm_on_every_rank():
         assert r["after_clip"] == pytest.approx(1.0, rel=1e-4)
         assert math.isinf(r["inf"]["backbone"]) and math.isfinite(r["inf"]["dino_head"])  # on both ranks
     assert r0["per_module"] == r1["per_module"] and r0["global"] == r1["global"]  # the same numbers, bit for bit
+
+
+def _drop_path_worker(rank: int, world: int) -> dict:
+    from pathfm.config import load_config
+    from pathfm.dist import init_distributed, teardown
+    from pathfm.train import build_models
+
+    env = init_distributed(device="cpu")
+    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), ["model.drop_path=0.5", "model.img_size=32"])
+    student, teacher, _ = build_models(cfg, env)  # equal weights on every rank, then a per-rank seed
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # the same images on both ranks
+    with torch.no_grad():
+        out = {"student": student.backbone.forward_features(x)[:, 0], "teacher": teacher.backbone.forward_features(x)[:, 0]}
+    gathered = {k: [torch.empty_like(v) for _ in range(world)] for k, v in out.items()}
+    for k, v in out.items():
+        torch.distributed.all_gather(gathered[k], v)
+    teardown()
+    return gathered
+
+
+def test_stochastic_depth_draws_differ_between_ranks():
+    # build_models reseeds with seed + rank after the models are built: were the seed shared, every rank would
+    # drop the same blocks for its images, i.e. the same subset of the global batch's images
+    s, t = run_ranks(_drop_path_worker, 2)[0].values()
+    assert not torch.allclose(s[0], s[1])  # the students (drop_path 0.5, training mode) dropped other blocks
+    torch.testing.assert_close(t[0], t[1])  # the teachers have no stochastic depth: the same weights, the same output
+
+
+def _bf16_worker(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from pathfm.dist import init_distributed, mixed_precision, teardown
+
+    init_distributed(device="cpu")
+    student = _tiny_student()
+    ref = copy.deepcopy(student)
+    # the layout of wrap_model (which refuses bf16 on CPU for users: slow there), with the policy it uses
+    for blk in student.backbone.blocks:
+        fully_shard(blk, mp_policy=mixed_precision("bf16"))
+    for root in student.values():
+        fully_shard(root, mp_policy=mixed_precision("bf16"))
+    register_fsdp_forward_method(student.backbone, "forward_features")
+    seen = []
+    student.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py does with train.precision=bf16
+            loss = _tiny_loss(student, x)
+        loss.float().backward()
+    except AttributeError as e:  # torch < 2.9 on CPU: "'Stream' object has no attribute 'record_event'"
+        teardown()
+        return {"unsupported": str(e)}
+    _tiny_loss(ref, x).backward()
+    qkv = student.backbone.blocks[0].attn.qkv.weight
+    out = {"compute": seen[0], "param": qkv.dtype, "grad": qkv.grad.dtype,
+           "grad_close": torch.allclose(qkv.grad.full_tensor(), ref.backbone.blocks[0].attn.qkv.weight.grad, rtol=5e-2, atol=1e-3)}
+    teardown()
+    return out
+
+
+def test_bf16_mixed_precision_policy_on_two_cpu_ranks():
+    # train.precision=bf16 (the GPU recipes): blocks compute in bf16, parameters and reduced gradients stay fp32
+    r = run_ranks(_bf16_worker, 2)[0]
+    if "unsupported" in r:
+        pytest.skip(f"FSDP2 mixed precision does not run on CPU with torch {torch.__version__}: {r['unsupported']}")
+    assert r["compute"] == (torch.bfloat16, torch.bfloat16)
+    assert r["param"] == r["grad"] == torch.float32
+    assert r["grad_close"]  # the fp32 gradient of a bf16 forward, to bf16's precision
+
+
+def _nonfinite_rank(rank: int, world: int, run_dir: str) -> dict:
+    import pathfm.train as train_module
+    from pathfm.config import load_config
+
+    clip, calls = train_module.clip_gradients, []
+
+    def clip_with_an_inf(student, max_norm, per_module):  # step 2: an inf in rank 1's shard of one gradient
+        calls.append(1)
+        if len(calls) == 2 and rank == 1:
+            student.backbone.blocks[0].attn.qkv.weight.grad.to_local()[0, 0] = float("inf")
+        return clip(student, max_norm, per_module)
+
+    train_module.clip_gradients = clip_with_an_inf
+    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), [*SMOKE, "train.steps=3", "optim.batch_size=2",
+                      f"train.output_dir={Path(run_dir).parent}", f"train.name={Path(run_dir).name}"])
+    return train_module.main(cfg)
+
+
+def test_every_rank_skips_a_step_whose_gradient_is_not_finite_on_one_rank(tmp_path):
+    # before (torch 2.6-2.9): rank 1 read inf and skipped, rank 0 read its finite shard and stepped; the ranks then
+    # met different collectives (a hang) or trained different models
+    results = run_ranks(_nonfinite_rank, 2, str(tmp_path / "run"), timeout=180)
+    assert [r["status"] for r in results] == ["finished", "finished"] and results[0]["step"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows if m.get("nonfinite_steps") == 1 and "loss/total" not in m] == [1]  # 0-based
+    assert sorted(m["step"] for m in rows if "loss/total" in m) == [1, 3]
