@@ -220,3 +220,18 @@ def test_fp32_under_bf16_autocast(name):
         got = fns[name](x, probs)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, fns[name](x.float(), probs.float()), rtol=1e-6, atol=1e-6)
+
+
+def test_a_gradient_step_on_the_kde_term_spreads_the_embeddings():
+    # The sign Midnight means: its KDE term replaces KoLeo "to ensure embedding diversity" (kaiko-ai/Midnight), so
+    # a step that lowers it must push the CLS embeddings apart; with the opposite sign it would pull them together
+    # (collapse). pathfm minimises the mean log-density of the batch at its own points.
+    from pathfm.metrics import spread
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 16, generator=g) + 0.3 * torch.randn(32, 16, generator=g)).requires_grad_()  # a tight cluster
+    kde_loss(x).backward()
+    with torch.no_grad():
+        stepped = x - 20.0 * x.grad  # (the gradient of unit-sphere distances is small for rows of norm ~4)
+    assert kde_loss(stepped) < kde_loss(x)
+    assert spread(stepped) > spread(x) + 0.01  # spread: 1 - |mean unit vector|^2, 0 = all one direction
