@@ -5,6 +5,9 @@
     python bench/faults.py loader-stall   # a slide's storage stops answering during training
     python bench/faults.py loader-kill    # a DataLoader worker killed (SIGKILL) during training
     python bench/faults.py data           # the four above
+    python bench/faults.py rank-disk-full # 2 ranks checkpointing onto a full tmpfs (root: mounts one)
+    python bench/faults.py rank-kill      # rank 2 of 4 SIGKILLed mid-step; then resumed on 2 ranks
+    python bench/faults.py ranks          # the two above
 
 Everything runs the command lines a user runs (python -m pathfm.data.index, python -m pathfm.train) on small
 synthetic slides in a temporary folder. Each row says what happened, the time from the fault to a clean end
@@ -195,15 +198,105 @@ def loader_kill(tmp: Path):
         f"exit 75, `{error_line(err)[:160]}...`; the slide is skipped from then on", f"{wall:.1f} s from the kill", kept)
 
 
-FAULTS = {"build-stall": build_stall, "build-kill": build_kill, "loader-stall": loader_stall, "loader-kill": loader_kill}
+# ---------------------------------------------------------------- ranks (H20b)
+
+RANK_RUN = ["data.source=random", "model.arch=vit_tiny_d6", "ssl.koleo_weight=0", "model.drop_path=0", "train.steps=6",
+            "train.log_every=1", "train.ckpt_every=2", "train.keep_last=1", "train.rankme_every=0", "data.num_workers=0",
+            "optim.warmup_steps=0"]
+
+
+def launch(tmp: Path, name: str, nproc: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "smoke.yaml"), "--local",
+           "--nproc", str(nproc), "--name", name, *RANK_RUN, f"optim.batch_size={8 // nproc}", f"train.output_dir={tmp}", *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_checkpoint(run: Path) -> str:
+    from pathfm.checkpoint import latest_checkpoint, load_teacher_backbone
+
+    last = latest_checkpoint(run / "checkpoints")
+    load_teacher_backbone(last)  # it loads
+    return last.name
+
+
+def rank_pid(parent: int, rank: int) -> int:
+    """The process of `rank` among parent's descendants (its environment says RANK=rank)."""
+    todo = [parent]
+    while todo:
+        pid = todo.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            todo += kids
+            for kid in kids:
+                try:
+                    if f"RANK={rank}".encode() in Path(f"/proc/{kid}/environ").read_bytes().split(b"\0"):
+                        return kid
+                except OSError:
+                    pass
+    raise RuntimeError(f"no process of rank {rank} under {parent}")
+
+
+def rank_kill(tmp: Path):
+    """SIGKILL of rank 2 of 4 in step 3 (its step-2 checkpoint complete); then the same run resumed on 2 ranks."""
+    run = tmp / "r"
+    p = launch(tmp, "r", 4)
+    while not (run / "checkpoints" / "last").is_file():
+        if p.poll() is not None:
+            raise RuntimeError(p.communicate()[1][-2000:])
+        time.sleep(0.05)
+    os.kill(rank_pid(p.pid, 2), signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = p.communicate()
+    wall = time.monotonic() - killed
+    status = (run / "status.json").read_text().strip()
+    kept = last_checkpoint(run)
+    r = launch(tmp, "r", 2, "train.allow_resume_changes=true")
+    r.communicate()
+    row("rank SIGKILL (mid-step)", "4", f"launcher exit {p.returncode}, status.json `{status}`", f"{wall:.1f} s from the kill",
+        f"{kept} loads; resumed on 2 ranks: exit {r.returncode}, {(run / 'status.json').read_text().strip()}")
+
+
+def rank_disk_full(tmp: Path):
+    """A real 60 MB tmpfs under the checkpoints: step 2's checkpoint fits, step 4's does not (on whichever rank
+    writes last); then the tmpfs enlarged and the same command run again."""
+    run = tmp / "d"
+    (run / "checkpoints").mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(run / "checkpoints")]).returncode:
+        row("disk full on one rank's write", "2", "skipped: mount refused here (needs root)", "", "")
+        return
+    try:
+        p = launch(tmp, "d", 2)
+        start = time.monotonic()
+        _, err = p.communicate()
+        wall = time.monotonic() - start
+        lines = sorted({line for line in err.splitlines() if line.startswith("error:")})
+        status = (run / "status.json").read_text().strip()
+        kept = last_checkpoint(run)
+        subprocess.run(["mount", "-o", "remount,size=400m", str(run / "checkpoints")], check=True)
+        r = launch(tmp, "d", 2)
+        r.communicate()
+        row("disk full while checkpointing", "2", f"exit {p.returncode}; every rank: `{lines[0][:200] if lines else '?'}` "
+            f"({len(lines)} distinct error line(s)); status.json `{status[:120]}...`", f"{wall:.1f} s for the whole run",
+            f"{kept} loads; resumed after freeing space: exit {r.returncode}")
+    finally:
+        subprocess.run(["umount", str(run / "checkpoints")])
+
+
+FAULTS = {"build-stall": build_stall, "build-kill": build_kill, "loader-stall": loader_stall, "loader-kill": loader_kill,
+          "rank-disk-full": rank_disk_full, "rank-kill": rank_kill}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("fault", choices=[*FAULTS, "data"])
+    p.add_argument("fault", choices=[*FAULTS, "data", "ranks"])
     a = p.parse_args(argv)
     print("| fault | ranks | what happened | time to a clean end | nothing lost |\n|---|---|---|---|---|", flush=True)
-    for name in (list(FAULTS) if a.fault == "data" else [a.fault]):
+    groups = {"data": [f for f in FAULTS if not f.startswith("rank")], "ranks": ["rank-disk-full", "rank-kill"]}
+    for name in groups.get(a.fault, [a.fault]):
         with tempfile.TemporaryDirectory(prefix=f"pathfm-{name}-") as tmp:
             FAULTS[name](Path(tmp))
     return 0
