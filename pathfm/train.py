@@ -375,6 +375,11 @@ def main(cfg: Config) -> dict:
     if teacher is not None:
         teacher_input = TeacherInput(cfg, teacher.spec)  # global crops resized to the student's token grid
         say(f"distilling from the frozen {teacher.spec.describe()}, {teacher.mode} targets at {teacher_input.size} px")
+        if features and cfg.distill.loss == "auto" and env.is_main:
+            print("WARNING: the teacher has no heads, so the student regresses its features; fitting its heads first "
+                  "distilled better (README: teachers without heads): train.head_warmup_steps=N train.steps=N "
+                  "model.init_weights=TEACHER with the teacher's model.* keys, then distill.teacher=that run",
+                  file=sys.stderr, flush=True)
     target_model = ema if teacher is None else teacher
     t_prefix = target_model.backbone.num_prefix_tokens
     head_warmup = head_warmup_steps(cfg)  # continued pretraining: the backbone and its EMA wait while fresh heads learn
