@@ -38,6 +38,7 @@ def step_config(tmp_path, *overrides):
     return load_config("smoke", [
         f"train.output_dir={tmp_path}", "train.name=run", "data.source=random", "data.num_workers=0",
         "model.arch=vit_tiny_d6", "model.drop_path=0", "model.layerscale=1.0", "optim.batch_size=4", "optim.warmup_steps=0",
+        "crops.global_size=48", "crops.local_size=16",
         "train.steps=10", "train.stop_after=1", "train.log_every=1", "train.rankme_every=0",
         "ssl.teacher_temp_warmup_steps=4", "ssl.dino_weight=1.0", "ssl.ibot_weight=0.6", "ssl.koleo_weight=0.3",
         *overrides])
@@ -48,7 +49,7 @@ def run_one_step(cfg, monkeypatch) -> dict:
     import pathfm.train as train
 
     seen = {}
-    build_models, build_loader, save_checkpoint = train.build_models, train.build_loader, ckpt.save_checkpoint
+    build_models, build_loader = train.build_models, train.build_loader
 
     def recording_models(cfg, env):
         student, teacher, loss_state = build_models(cfg, env)
@@ -65,9 +66,10 @@ def run_one_step(cfg, monkeypatch) -> dict:
                 yield batch
 
     def recording_save(ckpt_dir, step, *, student, teacher, loss_state, **kw):
+        # what the step left, recorded instead of written (saving is tested in test_checkpoint / test_train)
         seen["student1"], seen["teacher1"] = copy.deepcopy(student), copy.deepcopy(teacher)
         seen["loss_state1"] = copy.deepcopy(loss_state)
-        return save_checkpoint(ckpt_dir, step, student=student, teacher=teacher, loss_state=loss_state, **kw)
+        return Path(ckpt_dir) / ckpt.step_name(step)
 
     monkeypatch.setattr(train, "build_models", recording_models)
     monkeypatch.setattr(train, "build_loader", lambda *a, **k: RecordingLoader(build_loader(*a, **k)))
@@ -185,12 +187,13 @@ def recompute(cfg, seen, teacher=None) -> dict:
     return want
 
 
+@torch.no_grad()
 def check_after_step(cfg, seen, want):
     """Teacher EMA and centre updates of the step, against the saved state."""
     m = cfg.ssl.momentum_teacher
     t0, s1, t1 = (dict(seen[k].named_parameters()) for k in ("teacher0", "student1", "teacher1"))
-    for name, p in t1.items():
-        torch.testing.assert_close(p, m * t0[name] + (1 - m) * s1[name], rtol=1e-5, atol=1e-7, msg=name)
+    err = {name: float((p - (m * t0[name] + (1 - m) * s1[name])).abs().max()) for name, p in t1.items()}
+    assert max(err.values()) < 1e-6, max(err, key=err.get)
     if cfg.ssl.centering == "centering":
         cm = cfg.ssl.center_momentum
         centres = seen["loss_state1"]
