@@ -78,24 +78,6 @@ def test_readme_first_command_leaves_a_complete_run_folder(tmp_path):
         assert (model(x) - teacher(x)).abs().max() < 1e-5
 
 
-def test_resume_continues_exactly(tmp_path):
-    full = run(smoke(tmp_path / "a", "train.steps=6", "train.ckpt_every=100"))
-    first = run(smoke(tmp_path / "b", "train.steps=6", "train.stop_after=3"))
-    assert first["status"] == "interrupted" and first["step"] == 3
-    # same folder: resumes automatically; an override that changes no number, to see it recorded
-    second = run(smoke(tmp_path / "b", "train.steps=6", "train.max_nonfinite=7"))
-    assert second["status"] == "finished" and second["step"] == 6
-    folder = Path(second["run_dir"])
-    assert load_config(folder / "config.yaml").train.max_nonfinite == 5  # the first launch, as it ran
-    assert load_config(folder / "config.restart_1.yaml").train.max_nonfinite == 7  # the second
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["restart"]) for r in rows if "restart" in r] == [(3, "config.restart_1.yaml")]
-    a, b = losses(full["run_dir"]), losses(second["run_dir"])
-    assert sorted(b) == [1, 2, 3, 4, 5, 6]  # the step count continued, it did not restart
-    for step in range(1, 7):
-        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
-
-
 def test_resume_refuses_a_new_trajectory_and_logs_each_step_once(tmp_path):
     first = run(smoke(tmp_path, "train.steps=4", "train.ckpt_every=2", "train.stop_after=3"))
     assert first["status"] == "interrupted"  # checkpoints at 2 and 3; logged 1..3
@@ -201,14 +183,16 @@ cli(sys.argv[1:])
 
 
 def test_kill_9_while_a_checkpoint_is_written_resumes_exactly(tmp_path):
+    """A real SIGKILL mid-checkpoint, then a relaunch: the previous checkpoint is the last complete one, the resumed
+    run computes the uninterrupted run's losses, and the run folder records both launches."""
     import signal
     import time
 
     args = ["data.source=random", "model.arch=vit_tiny_d6", "optim.batch_size=2", "crops.global_size=32",
             "crops.local_size=16", "train.steps=4", "train.ckpt_every=1",
             "train.rankme_every=0"]
-    cfg = smoke(tmp_path / "killed", *args)
-    overrides = [f"train.output_dir={tmp_path / 'killed'}", "train.name=run", "train.log_every=1", "data.num_workers=0", *args]
+    overrides = [f"train.output_dir={tmp_path / 'killed'}", f"data.cache_dir={ROOT / '.cache' / 'pathfm-tests'}",
+                 "train.name=run", "train.log_every=1", "data.num_workers=0", *args]  # as smoke() sets them
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-c", _SLOW_SECOND_SAVE, "--config", "smoke", *overrides], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -223,12 +207,19 @@ def test_kill_9_while_a_checkpoint_is_written_resumes_exactly(tmp_path):
     assert (folder / "step_0000002.tmp").is_dir() and not (folder / "step_0000002").exists()
     assert ckpt.latest_checkpoint(folder).name == "step_0000001"
     assert ckpt.load_teacher_backbone(folder)[1]["step"] == 1
-    resumed = run(cfg)  # the relaunch resumes from step 1 and rewrites step 2 cleanly
+    # the relaunch resumes from step 1 and rewrites step 2 cleanly; an override that changes no number, to see the
+    # second launch's config recorded beside the first's
+    resumed = run(smoke(tmp_path / "killed", *args, "train.max_nonfinite=7"))
     assert resumed["status"] == "finished" and resumed["step"] == 4
+    run_dir = Path(resumed["run_dir"])
+    assert load_config(run_dir / "config.yaml").train.max_nonfinite == 5  # the first launch, as it ran
+    assert load_config(run_dir / "config.restart_1.yaml").train.max_nonfinite == 7  # the second
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["restart"]) for r in rows if "restart" in r] == [(1, "config.restart_1.yaml")]
     assert sorted(p.name for p in folder.glob("step_*")) == ["step_0000003", "step_0000004"]  # keep_last 2, no .tmp
     full = run(smoke(tmp_path / "full", *args))
     a, b = losses(full["run_dir"]), losses(resumed["run_dir"])
-    assert sorted(b) == [1, 2, 3, 4]  # step 2, logged by the killed process, is logged once
+    assert sorted(b) == [1, 2, 3, 4]  # the step count continued; step 2, logged by the killed process, once
     for step in a:
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
