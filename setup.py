@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["pathfm", "pathfm.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.9",  # the oldest on which the distributed tests pass: .ci/oldest_torch.sh
         "torchvision",
         "timm>=1.0.15",
         "numpy",
