@@ -107,6 +107,8 @@ def scratch_copy(dest: Path) -> None:
     shutil.copytree(ROOT, dest, ignore=skip, symlinks=True)
     if (ROOT / ".cache").exists():  # the tests' shared synthetic-slide cache: read, never mutated per mutant
         (dest / ".cache").symlink_to(ROOT / ".cache")
+    if (ROOT.parent / "shared").exists() and not (dest.parent / "shared").exists():  # ../shared/data: real slides, tiles
+        (dest.parent / "shared").symlink_to(ROOT.parent / "shared")
 
 
 def apply(m: Mutant, tree: Path) -> None:
@@ -146,7 +148,7 @@ def run(m: Mutant, timeout: int) -> tuple[str, float]:
         if p.returncode == 1:  # name the first failed assertion, so a table shows what caught it
             why = next((ln[1:].strip() for ln in lines if ln.startswith("E ")), "")
             return f"caught ({last}; {why[:90]})", took
-        if p.returncode == 0:
+        if p.returncode == 0:  # "skipped" here means the test could not run (no ../shared/data?): not caught either
             return f"MISSED ({last})", took
         return f"ERROR rc={p.returncode} ({last})", took
 
