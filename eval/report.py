@@ -94,6 +94,15 @@ def markdown(rows) -> str:
     return "\n".join(lines + ["", "Headline metrics: " + "; ".join(metrics), "", "Models: " + "; ".join(sources)])
 
 
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def comparison_plot(rows, out: Path) -> Path:
     """One figure: a group of bars per task, one bar per (model, protocol, embedding) row, the same colour on every task."""
     import matplotlib.pyplot as plt
@@ -112,11 +121,7 @@ def comparison_plot(rows, out: Path) -> Path:
     ax.set_ylabel("headline metric (see report.md)")
     ax.set_title("models side by side")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path = out / "comparison.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "comparison.png")
 
 
 def plot(rows, out: Path) -> list[Path]:
@@ -136,11 +141,7 @@ def plot(rows, out: Path) -> list[Path]:
                       rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{task} ({protocol})")
         ax.set_ylabel(rs[0]["metric"])
-        fig.tight_layout()
-        path = out / f"{task}_{protocol}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"{task}_{protocol}.png"))
     by_protocol = defaultdict(list)
     for r in rows:
         if r["step"] is not None:
@@ -159,11 +160,7 @@ def plot(rows, out: Path) -> list[Path]:
         ax.set_ylabel(rs[0]["metric"])
         ax.set_title(f"{protocol} probe against training step")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"steps_{protocol}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"steps_{protocol}.png"))
     return written
 
 
@@ -200,11 +197,7 @@ def probe_curves(paths, out: Path) -> list[Path]:
                           "headline")
             ax.set(title=f"{task} ({protocol})", xlabel="training step", ylabel=metric)
         fig.suptitle(f"probes of {run}")
-        fig.tight_layout()
-        path = out / f"curves_{run}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"curves_{run}.png"))
     return written
 
 

@@ -20,7 +20,7 @@ def _launch(*argv):
     return str(e.value)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has an accelerator; the check is for machines with none")
 def test_gpu_config_on_a_cpu_is_one_line_and_writes_nothing(tmp_path):
     msg = _launch("--config", "configs/vits16.yaml", "--local", "data.source=random", "data.manifest=",
                   f"train.output_dir={tmp_path}")

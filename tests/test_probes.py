@@ -113,7 +113,11 @@ def test_probes_beside_a_run_survive_kill_9_keep_last_1_and_watch_stops(killed_r
     assert sorted(tb) == sorted(ok) and all(abs(tb[s] - ok[s]["value"]) < 1e-6 for s in ok)
     best = json.loads((run / "eval" / "best.json").read_text())["crc"]["knn"]
     assert best["value"] == max(r["value"] for r in ok.values()) and best["step"] in ok
-    assert [(r["step"], r["status"]) for r in rows(run) if r["task"] == "crc2"] == [(6, "ok")]  # what exists now
+    # the new task gets what exists now: the last checkpoint, and any snapshot a probe process had not yet used up
+    # (how many remain depends on timing), each once
+    crc2 = [(r["step"], r["status"]) for r in rows(run) if r["task"] == "crc2"]
+    assert (6, "ok") in crc2 and len({s for s, _ in crc2}) == len(crc2) and {s for s, _ in crc2} <= {2, 4, 6}, crc2
+    assert all(status == "ok" for _, status in crc2), crc2
     assert "run ended" in capsys.readouterr().err
     from eval.report import main as report
 
