@@ -82,7 +82,8 @@ def settings(run_dir: Path, args) -> dict:
     tasks = [parse_probe_task(t, section["protocol"], "--task" if args.task else f"probes.tasks[{i}]")
              for i, t in enumerate(texts)]
     train = cfg.get("train", {})
-    return {**section, "tasks": tasks, "final_step": train.get("steps", 0), "ckpt_every": train.get("ckpt_every", 1)}
+    return {**section, "tasks": tasks, "final_step": train.get("steps", 0), "ckpt_every": train.get("ckpt_every", 1),
+            "keep_last": train.get("keep_last", 3)}
 
 
 def check_tasks(tasks: list[ProbeTask]) -> None:
@@ -179,7 +180,12 @@ class Watcher:
                                                checkpoint=str(folder), reason="checkpoint pruned before the probe "
                                                "read it" if gone else f"reading the checkpoint: {type(e).__name__}: {e}")
                         continue
-                (folder / PROBE_HOLD).unlink(missing_ok=True)
+                if (folder / PROBE_HOLD).exists():
+                    (folder / PROBE_HOLD).unlink(missing_ok=True)
+                    # a folder the trainer kept only for this copy: prune it as the trainer's next save would have
+                    # (after the last save there is none, so a quick run would otherwise keep it for good)
+                    if folder not in folders[-self.opts.get("keep_last", 3):]:
+                        shutil.rmtree(folder, ignore_errors=True)
         return n
 
     def snapshot_loop(self, stop: threading.Event) -> None:
