@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pathfm.heads import DINOHead
+from pathfm.heads import DINOHead, build_heads
 from pathfm.vit import ARCHS, ViTArgs, build_vit, kept_count
 
 # dense (no 2:4 sparsity) bf16 tensor-core peak per GPU, FLOP/s, from the vendors' data sheets;
@@ -94,7 +94,7 @@ def count_flops(fn, *args, **kwargs) -> int:
 def distill_teacher_flops(cfg, batch: int, masked: int) -> float:
     """Forward FLOPs of distill.teacher on 2 * batch global crops at the size it sees them, with its heads
     (heads targets) on their CLS tokens and the masked patches; counted on the meta device."""
-    from pathfm.distill import build_heads, check_pairing, inspect_teacher, teacher_size
+    from pathfm.distill import check_pairing, inspect_teacher, teacher_size
 
     spec = inspect_teacher(cfg.distill.teacher)
     mode, size = check_pairing(cfg, spec), teacher_size(cfg, spec)
@@ -141,13 +141,13 @@ def step_flops(cfg) -> dict:
         masked_tokens = torch.empty(masked, vit.embed_dim)
 
         vit.eval()
-        teacher = count_flops(vit.forward_features, global_crops) + count_flops(head, cls[: 2 * B])
-        if cfg.distill.teacher:  # distillation: a frozen teacher runs instead of the EMA (which only averages)
+        if cfg.distill.teacher:  # distillation: a frozen teacher (with its own heads) runs instead of the EMA
             teacher = distill_teacher_flops(cfg, B, masked)
+        else:
+            teacher = count_flops(vit.forward_features, global_crops) + count_flops(head, cls[: 2 * B])
+            teacher += count_flops(ibot_head, masked_tokens) if masked else 0
         vit.train()
         student = count_flops(vit.forward_features_list, [global_crops, local_crops]) + count_flops(head, cls)
-        if masked:
-            teacher += count_flops(ibot_head, masked_tokens)
-            student += count_flops(ibot_head, masked_tokens)
+        student += count_flops(ibot_head, masked_tokens) if masked else 0
     return {"teacher_forward": teacher, "student_forward": student, "student_backward": 2 * student,
             "total": teacher + 3 * student}

@@ -208,12 +208,17 @@ def test_heads_round_trip_through_an_export(teacher, tmp_path):
 
 
 def test_step_flops_count_the_frozen_teacher(teacher, tmp_path):
-    from pathfm.flops import step_flops
+    from pathfm.flops import distill_teacher_flops, step_flops
 
     own = step_flops(config(tmp_path, "s", "model.arch=vit_tiny_d6"))  # the EMA: 6 blocks
     distilled = step_flops(config(tmp_path, "s", "model.arch=vit_tiny_d6", f"distill.teacher={teacher}"))  # 12 blocks
     assert distilled["student_forward"] == own["student_forward"]
     assert 1.8 < distilled["teacher_forward"] / own["teacher_forward"] < 2.1
+    # the teacher's own heads only: no EMA-sized iBOT head on top of them
+    cfg = config(tmp_path, "s", "model.arch=vit_tiny_d6", f"distill.teacher={teacher}")
+    s, B, grid = cfg.ssl, cfg.optim.batch_size, cfg.crops.global_size // cfg.model.patch_size
+    masked = round(2 * B * s.mask_probability * (s.mask_ratio_min + s.mask_ratio_max) / 2 * grid**2)
+    assert distilled["teacher_forward"] == distill_teacher_flops(cfg, B, masked)
 
 
 def test_pos_embed_resampling_is_antialiased_bicubic_as_dinov2_reg4_and_timm():
