@@ -123,6 +123,10 @@ class Watcher:
         self.snaps = self.eval / "snapshots"
         self.lock = threading.Lock()  # the snapshot thread and the main loop
         self.datasets, self.tb, self.job_gone = {}, None, 0
+        # (step, task, protocol) with a row: read once, here, while this process holds the run's watch.lock (made
+        # after take_lock), so it is the table's only writer; add_row keeps it current. Not re-read at every poll
+        # for every checkpoint: the table grows with the run.
+        self.have = record.done(run_dir)
 
     # --- when to stop
     def ended(self) -> bool:
@@ -144,9 +148,14 @@ class Watcher:
         return probe_wanted(step, o["final_step"], o["ckpt_every"], o["every"])
 
     def todo(self, step: int) -> list[tuple[ProbeTask, list[str]]]:
-        have = record.done(self.run)
-        out = [(t, [p for p in t.protocols if (step, t.name, p) not in have]) for t in self.opts["tasks"]]
+        out = [(t, [p for p in t.protocols if (step, t.name, p) not in self.have]) for t in self.opts["tasks"]]
         return [(t, ps) for t, ps in out if ps]
+
+    def add_row(self, step: int, task: str, protocol: str, status: str, **fields) -> dict:
+        """A row in the table, and in the done-set todo() reads."""
+        row = record.add_row(self.run, step, task, protocol, status, **fields)
+        self.have.add((step, task, protocol))
+        return row
 
     def snapshot_new(self) -> int:
         """Copy every new wanted checkpoint's teacher; returns how many were copied."""
@@ -176,9 +185,9 @@ class Watcher:
                         gone = not folder.exists()
                         for t, protocols in todo:
                             for p in protocols:
-                                record.add_row(self.run, step, t.name, p, "skipped" if gone else "failed",
-                                               checkpoint=str(folder), reason="checkpoint pruned before the probe "
-                                               "read it" if gone else f"reading the checkpoint: {type(e).__name__}: {e}")
+                                self.add_row(step, t.name, p, "skipped" if gone else "failed",
+                                             checkpoint=str(folder), reason="checkpoint pruned before the probe "
+                                             "read it" if gone else f"reading the checkpoint: {type(e).__name__}: {e}")
                         continue
                 if (folder / PROBE_HOLD).exists():
                     (folder / PROBE_HOLD).unlink(missing_ok=True)
@@ -247,8 +256,8 @@ class Watcher:
                 extract_s = time.time() - started
             except BaseException as e:  # noqa: BLE001  (a SystemExit from eval/ included; KeyboardInterrupt too)
                 for p in protocols:
-                    record.add_row(self.run, step, task.name, p, "failed", checkpoint=backbone.source,
-                                   reason=f"embeddings: {type(e).__name__}: {e}")
+                    self.add_row(step, task.name, p, "failed", checkpoint=backbone.source,
+                                 reason=f"embeddings: {type(e).__name__}: {e}")
                 record.current_path(self.run).unlink(missing_ok=True)
                 if isinstance(e, KeyboardInterrupt):
                     raise
@@ -270,17 +279,17 @@ class Watcher:
                 (knn if protocol == "knn" else linear).main(argv)
             results = json.loads((out / "results.json").read_text())
         except BaseException as e:  # noqa: BLE001
-            record.add_row(self.run, step, task.name, protocol, "failed", checkpoint=source,
-                           reason=f"{type(e).__name__}: {e}")
+            self.add_row(step, task.name, protocol, "failed", checkpoint=source,
+                         reason=f"{type(e).__name__}: {e}")
             if isinstance(e, KeyboardInterrupt):
                 raise
             return
         finally:
             sys.stderr.write("".join(line for line in err.getvalue().splitlines(keepends=True) if "\r" not in line))
         head = results["headline"]
-        record.add_row(self.run, step, task.name, protocol, "ok", checkpoint=source, metric=head["metric"],
-                       value=head["mean"], seconds=round(extract_s + time.time() - started, 2),
-                       results=str(out / "results.json"))
+        self.add_row(step, task.name, protocol, "ok", checkpoint=source, metric=head["metric"],
+                     value=head["mean"], seconds=round(extract_s + time.time() - started, 2),
+                     results=str(out / "results.json"))
         self.scalars(step, task.name, protocol, results)
         self.best(step, source, task.name, protocol, head, out)
 
@@ -325,7 +334,7 @@ class Watcher:
                         step = int(snap.stem.split("_")[1])
                         for t, protocols in self.todo(step):
                             for p in protocols:
-                                record.add_row(self.run, step, t.name, p, "failed", reason=f"{type(e).__name__}: {e}")
+                                self.add_row(step, t.name, p, "failed", reason=f"{type(e).__name__}: {e}")
                         snap.unlink(missing_ok=True)
                 if ended and not self.snapshot_new() and not self.pending():
                     break

@@ -231,7 +231,9 @@ class TeacherInput:
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         if not self.identity:
-            x = x * self.scale.to(x.device, x.dtype) + self.shift.to(x.device, x.dtype)
+            if (self.scale.device, self.scale.dtype) != (x.device, x.dtype):  # once, not a host-to-GPU copy per step
+                self.scale, self.shift = self.scale.to(x.device, x.dtype), self.shift.to(x.device, x.dtype)
+            x = x * self.scale + self.shift
         return x
 
 

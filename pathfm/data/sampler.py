@@ -131,19 +131,42 @@ class TileReader:
         self.opens = 0  # files opened so far (the cost visits amortise)
         self.ahead = ReadAhead(read_ahead_bytes, read_threads) if read_ahead_bytes > 0 else None
         self.opening: dict = {}  # path -> future of a JPEG reader being opened ahead of its visit
+        self.open_failed: OrderedDict = OrderedDict()  # path -> the future of a failed open ahead, not yet at its turn
 
     def open_ahead(self, slide: IndexedSlide) -> bool:
         """Open slide's JPEG reader on a read-ahead thread; False once it is open here (handle() has it)."""
+        self._adopt_opened()
         path = slide.info.path
         if path in self.handles or self.reader == "openslide":
+            return False
+        if path in self.open_failed:
+            self.handle(slide)  # opens as usual, which reports the error at its turn
             return False
         if path not in self.opening:
             self.ahead.start()
             self.opening[path] = self.ahead.pool.submit(JpegTiffReader, path, slide.info.dimensions)
-        if not self.opening[path].done():
             return True
-        self.handle(slide)  # adopts it (or, on an error, opens as usual, which reports it at its turn)
-        return False
+        return not self.opening[path].done()
+
+    def _adopt_opened(self) -> None:
+        """Move the opens ahead that finished out of `opening` at once: into the handles LRU (so MAX_OPEN_HANDLES
+        bounds their files), or, failed, into a bounded record that handle() consults at the slide's turn. The
+        draw that asked for an open may be discarded before its turn (the HSV filter or a read error redraws
+        the rest of the batch), and then nothing else would ever take its reader out of `opening`."""
+        for path in [p for p, f in self.opening.items() if f.done()]:
+            opened = self.opening.pop(path)
+            if opened.exception() is None:
+                self._keep(path, opened.result())
+            else:
+                self.open_failed[path] = opened
+                if len(self.open_failed) > MAX_OPEN_HANDLES:
+                    self.open_failed.popitem(last=False)  # its turn then tries the JPEG reader again
+
+    def _keep(self, path: str, handle) -> None:
+        self.opens += 1
+        self.handles[path] = handle
+        if len(self.handles) > MAX_OPEN_HANDLES:
+            self._close(self.handles.popitem(last=False)[1])
 
     def handle(self, slide: IndexedSlide):
         path = slide.info.path
@@ -151,7 +174,7 @@ class TileReader:
             self.handles.move_to_end(path)
             return self.handles[path]
         handle = None
-        opened = self.opening.pop(path, None)
+        opened = self.opening.pop(path, None) or self.open_failed.pop(path, None)
         if opened is not None and opened.exception() is None:  # waits for an open ahead
             handle = opened.result()
         elif self.reader == "jpeg" or self.reader == "auto" and opened is None:  # (auto: a failed open ahead tried)
@@ -162,10 +185,7 @@ class TileReader:
                     raise SlideError(f"{path}: reader='jpeg' needs a tiled JPEG TIFF ({e})") from None
         if handle is None:
             handle = open_slide(path, self.cache)
-        self.opens += 1
-        self.handles[path] = handle
-        if len(self.handles) > MAX_OPEN_HANDLES:
-            self._close(self.handles.popitem(last=False)[1])
+        self._keep(path, handle)
         return handle
 
     def _close(self, handle) -> None:
@@ -174,6 +194,7 @@ class TileReader:
         handle.close()
 
     def forget(self, path: str) -> None:
+        self.open_failed.pop(path, None)
         opened = self.opening.pop(path, None)
         if opened is not None and opened.exception() is None:
             opened.result().close()
