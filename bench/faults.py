@@ -132,13 +132,18 @@ def train_command(tmp: Path, m: Path, *extra) -> list[str]:
             "train.log_every=1", "train.ckpt_every=2", *extra]
 
 
-def last_checkpoint(tmp: Path) -> str:
-    return (tmp / "run" / "checkpoints" / "last").read_text().strip()
+def last_checkpoint(run: Path) -> str:
+    """The name of a run folder's last complete checkpoint (step_XXXXXXX), after loading it to show it is whole."""
+    from pathfm.checkpoint import latest_checkpoint, load_teacher_backbone
+
+    last = latest_checkpoint(run / "checkpoints")
+    load_teacher_backbone(last)  # it loads
+    return last.name
 
 
 def resume(tmp: Path, m: Path) -> str:
     """Run the same command again: it must resume from the last checkpoint and finish."""
-    kept = last_checkpoint(tmp)
+    kept = last_checkpoint(tmp / "run")
     p = subprocess.run(train_command(tmp, m), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0 and f"resuming from {tmp / 'run' / 'checkpoints' / kept}" in p.stderr, p.stderr[-3000:]
     return f"{kept} kept; the same command again resumed from it and finished (exit 0, step 8)"
@@ -210,14 +215,6 @@ def launch(tmp: Path, name: str, nproc: int, *extra: str) -> subprocess.Popen:
            "--nproc", str(nproc), "--name", name, *RANK_RUN, f"optim.batch_size={8 // nproc}", f"train.output_dir={tmp}", *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def last_checkpoint(run: Path) -> str:
-    from pathfm.checkpoint import latest_checkpoint, load_teacher_backbone
-
-    last = latest_checkpoint(run / "checkpoints")
-    load_teacher_backbone(last)  # it loads
-    return last.name
 
 
 def rank_pid(parent: int, rank: int) -> int:
