@@ -83,7 +83,8 @@ class DataConfig:
     tiles_per_visit: int = 8  # tiles read from a slide per visit (one file open per visit; visits are shuffled)
     read_ahead_mb: float = 16.0  # per loader worker: stored JPEG tiles read ahead of their decode, at most this many MB
                                  # held (hides shared-storage latency; 0: each read waits in turn)
-    read_threads: int = 16  # per loader worker: reads in flight at once (with read_ahead_mb > 0)
+    read_threads: int = 128  # per loader worker: the most reads in flight at once (a thread each); below it the number
+                             # follows the measured read latency x decode rate, so no file system needs it tuned
     synthetic_slides: int = 3
     synthetic_size: int = 4096  # level-0 width and height of each synthetic slide
     cache_dir: str = ".cache/pathfm"  # synthetic slides and tissue masks
@@ -181,6 +182,23 @@ class DistillConfig:
 
 
 @dataclass
+class GramConfig:
+    """Gram anchoring (DINOv3; pathfm/gram.py): the student's patch-to-patch cosine similarities of its global crops
+    are pulled towards those of a frozen "Gram teacher", so that long runs keep their dense features. weight 0 = off."""
+
+    weight: float = 0.0  # weight of the Gram loss at full strength; 0 = off (no Gram teacher is built)
+    start_step: int = 0  # the loss is 0 before this step; with anchor=ema the anchor is the EMA as it is at this step
+    ramp_steps: int = 0  # the weight rises linearly from weight/ramp_steps to weight over this many steps (0: at once)
+    anchor: str = "ema"  # ema: a snapshot of the EMA backbone at start_step | a pathfm checkpoint or run folder (its EMA),
+                         # an export folder, or a timm / DINOv2 backbone file: a fixed anchor, loaded at start-up
+    refresh_every: int = 0  # copy the EMA backbone into the Gram teacher every this many steps after start_step (0: never)
+    max_refreshes: int = 0  # at most this many refreshes (DINOv3: 3)
+    scale: int = 1  # 1: the Gram teacher sees the global crops | 2: the same regions read from the slide at twice the
+                    # pixels (same field of view), geometric augmentation only; its token map is resized to the student's
+    remove_negatives: bool = False  # negative cosines set to 0 in both Gram matrices before the MSE (DINOv3's remove_neg)
+
+
+@dataclass
 class DistConfig:
     fsdp: bool = True  # shard with FSDP2 when world size > 1
     activation_checkpointing: str = "none"  # none | full | selective
@@ -217,6 +235,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +441,21 @@ def validate(cfg: Config) -> None:
                           f"{cfg.probes.every}, {cfg.probes.threads} and {cfg.probes.max_tiles}")
     if cfg.probes.runner not in ("local", "job", "none"):
         raise ConfigError(f"config key 'probes.runner' is {cfg.probes.runner!r}; expected one of local, job, none")
+    check_gram(cfg.gram)
+
+
+def check_gram(g: GramConfig) -> None:
+    if g.scale not in (1, 2):
+        raise ConfigError(f"config key 'gram.scale' is {g.scale}; expected 1 (the global crops) or 2 (twice their pixels)")
+    for key in ("weight", "start_step", "ramp_steps", "refresh_every", "max_refreshes"):
+        if getattr(g, key) < 0:
+            raise ConfigError(f"config key 'gram.{key}' must be >= 0, got {getattr(g, key)}")
+    if (g.refresh_every > 0) != (g.max_refreshes > 0):
+        raise ConfigError(f"config keys 'gram.refresh_every' ({g.refresh_every}) and 'gram.max_refreshes' "
+                          f"({g.max_refreshes}) must both be > 0 to refresh the Gram teacher, or both 0 for none")
+    if not g.anchor:
+        raise ConfigError("config key 'gram.anchor' is empty; give 'ema' (a snapshot of the EMA at gram.start_step) "
+                          "or the path of a checkpoint, export folder or backbone file")
 
 
 
