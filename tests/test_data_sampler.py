@@ -1,6 +1,7 @@
 """Online patching from a slide index: tissue-only positions, determinism, visits, workers, ranks,
 realised frequencies, bad slides and read failures shared between workers."""
 
+import math
 import shutil
 import time
 from collections import Counter
@@ -280,6 +281,36 @@ def test_reads_go_ahead_only_while_they_are_slow(prepared, monkeypatch):
     slow = ds.batch(0)
     assert ds.reader.ahead.active and ds.reader.ahead.pool is not None
     assert torch.equal(fast["tiles"], slow["tiles"])
+    ds.reader.ahead.pool.shutdown()
+
+
+def test_reads_in_flight_follow_latency_times_decode_rate():
+    """Little's law: a read must be started latency / (decode time a read) reads before the decode needs it."""
+    ahead = P.ReadAhead(1 << 24, 128)
+    ahead.log_latency, ahead.busy = math.log(5e-3), 2e-4  # 5 ms a read, the decode takes one every 200 µs
+    assert ahead.depth == 42  # 1.5 x 25 + 4, rounded up
+    ahead.log_latency = math.log(20e-3)
+    assert ahead.depth == 128  # 154 wanted: the cap
+    ahead.busy = 1e-3  # a decode 5x slower needs 5x fewer
+    assert ahead.depth == 34
+    ahead.busy, ahead.waited = 2e-4, 0.010
+    ahead.consumed(4, 0.014)  # 4 reads in 14 ms, of which 10 ms waiting for them: 1 ms of decode each
+    assert ahead.busy == pytest.approx(2e-4 + 0.05 * (1e-3 - 2e-4)) and ahead.waited == 0  # a moving average
+
+
+def test_slow_reads_keep_more_in_flight_than_a_fixed_count(prepared, monkeypatch):
+    """At 30 ms a read more reads go ahead than the old fixed 16 (the next steps' too), up to the cap, and the
+    stream is the same as reading in turn. (The decode takes well under 1 ms a read here, so 45 are wanted.)"""
+    monkeypatch.setattr(P, "TIMED_EVERY", 1)
+    reference = [dataset(prepared, batch_size=16).batch(s) for s in range(3)]
+    real = P.JpegTiffReader.tile_bytes
+    monkeypatch.setattr(P.JpegTiffReader, "tile_bytes", lambda *a: time.sleep(0.03) or real(*a))
+    ds = dataset(prepared, batch_size=16, read_ahead_bytes=1 << 24, read_threads=40)
+    it = iter(ds)
+    for want in reference:
+        got = next(it)
+        assert got["locations"] == want["locations"] and torch.equal(got["tiles"], want["tiles"])
+    assert 30 <= ds.reader.ahead.most_pending <= 40 + 4  # (a draw's reads start together: up to 4 past the cap)
     ds.reader.ahead.pool.shutdown()
 
 

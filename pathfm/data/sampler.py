@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from pathfm.data.failures import Reading, ReadFailures
+from pathfm.data.finetiles import read_fine_tiles
 from pathfm.data.index import IndexedSlide, SlideIndex
 from pathfm.data.jpegtiles import JpegTiffReader
 from pathfm.data.slides import HSVFilter, ReadPlan, SlideError, open_slide
@@ -51,31 +52,53 @@ MAX_OPEN_HANDLES = 64  # per worker: a 10k-slide manifest must not hold 10k open
 SLOW_READ_S = 1e-4
 TIMED_EVERY = 8  # while reads go in turn, one draw in this many has its reads timed (timing all cost 6-8%)
 OPENS_AHEAD = 4  # slides opened at once ahead of their visits (an open reads the TIFF directories: ~15 reads)
+# Reads in flight: latency x the rate the decode takes them (Little's law), times this margin for the spread of
+# both, plus a few for the reads the decode has in hand; at most data.read_threads of them (the cap, see ReadAhead)
+IN_FLIGHT_MARGIN = 1.5
+STEPS_AHEAD = 8  # a worker draws (and reads) up to this many of its next steps ahead when the depth asks for it
 
 
 class ReadAhead:
-    """Stored-tile reads kept in flight on a few threads, so that waiting on slow storage (a network file
-    system, milliseconds a read) overlaps decoding instead of adding to it.
+    """Stored-tile reads kept in flight on threads, so that waiting on slow storage (a network file system,
+    milliseconds a read) overlaps decoding instead of adding to it.
 
-    At most `max_bytes` of tile streams are held at once, counting those being read and those read but
-    not decoded yet (one draw's tiles larger than that are still read, alone). The threads only call
-    os.pread (which releases the GIL); decoding stays in the worker's own thread. Reads ahead, and one
-    draw's in TIMED_EVERY read in turn, are timed: reads go ahead only while they are slow (`active`), so
-    the page cache keeps its cheaper synchronous path.
+    How many: enough that a read started now is done when the decode reaches it. The decode takes a read
+    every `busy` seconds (its own time per read, measured, waits excluded) and a read takes `latency` (a
+    geometric moving average of timed reads), so `depth` = IN_FLIGHT_MARGIN x latency / busy + 4 reads are
+    kept started and not yet decoded: 39 at 5 ms and 200 µs a read, 154 at 20 ms. It is capped at
+    `max_in_flight` (data.read_threads, 128 by default, a thread each): past a few hundred outstanding reads a
+    worker only queues in its file system client (an NFSv4.1 session has 64 slots, a Lustre client 8 RPCs
+    per storage target), so the cap bounds the threads without bounding the rate below max_in_flight /
+    latency (6,400 reads/s at 20 ms). At most `max_bytes` of tile streams are held at once, counting those
+    being read and those read but not decoded yet (one draw's tiles larger than that are still read, alone).
+
+    The threads only call os.pread (which releases the GIL); decoding stays in the worker's own thread. Reads
+    ahead, and one draw's in TIMED_EVERY read in turn, are timed: reads go ahead only while they are slow
+    (`active`), so the page cache keeps its cheaper synchronous path.
     """
 
-    def __init__(self, max_bytes: int, threads: int):
-        self.max_bytes, self.threads = max_bytes, threads
+    def __init__(self, max_bytes: int, max_in_flight: int):
+        self.max_bytes, self.max_in_flight = max_bytes, max_in_flight
         self.pool = None  # started on first use, in the process that reads (threads do not survive a fork)
         self.held = self.peak = 0  # bytes held now, and the most ever held (tests check the bound)
         self.pending: dict = {}  # future -> the handle it reads from, until consumed or dropped
+        self.most_pending = 0  # the most reads ever started and not yet decoded (bench/storage.py reports it)
         # log of the seconds a read takes, moving average over about 10 reads: a geometric mean, so that a read
         # that was descheduled on a busy node (milliseconds, now and then) does not make the page cache look slow
         self.log_latency = math.log(1e-5)
+        self.busy = 2e-4  # seconds of the decode's own work per read consumed (moving average; a first guess)
+        self.waited = 0.0  # seconds the decode waited for reads in flight (consume() takes it out of `busy`)
+        self.waited_total = 0.0  # the same, summed over the worker's life (bench/storage.py reports it)
 
     @property
     def active(self) -> bool:
         return SLOW_READ_S <= 0 or self.log_latency >= math.log(SLOW_READ_S)
+
+    @property
+    def depth(self) -> int:
+        """Reads to keep started and not yet decoded: latency x decode rate, with a margin, within the cap."""
+        want = IN_FLIGHT_MARGIN * math.exp(self.log_latency) / self.busy + 4
+        return max(1, min(self.max_in_flight, math.ceil(want)))
 
     def timed(self, read, *args) -> bytes:
         start = time.perf_counter()
@@ -84,12 +107,32 @@ class ReadAhead:
         self.log_latency += 0.1 * (math.log(seconds) - self.log_latency)  # from threads too: a lost update is harmless
         return data
 
+    def consumed(self, reads: int, seconds: float) -> None:
+        """The decode used `reads` stored-tile reads in `seconds` of wall time, waits for reads included."""
+        if reads > 0:
+            own = max(seconds - self.waited, 1e-6) / reads
+            self.busy += 0.05 * (own - self.busy)  # about the last 20 draws
+        self.waited_total += self.waited
+        self.waited = 0.0
+
+    def result(self, future) -> bytes:
+        """A read's stream, counting the time the decode waits for it."""
+        if future.done():
+            return future.result()
+        start = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            self.waited += time.perf_counter() - start
+
     def room(self, nbytes: int) -> bool:
+        if len(self.pending) >= self.depth:
+            return False
         return self.held == 0 or self.held + nbytes <= self.max_bytes
 
     def start(self) -> None:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="pathfm-read")
+        if self.pool is None:  # threads are made as reads need them, up to the cap (plus the opens ahead)
+            self.pool = ThreadPoolExecutor(self.max_in_flight + OPENS_AHEAD, thread_name_prefix="pathfm-read")
 
     def submit(self, handle, level: int, col: int, row: int, nbytes: int):
         self.start()
@@ -97,6 +140,7 @@ class ReadAhead:
         self.peak = max(self.peak, self.held)
         future = self.pool.submit(self.timed, handle.tile_bytes, level, col, row)
         self.pending[future] = handle
+        self.most_pending = max(self.most_pending, len(self.pending))
         return future
 
     def release(self, futures, nbytes: int) -> None:
@@ -119,10 +163,10 @@ class TileReader:
     Handles are opened in the worker (they cannot be pickled and must not cross a fork), kept
     in a bounded LRU, share one OpenSlideCache, and are closed and forgotten after an error so
     the next read reopens the file instead of reusing a broken handle. With read_ahead_bytes > 0
-    the sampler reads stored tiles ahead of their decode on `read_threads` threads (ReadAhead).
+    the sampler reads stored tiles ahead of their decode, up to `read_threads` at once (ReadAhead).
     """
 
-    def __init__(self, reader: str = "auto", read_ahead_bytes: int = 0, read_threads: int = 16):
+    def __init__(self, reader: str = "auto", read_ahead_bytes: int = 0, read_threads: int = 128):
         if reader not in READERS:
             raise ValueError(f"reader={reader!r}: expected one of {READERS}")
         self.reader = reader
@@ -274,7 +318,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                  mpp_weights: list[float] | None, seed: int, rank: int, world_size: int, start_step: int = 0,
                  reader: str = "auto", grid_aligned: bool = False, hsv_filter: bool = False,
                  group_balance: bool = False, transform=None, tiles_per_visit: int = 8, failures_dir=None, excluded=(),
-                 read_ahead_bytes: int = 0, read_threads: int = 16):
+                 read_ahead_bytes: int = 0, read_threads: int = 128, fine_from_step: int | None = None):
         if not len(index):
             raise SlideError(f"SlideTileDataset: the index {index.folder} has no usable slide")
         if mpp_weights and len(mpp_weights) != len(mpps):
@@ -296,6 +340,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         self.hsv = HSVFilter() if hsv_filter else None
         self.transform, self.tiles_per_visit, self.failures_dir = transform, tiles_per_visit, failures_dir
         self.read_ahead_bytes, self.read_threads = read_ahead_bytes, read_threads
+        self.fine_from_step = fine_from_step  # from this step on, each tile is read again at twice the pixels (finetiles.py)
         # slides that killed a reader in an earlier launch (failures.killed_slides): their visits go to another slide
         self.excluded = np.zeros(len(index), bool)
         self.excluded[sorted(excluded)] = True
@@ -319,14 +364,15 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         self._reset_worker_state(f"worker{info.id:03d}" if info else "main")  # each worker process starts clean
         steps = worker_steps(self.start_step)
-        step = next(steps)
-        for upcoming in steps:  # the next step's reads start while this one decodes
-            yield self.batch(step, upcoming=upcoming)
-            step = upcoming
+        window = deque(itertools.islice(steps, STEPS_AHEAD + 1))  # this worker's step and its next ones
+        while True:  # the next steps' reads start while this one decodes, as many as the storage needs
+            step = window.popleft()
+            window.append(next(steps))
+            yield self.batch(step, upcoming=list(window))
 
     # -- one step
 
-    def batch(self, step: int, upcoming: int | None = None) -> dict:
+    def batch(self, step: int, upcoming: int | list[int] | None = None) -> dict:
         """The whole batch of a step; deterministic in (seed, rank, step) barring read errors.
 
         Tiles come in visits: a slide, then up to `tiles_per_visit` tiles from it (each with its own
@@ -334,7 +380,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         more slides than open handles; the visits are then shuffled together.
 
         With read-ahead, the positions are drawn before the tiles are read (_Draws): the reads of the
-        next tiles, and of the `upcoming` step's first ones, are in flight while a tile decodes. A draw
+        next tiles, and of the `upcoming` steps' (this worker's next ones), are in flight while a tile decodes
+        (as many as ReadAhead.depth asks for). A draw
         assumes every tile before it is kept; when one is not (a read error, the HSV filter), the draws
         after it are redone from the generator state just after it, so the stream is the same bit for bit
         at any read-ahead."""
@@ -347,16 +394,19 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         # Each tile is copied into its slot as soon as it is decoded, so the decoder's buffer is freed and
         # reused at once: 32 live decoded tiles waiting for a np.stack cost a page fault per 4 KB.
         tiles, locations = np.empty((B, T, T, 3), np.uint8), [None] * B
+        steps = [step] + ([] if upcoming is None else [upcoming] if isinstance(upcoming, int) else list(upcoming))
         draws = self._draws_of(step)
         draws.epoch = None  # in use: a slide dropped from now on is handled by redo(), not by drawing anew
-        for old in [s for s in self._draws if s != step and s != upcoming]:
+        for old in [s for s in self._draws if s not in steps]:
             self._discard(self._draws.pop(old))
+        ahead = self.reader.ahead
         while (d := draws.next()) is not None:
-            if self.reader.ahead is not None:
-                if self.reader.ahead.active:
-                    self._read_ahead([step] if upcoming is None else [step, upcoming])
+            started = time.perf_counter()
+            if ahead is not None:
+                if ahead.active:
+                    self._read_ahead(steps)
                 elif d.reads is None and d.n % TIMED_EVERY == 0:  # read in turn, timed: slow storage turns it on
-                    self._submit(d, self.reader.ahead, now=True)
+                    self._submit(d, ahead, now=True)
             index = d.location[0]
             self._note(index)
             try:
@@ -366,6 +416,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                 draws.redo(d, same_visit=False)
                 continue
             finally:
+                if d.futures and ahead is not None:  # the decode's own time per read: how fast reads must come
+                    ahead.consumed(len(d.futures), time.perf_counter() - started)
                 self._discard_draw(d)
             if self.hsv is not None and d.tries < HSV_TRIES - 1 and not self.hsv.accepts(tile):
                 draws.redo(d, same_visit=True)  # another position on the same slide
@@ -374,8 +426,14 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         del self._draws[step]
         # (B, 3, T, T) as a view of (B, T, T, 3): torch's channels_last layout, no transposing copy
         batch = torch.from_numpy(tiles).permute(0, 3, 1, 2)
+        fine = None  # Gram anchoring at gram.scale 2: the same tiles at twice the pixels, for the Gram teacher's crops
+        if self.fine_from_step is not None and step >= self.fine_from_step:
+            fine = torch.from_numpy(read_fine_tiles(self.reader, lambda i: self.slide(i)[0], tiles, locations)).permute(0, 3, 1, 2)
         if self.transform is not None:
-            batch = self.transform(batch, views_generator(self.seed, self.rank, step))
+            generator = views_generator(self.seed, self.rank, step)
+            batch = self.transform(batch, generator) if fine is None else self.transform(batch, generator, fine=fine)
+        elif fine is not None:  # views made on the device (data.device_augment): the fine tiles travel beside the tiles
+            return {"step": step, "tiles": batch, "fine_tiles": fine, "skipped": self.skipped, "locations": locations}
         return {"step": step, "tiles": batch, "skipped": self.skipped, "locations": locations}
 
     # -- draws made ahead of their reads
@@ -441,7 +499,8 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         if not ahead.room(nbytes):
             return False
         futures = {k: ahead.submit(handle, level, *k, n) for k, n in ranges.items() if n > 0}
-        d.reads, d.futures, d.nbytes = {k: f.result for k, f in futures.items()}, list(futures.values()), nbytes
+        d.reads = {k: functools.partial(ahead.result, f) for k, f in futures.items()}
+        d.futures, d.nbytes = list(futures.values()), nbytes
         return True
 
     def _discard_draw(self, d: "_Draw") -> None:
