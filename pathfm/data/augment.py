@@ -489,6 +489,17 @@ class MultiCrop:
         scale, offset = self._normalisation(tiles.device)
         return torch.addcmul(offset, self._colour(x.div_(255), params), scale)
 
+    def geometric(self, tiles: torch.Tensor, params: CropParams, size: int, box_scale: int = 1) -> torch.Tensor:
+        """The crops of params with their geometry only (box, flips, transpose) and none of the colour ops: (n, 3, size,
+        size) float32, normalised. box_scale: tiles has that many times the pixels of the tiles params were drawn on
+        (Gram anchoring at gram.scale 2: the same regions at twice the pixels, as DINOv3's undistorted Gram crops)."""
+        if tiles.device.type == "cpu":
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        x = resized_crops(tiles, transposed_tiles(tiles), params.src, params.box * box_scale, params.transpose, size)
+        x = flips(x, params.hflip, params.vflip)  # (n, 3, size, size) uint8
+        scale, offset = self._normalisation(tiles.device)
+        return torch.addcmul(offset, x.float().div_(255), scale).contiguous()
+
     def apply(self, tiles: torch.Tensor, params: tuple[CropParams, CropParams], batched: bool | None = None) -> dict:
         """batched: render_batched (default off the CPU) or render in chunks (default on the CPU)."""
         if tiles.dtype != torch.uint8 or tiles.dim() != 4 or tiles.shape[1] != 3:
