@@ -6,9 +6,12 @@
        and manifest.json (model, datasets, preprocessing, embedding choice, counts, skipped files)
 
 Preprocessing is eva's: resize the shorter side to 224, centre crop 224, the checkpoint's mean / std.
-Embedding choices (timm ViTs and pathfm ViTs alike):
-  cls        the class token after the final norm (eva's default)
-  cls_mean   [class token, mean of patch tokens] (2D): what the Midnight paper evaluated
+Embedding choices (the embedding contract; timm ViTs and pathfm ViTs alike, after the final norm; "patch
+tokens" are the tokens after the model's num_prefix_tokens class and register tokens):
+  cls        the class token (eva's default)                                                  (B, D)
+  mean       the mean of the patch tokens                                                     (B, D)
+  cls_mean   [class token, mean of patch tokens]: what the Midnight paper, PathoROB, kaiko use (B, 2D)
+  patches    the patch tokens, row-major over the patch grid (dense probes)                   (B, N, D)
   lastN      class tokens of the last N blocks, each normed, concatenated (N*D), DINOv2's linear eval
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python eval/extract.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+EMBEDDINGS = ("cls", "mean", "cls_mean", "patches")  # plus lastN
 MAX_BAD_FRACTION = 0.01  # unreadable images beyond this share of a dataset stop extraction
 
 
@@ -44,13 +48,18 @@ def embed(model, x, how: str = "cls"):
         return model(x)
     if how == "cls":
         return model.forward_features(x)[:, 0]
-    if how == "cls_mean":
-        tokens = model.forward_features(x)  # (B, prefix + N, D)
-        return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1)  # (B, 2D)
+    if how in ("mean", "cls_mean", "patches"):
+        tokens = model.forward_features(x)  # (B, prefix + N, D): class token, registers, patch tokens
+        patches = tokens[:, model.num_prefix_tokens:]  # (B, N, D)
+        if how == "patches":
+            return patches
+        if how == "mean":
+            return patches.mean(1)
+        return torch.cat([tokens[:, 0], patches.mean(1)], dim=-1)  # (B, 2D)
     if how.startswith("last") and how[4:].isdigit():
         outs = model.get_intermediate_layers(x, n=int(how[4:]), return_prefix_tokens=True, norm=True)
         return torch.cat([prefix[:, 0] for _, prefix in outs], dim=-1)  # (B, N*D)
-    raise ValueError(f"unknown embedding '{how}'; expected cls, cls_mean or lastN (e.g. last4)")
+    raise ValueError(f"unknown embedding '{how}'; expected {', '.join(EMBEDDINGS)} or lastN (e.g. last4)")
 
 
 class _Transformed:
@@ -187,7 +196,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timm-args", type=json.loads, default=None, metavar="JSON",
                    help="model_args for a local-dir: / hf-hub: model beyond its config.json, e.g. "
                         "'{\"mlp_layer\": \"timm.layers.SwiGLUPacked\", \"act_layer\": \"torch.nn.SiLU\"}' (Virchow2)")
-    g.add_argument("--embedding", default="cls", help="cls (eva default), cls_mean (Midnight), lastN (e.g. last4)")
+    g.add_argument("--embedding", default="cls", help="cls (eva default), mean (patch tokens), cls_mean (Midnight), "
+                   "lastN (e.g. last4); patches (B, N, D) for dense probes")
     g.add_argument("--img-size", type=int, default=None,
                    help="centre crop size (default: eva's 224; a local-dir: / hf-hub: model's own input size)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")

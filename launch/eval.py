@@ -6,6 +6,11 @@
     python launch/eval.py --watch runs/<run> --once               # what is there now, then stop
     python launch/eval.py --watch runs/<run> --slurm --profile gpu-8x      # the same as a 1-GPU SLURM job
 
+    python launch/eval.py --embed --index /data/index/tcga --ckpt runs/<run>/export --mpp 0.5 --out features/x
+    python launch/eval.py --embed ... --tasks 16 --profile gpu-8x         # a SLURM array, 1 GPU a task
+    (eval/embed_slides.py's options: one HDF5 file per slide; the array's task k embeds index rows i % 16 == k, so
+    tasks write disjoint slides; a requeued or resubmitted task skips the slides already written)
+
 Works on any run folder, also one trained without probes or by an older pathfm. Results: runs/<run>/eval/probes.jsonl
 (one row per checkpoint, task and protocol), eval/<step>/<task>/<protocol>/results.json, TensorBoard probe/* in the
 run's tb/, eval/best.json; `python eval/report.py runs/<run>/eval` draws the curves. A watcher stops when the run
@@ -54,6 +59,8 @@ def watch_argv(args, run: Path, job: str | None, device: str | None, workers: in
 
 
 def main(argv=None):
+    if "--embed" in (sys.argv[1:] if argv is None else argv):
+        return embed_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--embed"])
     args = parse_args(argv)
     run = Path(args.watch).resolve()
     if not (run / "checkpoints").is_dir() and not (run / "config.yaml").is_file():  # a launcher writes config.yaml first
@@ -105,6 +112,96 @@ def submit_probe_job(run: Path, res, argv: list[str]):
     from launch import slurm
 
     return slurm.submit(slurm.WatchJob(argv), res, f"pathfm-probes-{run.name}", run / "eval" / "slurm")
+
+
+# ---------------------------------------------------------------------------------------------
+# --embed: slide embeddings of a cohort (eval/embed_slides.py), here or as a SLURM array
+
+
+class EmbedTask:
+    """Array task k of n: eval.embed_slides on index rows i with i % n == k. A requeued task (time limit,
+    preemption) starts again and skips the slides it wrote."""
+
+    def __init__(self, argv: list[str], n_tasks: int):
+        self.argv, self.n_tasks = argv, n_tasks
+
+    def __call__(self, task: int):
+        from eval.embed_slides import main as embed
+
+        r = embed(self.argv, share=(task, self.n_tasks))
+        return {k: v for k, v in r.items() if k != "failed"} | {"failed": len(r["failed"])}
+
+    def checkpoint(self, task: int):  # submitit: requeue with the same task on SIGUSR2 / preemption
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, task)
+
+
+def embed_main(argv: list[str]):
+    from eval.embed_slides import add_embed_args
+    from eval.extract import add_model_args
+    from launch import slurm
+
+    p = argparse.ArgumentParser(prog="launch/eval.py --embed", description="Slide embeddings of a cohort "
+                                "(eval/embed_slides.py), on this machine or as a SLURM array of --tasks tasks.")
+    add_model_args(p)
+    add_embed_args(p)
+    s = p.add_argument_group("SLURM (flags override the profile's probe job: 1 node, 1 task, at most 1 GPU)")
+    s.add_argument("--tasks", type=int, default=0, help="array tasks, each a disjoint share of the slides (0: run here)")
+    s.add_argument("--wait", action="store_true", help="wait for the array and print each task's counts")
+    slurm.add_resource_flags(s)
+    args = p.parse_args(argv)
+    ours = {"--tasks", "--wait", "--profile", "--gpus-per-node", "--tasks-per-node", "--cpus-per-task", "--mem",
+            "--time", "--partition", "--account", "--qos", "--constraint"}
+    embed_argv, skip = [], False
+    for a in argv:  # the command line minus the SLURM flags: what each task runs
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in ours:
+            skip = "=" not in a and a != "--wait"
+            continue
+        embed_argv.append(a)
+    if not args.tasks:
+        from eval.embed_slides import main as embed
+
+        return embed(embed_argv)
+    index = Path(args.index) if args.index else Path(args.out) / "index"
+    if not (index / "index.json").is_file():  # every task must read one finished index, not build its own
+        raise SystemExit(f"error: no built slide index at {index}; build it first (python launch/index.py MANIFEST "
+                         f"-o {index} --mpps {args.mpp} ...) or give the training run's --index")
+    try:
+        res = slurm.probe_resources(slurm.resources(slurm.load_profile(args.profile) if args.profile else {}))
+        flags = {k: getattr(args, k) for k in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time",
+                                               "partition", "account", "qos", "constraint")}
+        res = slurm.resources(vars(res), **flags)
+        jobs = submit_embed(embed_argv, args.tasks, res, Path(args.out))
+    except slurm.LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"submitted slide embedding: array job {jobs[0].job_id.split('_')[0]} ({args.tasks} tasks) -> {args.out}; "
+          f"logs in {Path(args.out) / 'slurm'}", flush=True)
+    if args.wait:
+        for job in jobs:
+            print(job.result())
+    return jobs
+
+
+def submit_embed(embed_argv: list[str], tasks: int, res, out: Path):
+    """The array: one task per share, each on the resources of `res` (one node, one task)."""
+    import submitit
+
+    from launch import slurm
+
+    if res.cpus_per_task > 1 and "--num-workers" not in embed_argv:
+        embed_argv = [*embed_argv, "--num-workers", str(res.cpus_per_task - 1)]  # one core for the main process
+    if res.gpus_per_node and "--device" not in embed_argv:
+        embed_argv = [*embed_argv, "--device", "cuda"]
+    ex = submitit.SlurmExecutor(folder=out / "slurm", max_num_timeout=res.max_requeues)
+    ex.update_parameters(**{**slurm.executor_parameters(res, "pathfm-embed"), "array_parallelism": tasks})
+    try:
+        return ex.map_array(EmbedTask(embed_argv, tasks), list(range(tasks)))
+    except (submitit.core.utils.FailedJobError, OSError) as e:
+        raise slurm.LaunchError(f"sbatch refused the embedding array: {str(e).strip().splitlines()[-1]}") from None
 
 
 if __name__ == "__main__":
