@@ -1,7 +1,8 @@
 """Collect results.json files of several checkpoints / runs into one table and PNG plots.
 
     python eval/report.py runs/a/eval runs/b/eval eval_results/ --out report/
-    -> report/report.md  (one row per model, protocol and embedding; one column per task: headline mean ± stdev)
+    -> report/report.md  (one row per model, protocol and embedding; one column per task: headline mean ± stdev;
+                          slide-level (eval/slide_probe.py) and dense (eval/seg_probe.py) tasks marked in their column)
        report/comparison.png  (every row on every task: pathfm checkpoints beside public baselines)
        report/<task>_<protocol>.png  (bars, one per model)
        report/steps_<protocol>.png   (headline against training step, when a run has several checkpoints)
@@ -46,10 +47,18 @@ def load_rows(files) -> list[dict]:
         run = source.split("/checkpoints")[0].removesuffix("/export") if "/" in source else source
         rows.append({"model": source, "label": model_label(source, step), "kind": model_kind(source),
                      "embedding": r.get("embedding") or "cls",
-                     "run": run, "step": step, "task": r["task"], "protocol": r["protocol"],
+                     "run": run, "step": step, "task": task_label(r), "level": r.get("level", "tile"),
+                     "protocol": r["protocol"],
                      "metric": r["headline"]["metric"], "mean": r["headline"]["mean"],
                      "stdev": r["headline"].get("stdev", 0.0), "file": str(f)})
     return rows
+
+
+def task_label(results: dict) -> str:
+    """A task's column: its name, marked when it is not a tile task (slide-level probes, dense probes), so that
+    slide and dense tasks stand beside the tile tasks of the same model."""
+    level = results.get("level", "tile")
+    return results["task"] if level == "tile" else f"{results['task']} ({level})"
 
 
 def model_label(source: str, step) -> str:

@@ -152,3 +152,37 @@ def test_seg_probe_command_line_on_a_timm_model(seg_fixture, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: image size 36 px is not a multiple of the model's patch size 16; "
                                          r"give --img-size 32 or 48$"):
         main([*args[:-2], "--img-size", "36", "--out", str(tmp_path / "r2")])
+
+
+def test_slide_probe_command_line_results_and_report(tmp_path):
+    """Per-slide files in eval/embed_slides.py's format -> results.json in the tile probes' layout, and
+    eval/report.py puts the slide task in the same table as a tile task of the same model."""
+    from eval.embed_slides import write_slide
+    from eval.report import load_rows, markdown
+    from eval.slide_probe import main
+
+    kinds, y = mil_bags(12, tiles=10, seed=1)
+    model = {"source": "runs/a/export", "name": "vit_tiny_patch16_224", "step": 100}
+    for k, x in enumerate(oracle_bag_features(kinds)):
+        write_slide(tmp_path / f"s{k:02d}.h5", x.numpy(), np.zeros((len(x), 2), np.int64), {"patch_size_level0": 64},
+                    {"model": json.dumps(model), "embedding": "cls", "mpp": 0.5})
+    labels = tmp_path / "rare.csv"
+    labels.write_text("slide,label\n" + "".join(f"s{k:02d}.svs,{'tumour' if v else 'none'}\n" for k, v in enumerate(y)))
+    main(["--features", str(tmp_path), "--labels", str(labels), "--folds", "3", "--seeds", "2", "--epochs", "2",
+          "--out", str(tmp_path / "r")])
+    for protocol in ("abmil", "meanpool"):
+        r = json.loads((tmp_path / "r" / protocol / "results.json").read_text())
+        assert r["level"] == "slide" and r["classes"] == ["none", "tumour"] and len(r["per_run"]) == 6
+        assert set(r["metrics"]["test"]) >= {"balanced_accuracy", "auroc", "macro_f1"}
+        assert len(r["metrics"]["test"]["auroc"]["values"]) == 6 and r["model"] == model
+    tile = tmp_path / "tile" / "results.json"
+    tile.parent.mkdir()
+    tile.write_text(json.dumps({"protocol": "knn", "task": "crc", "model": model, "embedding": "cls",
+                                "headline": {"metric": "test/k20/balanced_accuracy", "mean": 0.5, "stdev": 0.0}}))
+    table = markdown(load_rows([tile, tmp_path / "r" / "abmil" / "results.json"]))
+    assert table.splitlines()[0] == "| model | kind | protocol | embedding | crc | rare (slide) |"
+    with pytest.raises(SystemExit, match=r"results.json exists; pass --overwrite"):
+        main(["--features", str(tmp_path), "--labels", str(labels), "--out", str(tmp_path / "r")])
+    labels.write_text("slide,label\ns00,a\nmissing,b\n")
+    with pytest.raises(SystemExit, match=r"^error: .*no embeddings for 1 labelled slide\(s\), e.g. \['missing'\]"):
+        main(["--features", str(tmp_path), "--labels", str(labels), "--out", str(tmp_path / "r3")])
