@@ -88,7 +88,7 @@ index = I.build_index(entries, out, I.IndexParams(64, (0.5, 2.0), 0.1), workers=
 result = {r["path"]: r["reason"] for r in index.unusable()}
 for i in range(len(index)):  # the slides the build kept: read tiles of every level, as the sampler would
     s = index.slide(i)
-    start = time.monotonic()
+    start = time.process_time()  # CPU seconds this process spent: the work, whatever the machine's load
     try:
         try:
             reader = JpegTiffReader(s.info.path, s.info.dimensions)
@@ -105,7 +105,7 @@ for i in range(len(index)):  # the slides the build kept: read tiles of every le
         result[s.info.path] = "read"
     except (OSError, openslide.OpenSlideError) as e:  # a read error: the sampler counts it and drops the slide
         result[s.info.path] = f"read error: {s.info.path}: {e}"
-    assert time.monotonic() - start < 20, s.info.path
+    assert time.process_time() - start < 20, s.info.path
 print(json.dumps(result))
 """
 
