@@ -53,11 +53,11 @@ def main(argv=None) -> dict:
 
     from bench.learn import probe, probe_sets, write_manifest
     from bench.learn_probe import cls_features
-    from pathfm import checkpoint as ckpt
     from pathfm.config import load_config
     from pathfm.export import export_checkpoint
     from pathfm.flops import step_flops
     from pathfm.train import main as train_main
+    from pathfm.weights import load_ema_backbone
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         results_path.write_text(json.dumps(results, indent=2) + "\n")
 
     def knn(step_dir) -> dict:
-        vit, meta = ckpt.load_teacher_backbone(step_dir)
+        vit, meta = load_ema_backbone(step_dir)
         return probe(lambda x: cls_features(vit, x, meta["mean"], meta["std"]), sets)
 
     # the teacher: its probe, its compute per image, and a backbone-only export (no heads.safetensors)

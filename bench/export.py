@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_checkpoint(arch: str, folder: Path) -> float:
-    """A checkpoint folder as load_teacher_backbone reads it; returns the weights' size in GB."""
+    """A checkpoint folder as pathfm.weights.load_ema_backbone reads it; returns the weights' size in GB."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -34,13 +34,13 @@ def make_checkpoint(arch: str, folder: Path) -> float:
     args = ViTArgs(arch=arch, patch_size=14, num_registers=4, ffn="swiglu" if arch == "vit_giant2" else "mlp", img_size=224)
     with torch.device("meta"):
         vit = build_vit(args)
-    state = {"teacher": {"backbone." + k: torch.zeros(v.shape) for k, v in vit.state_dict().items()}}
+    state = {"ema": {"backbone." + k: torch.zeros(v.shape) for k, v in vit.state_dict().items()}}
     folder.mkdir(parents=True)
     with quiet_dcp():
         dcp.save(state, checkpoint_id=str(folder))
     meta = {"step": 1, "vit_args": vars(args), "mean": [0.5] * 3, "std": [0.5] * 3, "config": {"crops": {"global_size": 224}}}
     (folder / "meta.json").write_text(json.dumps(meta))
-    return sum(v.numel() * 4 for v in state["teacher"].values()) / 1e9
+    return sum(v.numel() * 4 for v in state["ema"].values()) / 1e9
 
 
 # runs a module as `python -m` would, then reports its own peak RSS (KiB) and CPU seconds on the last line

@@ -134,10 +134,11 @@ def train_command(tmp: Path, m: Path, *extra) -> list[str]:
 
 def last_checkpoint(run: Path) -> str:
     """The name of a run folder's last complete checkpoint (step_XXXXXXX), after loading it to show it is whole."""
-    from pathfm.checkpoint import latest_checkpoint, load_teacher_backbone
+    from pathfm.checkpoint import latest_checkpoint
+    from pathfm.weights import load_ema_backbone
 
     last = latest_checkpoint(run / "checkpoints")
-    load_teacher_backbone(last)  # it loads
+    load_ema_backbone(last)  # it loads
     return last.name
 
 

@@ -126,9 +126,9 @@ def main(argv=None) -> dict:
     import torch
 
     from bench.learn_probe import cls_features, pixel_features
-    from pathfm import checkpoint as ckpt
     from pathfm.config import load_config
     from pathfm.train import build_student, main as train_main
+    from pathfm.weights import load_ema_backbone
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
 
     table = []
     for step_dir in sorted((run_dir / "checkpoints").glob("step_*")):
-        vit, meta = ckpt.load_teacher_backbone(step_dir)
+        vit, meta = load_ema_backbone(step_dir)
         step = int(step_dir.name.split("_")[1])
         knn = probe(lambda x: cls_features(vit, x, mean, std), sets)
         table.append({"step": step, "loss_dino": at_step(rows, "loss/dino", step),

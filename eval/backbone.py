@@ -6,8 +6,8 @@
     bb = load_eval_backbone(timm_name="hf-hub:bioptimus/H-optimus-0")  # from the local Hugging Face cache only
     bb.model, bb.mean, bb.std, bb.input_size, bb.describe()
 
-Export folders (model.pth + model.json, or a run's export/) load with `pathfm.export.load_export`;
-checkpoints (step folders, `checkpoints/last`) with `pathfm.checkpoint.load_teacher_backbone`.
+Export folders (model.pth + model.json, or a run's export/) load with `pathfm.weights.load_export`;
+checkpoints (step folders, `checkpoints/last`) with `pathfm.weights.load_ema_backbone`.
 Public models (`local-dir:` / `hf-hub:`, a timm config.json + weights) are built by timm from their config.json,
 with the layer names in its model_args resolved (timm passes them to the constructor as strings), and evaluated
 with their own mean, std and input size. Nothing is downloaded: hf-hub names are read from the local cache.
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pathfm.checkpoint import load_teacher_backbone
-from pathfm.export import load_export
 from pathfm.export import timm_name as timm_arch_name
+from pathfm.weights import load_ema_backbone, load_export
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -73,7 +72,7 @@ def load_eval_backbone(ckpt: str | None = None, timm_name: str | None = None, we
         model, sidecar = load_export(export)
         return EvalBackbone(model, tuple(sidecar["mean"]), tuple(sidecar["std"]), str(path), sidecar["timm_name"],
                             sidecar.get("step"))
-    model, meta = load_teacher_backbone(path)  # a step folder, checkpoints/last, or a run without export/
+    model, meta = load_ema_backbone(path)  # a step folder, checkpoints/last, or a run without export/
     a = model.args
     return EvalBackbone(model, tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3)), str(path),
                         timm_arch_name(a.arch, a.patch_size, a.num_registers), meta.get("step"))
@@ -89,7 +88,7 @@ def _timm_backbone(name: str, weights: str | None, img_size: int | None) -> Eval
     except RuntimeError as e:
         raise ValueError(f"--timm {name}: {e}") from None
     if weights:
-        from pathfm.export import read_state_dict
+        from pathfm.weights import read_state_dict
 
         sd = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("head.")}
         if "pos_embed" in sd and hasattr(model, "patch_embed") and sd["pos_embed"].shape != model.pos_embed.shape:

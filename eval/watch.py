@@ -161,7 +161,8 @@ class Watcher:
         """Copy every new wanted checkpoint's teacher; returns how many were copied."""
         import torch
 
-        from pathfm.checkpoint import PROBE_HOLD, load_teacher_backbone
+        from pathfm.checkpoint import PROBE_HOLD
+        from pathfm.weights import load_ema_backbone
 
         n = 0
         with self.lock:
@@ -173,7 +174,7 @@ class Watcher:
                 todo = self.todo(step) if self.wanted(step) else []
                 if todo:
                     try:
-                        vit, meta = load_teacher_backbone(folder)
+                        vit, meta = load_ema_backbone(folder)
                         state = {"vit_args": vars(vit.args), "state_dict": vit.state_dict(), "step": step,
                                  "mean": meta.get("mean", [0.5] * 3), "std": meta.get("std", [0.5] * 3),
                                  "source": str(folder)}

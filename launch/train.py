@@ -113,7 +113,8 @@ def submit_probes(cfg, res, run_dir: Path, train_job_id: str, dry_run: bool = Fa
 
 def run_local(args, cfg, name, overrides):
     if args.nproc == 1:
-        from pathfm.train import STOPPED_EXIT, main_for_user
+        from pathfm.runfolder import STOPPED_EXIT
+        from pathfm.train import main_for_user
 
         cfg.train.name = name
         result = main_for_user(cfg, args.debug)
@@ -121,7 +122,7 @@ def run_local(args, cfg, name, overrides):
         return STOPPED_EXIT if result["status"] == "interrupted" else 0
     # several local processes: exactly what torchrun does on a node. What can be checked here is checked before
     # torchrun starts (one line, nothing written), as the single-process run does it.
-    from pathfm.train import check_device, check_inputs, check_resume
+    from pathfm.runfolder import STOPPED_EXIT, check_device, check_inputs, check_resume
 
     cfg.train.name = name
     run_dir = Path(cfg.train.output_dir) / name
@@ -140,8 +141,6 @@ def run_local(args, cfg, name, overrides):
     # torchrun reports any worker's non-zero exit as 1: the run folder says whether it was a clean stop
     if rc and status_file.is_file() and status_file.stat().st_mtime >= started:
         if json.loads(status_file.read_text())["status"] == "interrupted":
-            from pathfm.train import STOPPED_EXIT
-
             return STOPPED_EXIT
     return rc
 
@@ -189,7 +188,9 @@ def run_torchrun(cmd, env, run_dir: Path, name: str) -> int:
             print(f"error: {reason}; torchrun's report: {log}", file=sys.stderr)
             status = run_dir / "status.json"  # the dead rank wrote nothing: say here which rank failed, and why
             if run_dir.is_dir() and not (status.is_file() and status.stat().st_mtime >= started):
-                status.write_text(json.dumps({"status": "failed", "ranks": [int(root.group(1))], "reason": reason}) + "\n")
+                from pathfm.runfolder import write_status  # imported already (run_local's checks): no cost
+
+                write_status(run_dir, status="failed", ranks=[int(root.group(1))], reason=reason)
     return rc
 
 

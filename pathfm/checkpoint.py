@@ -30,8 +30,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pathfm.vit import ViTArgs, build_vit
-
 
 @contextlib.contextmanager
 def quiet_dcp():
@@ -86,10 +84,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _app_state(student, teacher, optimizer, loss_state) -> dict:
+def _app_state(student, ema, optimizer, loss_state) -> dict:
     return {
         "student": get_model_state_dict(student),
-        "teacher": get_model_state_dict(teacher),
+        "ema": get_model_state_dict(ema),
         "optimizer": get_optimizer_state_dict(student, optimizer),
         "loss": loss_state.state_dict(),
     }
@@ -113,9 +111,9 @@ class DiskFullError(CheckpointError):
 def _no_space(ckpt_dir: Path, name: str, tmp: Path, models) -> DiskFullError:
     """Remove the half-written folder and say what was needed (parameters and the two AdamW moments)."""
     shutil.rmtree(tmp, ignore_errors=True)
-    student, teacher = models
+    student, ema = models
     need = sum(p.numel() * p.element_size() for p in student.parameters()) * 3
-    need += sum(p.numel() * p.element_size() for p in teacher.parameters())
+    need += sum(p.numel() * p.element_size() for p in ema.parameters())
     free = shutil.disk_usage(ckpt_dir).free
     last = ckpt_dir / "last"
     kept = f"the previous checkpoint {last.read_text().strip()} is intact" if last.exists() else "no earlier checkpoint"
@@ -128,12 +126,12 @@ PROBE_HOLD = "probe.hold"  # in a step folder: a probe has not read it yet (eval
 MAX_HELD = 2  # held folders kept beyond keep_last: a probe process that died cannot make them pile up
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimizer, loss_state, meta: dict,
+def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, ema, optimizer, loss_state, meta: dict,
                     rank: int = 0, keep_last: int = 3, hold: bool = False) -> Path:
     """Save on every rank (collective), keeping the newest keep_last (>= 1) step folders. Returns the step folder.
 
     hold: mark the folder for a probe (PROBE_HOLD); pruning keeps a held folder until the probe has copied the
-    teacher out of it (seconds), at most MAX_HELD of them beyond keep_last."""
+    EMA out of it (seconds), at most MAX_HELD of them beyond keep_last."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last} would delete the checkpoint just written; keep at least 1")
     ckpt_dir = Path(ckpt_dir)
@@ -152,10 +150,10 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
             tmp.mkdir(parents=True)
     except OSError as e:
         failure = e
-    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, teacher), rank, step)
+    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, ema), rank, step)
     try:
         with quiet_dcp():
-            dcp.save(_app_state(student, teacher, optimizer, loss_state), checkpoint_id=str(tmp))
+            dcp.save(_app_state(student, ema, optimizer, loss_state), checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:  # dcp.save ends with a collective: every rank's shards are written by now
             world = dist.get_world_size() if dist.is_initialized() else 1
@@ -164,7 +162,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
                 (tmp / PROBE_HOLD).write_text("")
     except (Exception, dcp.CheckpointException) as e:  # DCP wraps a writer's OSError in a CheckpointException
         failure = e
-    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, teacher), rank, step)
+    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, ema), rank, step)
     try:
         if rank == 0:
             tmp.rename(final)
@@ -180,7 +178,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, teacher, optimi
                     shutil.rmtree(p, ignore_errors=True)
     except OSError as e:  # the step folder may be complete already; latest_checkpoint finds it without the pointer
         failure = e
-    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, teacher), rank, step)
+    _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, ema), rank, step)
     return final
 
 
@@ -243,11 +241,13 @@ def _is_no_space(e: BaseException | None) -> bool:
     return False
 
 
-def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state, rank: int = 0) -> dict:
+def load_checkpoint(path: str | Path, *, student, ema, optimizer, loss_state, rank: int = 0) -> dict:
     """Restore everything saved by `save_checkpoint` (any number of ranks); returns meta.json."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
-    state = _app_state(student, teacher, optimizer, loss_state)
+    state = _app_state(student, ema, optimizer, loss_state)
+    key = ema_key(path)
+    state[key] = state.pop("ema")
     # A parameter that never had a gradient (the iBOT mask token in a DINO run) has no AdamW state in
     # the checkpoint, while a fresh optimizer offers one for every parameter: leave it without, as in
     # the run that saved it.
@@ -257,7 +257,7 @@ def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state
     with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
-    set_model_state_dict(teacher, state["teacher"])
+    set_model_state_dict(ema, state[key])
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     loss_state.load_state_dict(state["loss"])
     rng = path / f"rng_rank{rank}.pt"
@@ -268,14 +268,15 @@ def load_checkpoint(path: str | Path, *, student, teacher, optimizer, loss_state
     return meta
 
 
-def load_weights(path: str | Path, *, student, teacher) -> dict:
+def load_weights(path: str | Path, *, student, ema) -> dict:
     """Model weights only (no optimizer, step or RNG): the start of a post-training run."""
     path = resolve_checkpoint(path)
-    state = {"student": get_model_state_dict(student), "teacher": get_model_state_dict(teacher)}
+    key = ema_key(path)
+    state = {"student": get_model_state_dict(student), key: get_model_state_dict(ema)}
     with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
-    set_model_state_dict(teacher, state["teacher"])
+    set_model_state_dict(ema, state[key])
     return json.loads((path / "meta.json").read_text())
 
 
@@ -294,21 +295,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             "a checkpoints/last pointer, or a run folder)")
 
 
-def load_teacher_backbone(path: str | Path):
-    """(teacher ViT in eval mode, meta) from a checkpoint or run folder; no process group.
-
-    The model is rebuilt from what the checkpoint records (meta.json's vit_args). Export folders load
-    with pathfm.export.load_export.
-    """
-    step_dir = resolve_checkpoint(path)
-    meta = json.loads((step_dir / "meta.json").read_text())
-    with torch.device("meta"):
-        vit = build_vit(ViTArgs(**meta["vit_args"]))
-    vit = vit.to_empty(device="cpu")
-    state = {"teacher": {"backbone." + k: v for k, v in vit.state_dict().items()}}
-    # no_dist: a read by this process alone, also inside a distributed job (e.g. rank 0 exporting)
-    with quiet_dcp():
-        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-    vit.load_state_dict({k[len("backbone."):]: v for k, v in state["teacher"].items()}, strict=True)
-    return vit.eval(), meta
-
+def ema_key(step_dir: str | Path) -> str:
+    """The name a checkpoint gives the student's EMA: "ema", or "teacher" in those written before it was renamed
+    (so they still resume, load and export)."""
+    saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    return "ema" if any(k.startswith("ema.") for k in saved) else "teacher"

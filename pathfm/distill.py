@@ -33,9 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathfm import checkpoint as ckpt
+from pathfm import dist as pdist
 from pathfm.heads import HEAD_KEYS, build_heads
 from pathfm import vit
-from pathfm.vit import ViTArgs, build_vit
+from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
+from pathfm.weights import (load_backbone, load_ema, load_heads, load_heads_into, read_heads_args, read_state_dict,
+                            resolve_weights)
 
 
 @dataclass
@@ -86,9 +90,6 @@ def infer_vit_args(sd: dict, path) -> ViTArgs:
 
 def inspect_teacher(path: str) -> TeacherSpec:
     """What a teacher file holds, read without building the model (cheap: names, shapes, JSON)."""
-    from pathfm import checkpoint as ckpt
-    from pathfm.export import read_heads_args, read_state_dict, resolve_weights
-
     p = Path(path)
     if not p.exists():
         raise ValueError(f"'{path}' does not exist")
@@ -184,10 +185,6 @@ def load_teacher(cfg, env) -> nn.ModuleDict | None:
     without distill.teacher. Its parameters never change: requires_grad False, eval mode, no optimizer."""
     if not cfg.distill.teacher:
         return None
-    from pathfm import dist as pdist
-    from pathfm.export import load_backbone, load_ema, load_heads, load_heads_into, resolve_weights
-    from pathfm.vit import resolve_attn_backend
-
     spec = inspect_teacher(cfg.distill.teacher)
     mode = check_pairing(cfg, spec)
     with torch.device("meta"):

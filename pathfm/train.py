@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from collections import Counter
 import math
-import os
-import platform
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,24 +32,25 @@ from torch.distributed.tensor import DTensor
 from pathfm import checkpoint as ckpt
 from pathfm import dist as pdist
 from pathfm import probes as pprobes
-from pathfm.config import Config, ConfigError, load_config, to_dict, to_yaml
+from pathfm.config import Config, ConfigError, load_config, to_dict
 from pathfm.data.failures import summarise as summarise_read_failures
 from pathfm.data.index import summary as index_summary
 from pathfm.data.loader import (LoaderFault, Views, batches, build_loader, loader_fault, slide_index, tile_dataset,
                                 views_generator)
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
-from pathfm.distill import (TeacherInput, add_projections, check_teacher, cosine_distance, feature_cls_loss, heads_mismatch,
-                            load_teacher)
-from pathfm.export import (checkpoint_heads, load_backbone, load_heads, load_heads_into, read_heads_args, read_state_dict,
-                           resolve_weights, save_export, save_heads)
+from pathfm.distill import TeacherInput, add_projections, cosine_distance, feature_cls_loss, load_teacher
+from pathfm.export import save_export, save_heads
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
 from pathfm.metrics import (Logger, PlateauWatch, StepTimer, collapse_warning, peak_memory_gib, rankme,
                             relative_entropy, spread, student_teacher_kl)
 from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
+from pathfm.runfolder import STOPPED_EXIT, check_device, check_inputs, prepare_run_folder, write_status
 from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
+from pathfm.weights import (checkpoint_heads, load_backbone, load_ema_backbone, load_heads, load_heads_into, read_heads_args,
+                            resolve_weights)
 
 
 def vit_args(cfg: Config) -> ViTArgs:
@@ -143,206 +140,72 @@ def clip_gradients(student: nn.ModuleDict, max_norm: float, per_module: bool) ->
 
 
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float, skip: tuple = ()) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (the EMA); the
-    submodules named in skip (the backbone during a head warm-up) are left as they are.
+def update_ema(ema: nn.Module, student: nn.Module, momentum: float, skip: tuple = ()) -> None:
+    """ema <- momentum * ema + (1 - momentum) * student, parameter by parameter; the submodules named in skip
+    (the backbone during a head warm-up) are left as they are.
 
-    Under FSDP2 both hold fp32 DTensor shards and each rank updates its own slice. A teacher wrapped with
+    Under FSDP2 both hold fp32 DTensor shards and each rank updates its own slice. An EMA wrapped with
     dist.reshard_after_forward=false still holds unsharded parameters after its forward: reshard first,
     so both sides are shards of the same layout.
     """
-    for m in (teacher, student):
+    for m in (ema, student):
         for mod in m.modules():
             if isinstance(mod, FSDPModule):
                 mod.reshard()
-    for (name, p_t), p_s in zip(teacher.named_parameters(), student.parameters()):
+    for (name, p_ema), p_s in zip(ema.named_parameters(), student.parameters()):
         if name.split(".")[0] not in skip:
-            p_t.lerp_(p_s.detach(), 1.0 - momentum)
-
-
-def check_inputs(cfg: Config) -> None:
-    """Files the config names must exist: fail before a run folder is created or touched."""
-    files = {"data.manifest": cfg.data.manifest if cfg.data.source == "manifest" else "",
-             "model.init_weights": str(resolve_weights(cfg.model.init_weights)) if cfg.model.init_weights else ""}
-    for key, path in files.items():
-        if path and not Path(path).is_file():
-            raise SystemExit(f"config key '{key}': file '{path}' does not exist")
-    pprobes.check_paths(cfg)
-    if cfg.train.init_checkpoint and not Path(cfg.train.init_checkpoint).exists():
-        raise SystemExit(f"config key 'train.init_checkpoint': '{cfg.train.init_checkpoint}' does not exist")
-    if cfg.model.init_weights:
-        try:
-            read_state_dict(resolve_weights(cfg.model.init_weights))  # mapped, so cheap: a file that is no state dict fails here
-            heads = read_heads_args(cfg.model.init_weights) if cfg.model.init_heads else None
-            if heads and (diff := heads_mismatch(heads, cfg.ssl)):
-                raise ValueError(f"the heads beside it do not fit this config ({diff}); set those ssl keys, or "
-                                 "model.init_heads=false for fresh heads")
-        except ValueError as e:
-            raise SystemExit(f"config key 'model.init_weights': {e}") from None
-    if cfg.distill.teacher:  # readable, and a pairing that can work: refused here, before any run folder
-        check_teacher(cfg)
-
-
-STOPPED_EXIT = 75  # exit status of a run stopped by a signal or train.stop_after, checkpoint saved: resume it
-                  # (EX_TEMPFAIL); 0 = finished, 1 = an error
-
-# what defines a run's trajectory: changing one on resume rebuilds the schedules mid-run
-TRAJECTORY_KEYS = ("train.steps", "optim.batch_size", "optim.base_lr", "optim.lr_ref_batch", "optim.lr_scaling",
-                   "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.weight_decay_final",
-                   "ssl.momentum_teacher", "ssl.momentum_teacher_final", "ssl.teacher_temp",
-                   "ssl.teacher_temp_warmup_start", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps",
-                   "train.head_warmup_steps", "distill.teacher", "distill.loss")
-
-
-def trajectory_changes(saved: dict, cfg: Config, saved_world: int, world: int) -> dict:
-    """{setting: [old, new]} between the config a checkpoint was saved with (its meta's "config") and this launch,
-    for the settings that define the trajectory, plus the world size and global batch."""
-    now, out = to_dict(cfg), {}
-    for key in TRAJECTORY_KEYS:
-        sec, name = key.split(".")
-        old = saved.get(sec, {}).get(name)
-        if old is not None and old != now[sec][name]:
-            out[key] = [old, now[sec][name]]
-    if saved_world != world:
-        batch = saved.get("optim", {}).get("batch_size", cfg.optim.batch_size)
-        out["world size"] = [saved_world, world]
-        out["global batch"] = [batch * saved_world, cfg.optim.batch_size * world]
-    return out
-
-
-def check_resume(cfg: Config, run_dir: Path, world_size: int) -> dict:
-    """Read-only checks of an existing run folder before resuming it on world_size ranks: refuse a folder made by
-    a different model, and a trajectory change (trajectory_changes) unless train.allow_resume_changes. Returns the
-    allowed changes. The launcher calls it too, before torchrun starts any process."""
-    import yaml
-
-    old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    keys = ("arch", "patch_size", "num_registers", "ffn", "layerscale", "img_size")
-    was = {k: old.get("model", {}).get(k) for k in keys} | {"prototypes": old.get("ssl", {}).get("prototypes")}
-    now = {k: getattr(cfg.model, k) for k in keys} | {"prototypes": cfg.ssl.prototypes}
-    if was != now:
-        diff = ", ".join(f"{k}: {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
-        raise SystemExit(f"run folder '{run_dir}' holds a run of another model ({diff}); "
-                         "pick a new train.name or train.output_dir")
-    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    if last is None:
-        return {}
-    meta = json.loads((last / "meta.json").read_text())
-    changes = trajectory_changes(meta.get("config", {}), cfg, meta.get("world_size", 1), world_size)
-    if changes and not cfg.train.allow_resume_changes:
-        said = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
-        raise SystemExit(f"error: run folder '{run_dir}' was trained (to its step {meta['step']}) with other "
-                         f"settings ({said}); resuming would change its schedules mid-run. Add "
-                         "train.allow_resume_changes=true to continue with the new values, or pick a new "
-                         "train.name")
-    return changes
-
-
-def check_device(cfg: Config) -> None:
-    """Settings that need a GPU, on a machine without one: one line, before anything is written."""
-    if cfg.train.precision == "bf16" and not torch.cuda.is_available():
-        raise SystemExit("error: config key 'train.precision': bf16 needs a CUDA GPU and this machine has none; to try "
-                         "this config on the CPU add train.precision=fp32 (README: 'A GPU config on a CPU')")
-
-
-def prepare_run_folder(cfg: Config, env: pdist.DistEnv) -> tuple[Path, str, dict]:
-    """Create (or re-open for resume) the run folder; refuse one made by a different model, and a resume that
-    changes the trajectory (trajectory_changes) unless train.allow_resume_changes.
-
-    The first launch writes config.yaml; every later launch (a resume, maybe with other overrides) adds
-    config.restart_N.yaml with its own resolved config and command line, so the folder never shows one
-    launch's settings for another's steps. Returns (run folder, the restart file's name or "", the allowed
-    trajectory changes).
-    """
-    run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
-    restart_file, changes = "", {}
-    if env.is_main:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"cannot create run folder '{run_dir}': {e.strerror}; set train.output_dir to a writable folder")
-        if not os.access(run_dir, os.W_OK):
-            raise SystemExit(f"run folder '{run_dir}' is not writable; set train.output_dir or train.name")
-        old_cfg = run_dir / "config.yaml"
-        header = f"# launched as: {' '.join(sys.argv)}\n"
-        if old_cfg.exists():
-            changes = check_resume(cfg, run_dir, env.world_size)
-            said = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
-            if changes:
-                header += f"# resumed with train.allow_resume_changes: {said}\n"
-            restart_file = f"config.restart_{len(list(run_dir.glob('config.restart_*.yaml'))) + 1}.yaml"
-            (run_dir / restart_file).write_text(header + to_yaml(cfg))
-        else:
-            old_cfg.write_text(header + to_yaml(cfg))
-        (run_dir / "env.json").write_text(json.dumps(environment(env), indent=2) + "\n")
-    return run_dir, restart_file, changes
-
-
-def environment(env: pdist.DistEnv) -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    import timm
-
-    return {
-        "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
-        "git_revision": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-        "host": platform.node(), "world_size": env.world_size, "launcher": env.source, "device": str(env.device),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "argv": sys.argv,
-    }
+            p_ema.lerp_(p_s.detach(), 1.0 - momentum)
 
 
 def build_models(cfg: Config, env: pdist.DistEnv):
-    """(student, teacher, loss_state): equal student and teacher (on every rank), wrapped for this device."""
-    s, t, device = cfg.ssl, cfg.train, env.device
-    torch.manual_seed(t.seed)
+    """(student, ema, loss_state): the student and its EMA start equal (and equal on every rank), wrapped for this
+    device; the EMA never gets gradients."""
+    ssl, device = cfg.ssl, env.device
+    torch.manual_seed(cfg.train.seed)
     student = build_student(cfg).to(device)
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    teacher.train(False)  # no stochastic depth in the teacher
+    ema = copy.deepcopy(student)
+    ema.requires_grad_(False)
+    ema.train(False)  # no stochastic depth in the EMA
     backend = resolve_attn_backend(cfg.model.attn_backend, device)
-    for m in (student, teacher):
+    for m in (student, ema):
         m.backbone.set_attn_backend(backend)
         m.backbone.set_sdpa_kernels(cfg.model.sdpa_kernels)
         pdist.wrap_model(m, env, fsdp=cfg.dist.fsdp, ac=cfg.dist.activation_checkpointing if m is student else "none",
-                         compile=cfg.dist.compile, precision=t.precision, reshard_after_forward=cfg.dist.reshard_after_forward)
-    torch.manual_seed(t.seed + env.rank)  # per-rank randomness from here on (stochastic depth)
-    loss_state = nn.ModuleDict({"dino_center": Centering(s.prototypes, s.center_momentum)})
-    if s.objective == "dinov2":
-        loss_state["ibot_center"] = Centering(s.ibot_prototypes if s.ibot_separate_head else s.prototypes, s.center_momentum)
-    return student, teacher, loss_state.to(device)
+                         compile=cfg.dist.compile, precision=cfg.train.precision,
+                         reshard_after_forward=cfg.dist.reshard_after_forward)
+    torch.manual_seed(cfg.train.seed + env.rank)  # per-rank randomness from here on (stochastic depth)
+    loss_state = nn.ModuleDict({"dino_center": Centering(ssl.prototypes, ssl.center_momentum)})
+    if ssl.objective == "dinov2":
+        loss_state["ibot_center"] = Centering(ssl.ibot_prototypes if ssl.ibot_separate_head else ssl.prototypes,
+                                              ssl.center_momentum)
+    return student, ema, loss_state.to(device)
 
 
 def build_optimizer(cfg: Config, student: nn.Module, global_batch: int):
     """AdamW over the parameter groups, and the per-step schedules (lr, weight decay, teacher momentum and temperature)."""
-    s, o, t = cfg.ssl, cfg.optim, cfg.train
-    lr_peak = scaled_lr(o.base_lr, global_batch, o.lr_ref_batch, o.lr_scaling)
-    groups = param_groups(student, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
-                          patch_embed_lr_mult=o.patch_embed_lr_mult, num_layers=student.backbone.depth,
-                          decay_tokens=o.decay_tokens)
-    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(o.beta1, o.beta2), fused=o.fused or None)
-    schedules = (cosine_schedule(lr_peak, o.min_lr, t.steps, min(o.warmup_steps, t.steps)),
-                 cosine_schedule(o.weight_decay, o.weight_decay_final, t.steps),
-                 cosine_schedule(s.momentum_teacher, s.momentum_teacher_final, t.steps),
-                 teacher_temp_schedule(s.teacher_temp_warmup_start, s.teacher_temp,
-                                       min(s.teacher_temp_warmup_steps, t.steps), t.steps))
+    ssl, opt, steps = cfg.ssl, cfg.optim, cfg.train.steps
+    lr_peak = scaled_lr(opt.base_lr, global_batch, opt.lr_ref_batch, opt.lr_scaling)
+    groups = param_groups(student, weight_decay=opt.weight_decay, layer_decay=opt.layer_decay,
+                          patch_embed_lr_mult=opt.patch_embed_lr_mult, num_layers=student.backbone.depth,
+                          decay_tokens=opt.decay_tokens)
+    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(opt.beta1, opt.beta2), fused=opt.fused or None)
+    schedules = (cosine_schedule(lr_peak, opt.min_lr, steps, min(opt.warmup_steps, steps)),
+                 cosine_schedule(opt.weight_decay, opt.weight_decay_final, steps),
+                 cosine_schedule(ssl.momentum_teacher, ssl.momentum_teacher_final, steps),
+                 teacher_temp_schedule(ssl.teacher_temp_warmup_start, ssl.teacher_temp,
+                                       min(ssl.teacher_temp_warmup_steps, steps), steps))
     return optimizer, schedules
 
 
-def resume(cfg: Config, run_dir: Path, student, teacher, optimizer, loss_state, env) -> tuple[int, int]:
+def resume(cfg: Config, run_dir: Path, student, ema, optimizer, loss_state, env) -> tuple[int, int]:
     """(start step, non-finite steps so far): from the run folder's last checkpoint, else step 0, starting
     from train.init_checkpoint's weights when given."""
     last = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if last is None:
         if cfg.train.init_checkpoint:
-            ckpt.load_weights(cfg.train.init_checkpoint, student=student, teacher=teacher)
+            ckpt.load_weights(cfg.train.init_checkpoint, student=student, ema=ema)
         return 0, 0
-    meta = ckpt.load_checkpoint(last, student=student, teacher=teacher, optimizer=optimizer, loss_state=loss_state, rank=env.rank)
+    meta = ckpt.load_checkpoint(last, student=student, ema=ema, optimizer=optimizer, loss_state=loss_state, rank=env.rank)
     if env.is_main:
         print(f"resuming from {last} at step {meta['step']}", file=sys.stderr, flush=True)
     return meta["step"], meta.get("nonfinite_total", 0)
@@ -418,7 +281,7 @@ def main(cfg: Config) -> dict:
 
     def save(step_done):
         meta = {**meta_common, "nonfinite_total": nonfinite.total}
-        folder = ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, teacher=ema,
+        folder = ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, ema=ema,
                                       optimizer=optimizer, loss_state=loss_state, meta=meta, rank=env.rank,
                                       keep_last=t.keep_last, hold=pprobes.holds(cfg, step_done))
         say(f"checkpoint saved: {folder} (step {step_done})")
@@ -521,7 +384,7 @@ def main(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
         # the EMA (on local shards under FSDP; its backbone waits out a head warm-up too) and centre updates
-        update_teacher(ema, student, momentum, skip=("backbone",) if warming_up else ())
+        update_ema(ema, student, momentum, skip=("backbone",) if warming_up else ())
         if s.centering == "centering" and not features:
             loss_state.dino_center.update(t_cls_logits)
             if ibot:
@@ -580,15 +443,15 @@ def main(cfg: Config) -> dict:
         step = step_done
 
     if status == "finished" and env.is_main:
-        # from the final checkpoint, so a sharded (FSDP) teacher exports the same way as a plain one
-        vit, _ = ckpt.load_teacher_backbone(run_dir / "checkpoints")
+        # from the final checkpoint, so a sharded (FSDP) EMA exports the same way as a plain one
+        vit, _ = load_ema_backbone(run_dir / "checkpoints")
         save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
                     img_size=cfg.crops.global_size, run_dir=run_dir)  # at the resolution they trained at; card from the run
         if heads := checkpoint_heads(run_dir / "checkpoints"):  # heads.safetensors: to continue or distil from it
             save_heads(run_dir / "export", *heads)
         say(f"export written: {run_dir / 'export'} (timm weights of the EMA backbone, and its heads, step {step})")
     if env.is_main:  # for scripts and launchers (torchrun turns a worker's exit status 75 into 1)
-        (run_dir / "status.json").write_text(json.dumps({"status": status, "step": step}) + "\n")
+        write_status(run_dir, status=status, step=step)
     if probes and (warning := probes.poll()):  # it finishes the queue by itself once we are gone
         say(f"WARNING: {warning}")
     logger.close()
@@ -645,17 +508,6 @@ def crop_grid(global_crops, local_crops, crops_cfg, n: int = 4) -> torch.Tensor:
         rows.append(torch.cat([global_crops[i : i + 1], global_crops[B + i : B + i + 1], locals_i]))
     images = torch.cat(rows) * std + mean
     return make_grid(images.clamp(0, 1).float().cpu(), nrow=rows[0].shape[0])
-
-
-def write_status(run_dir: Path, **fields) -> None:
-    """run_dir/status.json, for launchers and scripts: {"status": finished | interrupted | failed, "step": ...};
-    a failure adds "ranks" (those that failed) and "reason" (one line). Replaced whole, never half-written."""
-    tmp = run_dir / "status.json.tmp"
-    try:
-        tmp.write_text(json.dumps(fields) + "\n")
-        tmp.replace(run_dir / "status.json")
-    except OSError as e:  # e.g. the disk that made the run fail: the launcher then has torchrun's exit status only
-        print(f"warning: could not write {run_dir / 'status.json'}: {e.strerror}", file=sys.stderr, flush=True)
 
 
 def main_for_user(cfg: Config, debug: bool = False) -> dict:

@@ -53,8 +53,8 @@ MUTANTS = [
     Mutant("step: KoLeo on the local crops' CLS", "pathfm/train.py",
            'losses["koleo"] = sum(koleo_loss(c) for c in s_global[:, 0].chunk(2))',
            'losses["koleo"] = sum(koleo_loss(c) for c in s_local[:, 0].chunk(2))', STEP),
-    Mutant("step: teacher EMA with 1 - momentum", "pathfm/train.py",
-           "p_t.lerp_(p_s.detach(), 1.0 - momentum)", "p_t.lerp_(p_s.detach(), momentum)", STEP),
+    Mutant("step: EMA with 1 - momentum", "pathfm/train.py",
+           "p_ema.lerp_(p_s.detach(), 1.0 - momentum)", "p_ema.lerp_(p_s.detach(), momentum)", STEP),
     # a real kill -9 during a checkpoint write, then a relaunch (tests/test_train.py)
     Mutant("kill -9: a killed write's .tmp folder not cleared before the next save", "pathfm/checkpoint.py",
            "shutil.rmtree(stale, ignore_errors=True)", "pass", [KILL]),

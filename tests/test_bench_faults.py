@@ -53,6 +53,6 @@ def test_each_fault_scenario_sets_up(tmp_path):
     ema = nn.ModuleDict({"backbone": build_vit(args)})
     opt = torch.optim.AdamW(student.parameters())
     for step in (2, 4):
-        ckpt.save_checkpoint(run / "checkpoints", step, student=student, teacher=ema, optimizer=opt,
+        ckpt.save_checkpoint(run / "checkpoints", step, student=student, ema=ema, optimizer=opt,
                              loss_state=nn.ModuleDict(), meta={"vit_args": vars(args)})
     assert faults.last_checkpoint(run) == "step_0000004"

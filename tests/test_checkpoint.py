@@ -20,6 +20,7 @@ from pathfm import checkpoint as ckpt
 from pathfm.export import main as export_main
 from pathfm.losses import Centering
 from pathfm.vit import ViTArgs, build_vit
+from pathfm.weights import load_ema
 
 VIT = ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, layerscale=1e-5)
 
@@ -37,18 +38,18 @@ class TinyBackbone(nn.Module):
 
 
 def make_state(seed: int, vit: bool = False):
-    """Student (backbone + head), teacher, AdamW with state, loss centre: what train.py checkpoints."""
+    """Student (backbone + head), its EMA, AdamW with state, loss centre: what train.py checkpoints."""
     torch.manual_seed(seed)
     backbone = build_vit(VIT) if vit else TinyBackbone()
     x = torch.randn(2, 3, 32, 32) if vit else torch.randn(2, 8)
     student = nn.ModuleDict({"backbone": backbone, "dino_head": nn.Linear(backbone(x).shape[-1], 16)})
-    teacher = copy.deepcopy(student).requires_grad_(False)
+    ema = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     student.dino_head(student.backbone(x)).square().mean().backward()
     optimizer.step()  # Adam moments exist, so the optimizer state is not trivially empty
     loss_state = nn.ModuleDict({"dino_center": Centering(16)})
     loss_state.dino_center.center.normal_()
-    return dict(student=student, teacher=teacher, optimizer=optimizer, loss_state=loss_state)
+    return dict(student=student, ema=ema, optimizer=optimizer, loss_state=loss_state)
 
 
 META = {"vit_args": vars(VIT), "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -61,7 +62,7 @@ def save(folder, step, state, **kw):
 def flat(state) -> dict:
     """Every tensor of a training state, by name, for equality checks."""
     out = {f"student.{k}": v for k, v in state["student"].state_dict().items()}
-    out.update({f"teacher.{k}": v for k, v in state["teacher"].state_dict().items()})
+    out.update({f"ema.{k}": v for k, v in state["ema"].state_dict().items()})
     out.update({f"loss.{k}": v for k, v in state["loss_state"].state_dict().items()})
     for i, s in state["optimizer"].state_dict()["state"].items():
         out.update({f"optim.{i}.{k}": v for k, v in s.items()})
@@ -87,6 +88,28 @@ def test_round_trip_restores_everything(tmp_path):
     assert meta["step"] == 5 and meta["world_size"] == 1 and meta["vit_args"]["arch"] == "vit_tiny"
     assert restored["student"].backbone.mask_token not in restored["optimizer"].state  # as in the saving run
     assert torch.equal(torch.rand(3), after_save)  # the resumed run continues the same random stream
+
+
+def test_a_checkpoint_saved_before_the_ema_rename_still_resumes(tmp_path):
+    """tests/fixtures/teacher_key_checkpoint was written by save_checkpoint at commit a0f2421, which saved the EMA
+    under the key "teacher": make_state(0), its EMA moved off the student (0.5 * w + 1); expected.pt holds every
+    tensor it saved, named as flat() named them then."""
+    old = shutil.copytree(Path(__file__).parent / "fixtures" / "teacher_key_checkpoint", tmp_path / "checkpoints")
+    want = {("ema." + k[len("teacher."):] if k.startswith("teacher.") else k): v
+            for k, v in torch.load(old / "expected.pt", weights_only=True).items()}
+    assert ckpt.ema_key(old / "step_0000005") == "teacher"
+    restored = make_state(1)
+    assert ckpt.load_checkpoint(old / "step_0000005", **restored)["step"] == 5
+    assert_same(want, flat(restored))
+    weights_only = make_state(2)  # train.init_checkpoint: the two models alone
+    ckpt.load_weights(old, student=weights_only["student"], ema=weights_only["ema"])
+    ema = make_state(3)["ema"]  # what export and the probes read
+    assert load_ema(old, ema)["step"] == 5
+    for name, model in (("student", weights_only["student"]), ("ema", weights_only["ema"]), ("ema", ema)):
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, want[f"{name}.{k}"]), (name, k)
+    # saved again, it is in the new layout
+    assert ckpt.ema_key(save(tmp_path / "again", 6, restored)) == "ema"
 
 
 def test_killed_write_is_ignored_then_cleaned(tmp_path):
@@ -132,10 +155,10 @@ def test_missing_checkpoint_error_names_the_path(tmp_path):
         export_main([str(tmp_path), "-o", str(tmp_path / "out")])
 
 
-def test_export_command_writes_the_teacher_for_timm(tmp_path):
+def test_export_command_writes_the_ema_for_timm(tmp_path):
     state = make_state(0, vit=True)
-    with torch.no_grad():  # teacher != student, so exporting the wrong one would show
-        for p in state["teacher"].parameters():
+    with torch.no_grad():  # ema != student, so exporting the wrong one would show
+        for p in state["ema"].parameters():
             p.add_(torch.randn_like(p) * 0.01)
     save(tmp_path / "checkpoints", 7, state)
     out = export_main([str(tmp_path / "checkpoints" / "last"), "-o", str(tmp_path / "export")])
@@ -145,9 +168,9 @@ def test_export_command_writes_the_teacher_for_timm(tmp_path):
     model = timm.create_model(side["timm_name"], pretrained=False, num_classes=0, **side["timm_kwargs"]).eval()
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     x = torch.randn(2, 3, 32, 32)
-    teacher = state["teacher"].backbone.eval()
+    ema = state["ema"].backbone.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), teacher(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), ema(x), atol=1e-5, rtol=1e-5)
         assert (model(x) - state["student"].backbone.eval()(x)).abs().max() > 1e-3
 
 

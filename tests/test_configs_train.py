@@ -48,7 +48,7 @@ def overrides(manifest, out: Path, name: str) -> list[str]:
 def check_run(run_dir: Path, world_size: int) -> None:
     import timm
 
-    from pathfm.checkpoint import load_teacher_backbone
+    from pathfm.weights import load_ema_backbone
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "loss/total" in r]
@@ -60,7 +60,7 @@ def check_run(run_dir: Path, world_size: int) -> None:
     shape = {"embed_dim": dim, "depth": depth, "num_heads": heads, **side["timm_kwargs"]}  # the export's depth wins
     model = timm.create_model(side["timm_name"], pretrained=False, num_classes=0, **shape).eval()
     model.load_state_dict(torch.load(run_dir / "export" / "model.pth", weights_only=True), strict=True)
-    teacher, meta = load_teacher_backbone(run_dir)
+    teacher, meta = load_ema_backbone(run_dir)
     assert meta["world_size"] == world_size
     x = torch.randn(2, 3, side["img_size"], side["img_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 
 from pathfm import checkpoint as ckpt
 from pathfm.config import load_config
+from pathfm.weights import load_ema_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.source=random", "data.num_workers=0", "train.log_every=1", "train.rankme_every=0", "model.drop_path=0",
@@ -62,7 +63,7 @@ def test_each_teacher_format_loads_as_a_frozen_teacher(teacher, tmp_path):
     from pathfm.distill import load_teacher
     from pathfm.vit import ViTArgs, build_vit
 
-    ref, _ = ckpt.load_teacher_backbone(teacher)
+    ref, _ = load_ema_backbone(teacher)
     headless = tmp_path / "headless"
     shutil.copytree(teacher / "export", headless)
     (headless / "heads.safetensors").unlink()
@@ -144,7 +145,7 @@ def test_distillation_keeps_the_teacher_resumes_bit_exact_and_exports_for_timm(t
 
     assert [r["loss/total"] for r in rows(straight)] == [r["loss/total"] for r in rows(split)][-2:]
     assert {"loss/dino", "loss/ibot"} <= set(rows(straight)[-1])
-    from pathfm.export import load_ema
+    from pathfm.weights import load_ema
     from pathfm.train import build_student
 
     a, b = build_student(config(tmp_path, "x", *common)), build_student(config(tmp_path, "x", *common))
@@ -162,7 +163,7 @@ def test_distillation_keeps_the_teacher_resumes_bit_exact_and_exports_for_timm(t
 
 
 def test_head_warmup_leaves_the_backbone_and_its_ema_bit_identical(teacher, tmp_path):
-    from pathfm.export import load_ema, read_state_dict
+    from pathfm.weights import load_ema, read_state_dict
     from pathfm.train import build_student, head_warmup_steps, main
 
     export = teacher / "export"
@@ -190,12 +191,13 @@ def test_head_warmup_leaves_the_backbone_and_its_ema_bit_identical(teacher, tmp_
 
 
 def test_heads_round_trip_through_an_export(teacher, tmp_path):
-    from pathfm.export import checkpoint_heads, load_heads, save_export, save_heads
+    from pathfm.export import save_export, save_heads
+    from pathfm.weights import checkpoint_heads, load_heads
     from pathfm.train import build_student
 
     heads, args = checkpoint_heads(teacher)
     assert args["prototypes"] == 64 and args["in_dim"] == 192 and set(k.split(".")[0] for k in heads) == {"dino_head"}
-    vit, _ = ckpt.load_teacher_backbone(teacher)
+    vit, _ = load_ema_backbone(teacher)
     save_export(vit, tmp_path / "exp")
     save_heads(tmp_path / "exp", heads, args)
     back, back_args = load_heads(tmp_path / "exp")
@@ -227,7 +229,7 @@ def test_pos_embed_resampling_is_antialiased_bicubic_as_dinov2_reg4_and_timm():
     (Keys' cubic, a = -0.5, stretched over the source footprint of each output cell when shrinking)."""
     from PIL import Image
 
-    from pathfm.export import load_backbone
+    from pathfm.weights import load_backbone
     from pathfm.vit import ViTArgs, build_vit, resample_pos_grid
 
     pos = torch.randn(1, 37 * 37, 3, generator=torch.Generator().manual_seed(0))

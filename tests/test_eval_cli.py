@@ -202,7 +202,7 @@ def test_training_checkpoint_last_pointer_is_evaluated_as_its_teacher(tmp_path):
     torch.manual_seed(0)
     student = torch.nn.ModuleDict({"dino_head": torch.nn.Linear(2, 2)})  # only the teacher is read back
     teacher = torch.nn.ModuleDict({"backbone": build_vit(args), "dino_head": torch.nn.Linear(192, 8)})
-    ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 12, student=student, teacher=teacher,
+    ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 12, student=student, ema=teacher,
                          optimizer=torch.optim.AdamW(student.parameters()), loss_state=torch.nn.ModuleDict(),
                          meta={"vit_args": vars(args), "mean": [0.5] * 3, "std": [0.5] * 3})
     bb = load_eval_backbone(ckpt=str(tmp_path / "run" / "checkpoints" / "last"))

@@ -3,7 +3,8 @@ import pytest
 import timm
 import torch
 
-from pathfm.export import load_backbone, save_export, timm_export, timm_name
+from pathfm.export import save_export, timm_export, timm_name
+from pathfm.weights import load_backbone
 from pathfm.vit import ViTArgs, build_vit
 
 CASES = [  # (pathfm args, timm architecture): the kaiko.ai releases and the DINOv2 register models

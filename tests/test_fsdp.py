@@ -140,12 +140,12 @@ def _ema_worker(rank: int, world: int, port: int) -> None:
 
     from pathfm.dist import init_distributed, teardown, wrap_model
     from pathfm.heads import DINOHead
-    from pathfm.train import update_teacher
+    from pathfm.train import update_ema
     from pathfm.vit import ViTArgs, build_vit
 
     env = init_distributed(device="cpu")
     # reshard_after_forward=False leaves the teacher's parameters unsharded after its forward (the case that
-    # crashed the EMA with mixed Tensor and DTensor): the trainer's update_teacher must handle both
+    # crashed the EMA with mixed Tensor and DTensor): the trainer's update_ema must handle both
     for reshard_after_forward in (True, False):
         torch.manual_seed(rank)  # ranks build different weights on purpose: wrap_model must make them rank 0's
         vit = build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=32, layerscale=1e-5))
@@ -176,7 +176,7 @@ def _ema_worker(rank: int, world: int, port: int) -> None:
         m = 0.9
         with torch.no_grad():  # a teacher forward first, as in the training step
             teacher.dino_head(teacher.backbone.forward_features(x)[:, 0])
-        update_teacher(teacher, student, m)  # the trainer's own EMA
+        update_ema(teacher, student, m)  # the trainer's own EMA
         t1 = full(teacher)
         for n in t1:
             torch.testing.assert_close(t1[n], m * t0[n] + (1 - m) * s[n], rtol=1e-6, atol=1e-7,

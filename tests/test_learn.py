@@ -35,12 +35,11 @@ def test_learn_script_trains_probes_and_writes_its_evidence(tmp_path):
     assert res["baselines"]["pixels"]["raw"] > control + 0.3 and control < 0.3, (res["baselines"], control)
     # the table probes each step's teacher, not the random init: the last row, recomputed from its checkpoint
     from bench.learn_probe import cls_features
-    from pathfm import checkpoint as ckpt
-
     from pathfm.config import load_config
+    from pathfm.weights import load_ema_backbone
 
     crops = load_config(out / "run" / "config.yaml").crops
-    vit, _ = ckpt.load_teacher_backbone(out / "run" / "checkpoints" / "step_0000004")
+    vit, _ = load_ema_backbone(out / "run" / "checkpoints" / "step_0000004")
     again = learn.probe(lambda x: cls_features(vit, x, crops.mean, crops.std), sets)
     assert again == {"raw": res["table"][-1]["knn_raw"], "normalised": res["table"][-1]["knn_normalised"]}
     saved = json.loads((out / "results.json").read_text())

@@ -145,7 +145,7 @@ def test_keep_last_keeps_held_checkpoints_until_released_at_most_max_held(tmp_pa
 
     student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(student.parameters())
-    kw = dict(student=student, teacher=teacher, optimizer=opt, loss_state=torch.nn.ModuleDict(), meta={}, keep_last=1)
+    kw = dict(student=student, ema=teacher, optimizer=opt, loss_state=torch.nn.ModuleDict(), meta={}, keep_last=1)
     names = lambda: sorted(p.name for p in tmp_path.glob("step_*"))  # noqa: E731
     save_checkpoint(tmp_path, 1, hold=True, **kw)
     save_checkpoint(tmp_path, 2, hold=False, **kw)

@@ -33,7 +33,7 @@ def _state():
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     student.backbone(torch.randn(2, 2)).square().mean().backward()
     optimizer.step()
-    return dict(student=student, teacher=teacher, optimizer=optimizer, loss_state=nn.ModuleDict({"c": Centering(2)}))
+    return dict(student=student, ema=teacher, optimizer=optimizer, loss_state=nn.ModuleDict({"c": Centering(2)}))
 
 
 def _partial_save_worker(rank: int, world: int, folder: str) -> dict:

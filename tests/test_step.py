@@ -65,9 +65,9 @@ def run_one_step(cfg, monkeypatch) -> dict:
                 seen.setdefault("batch", copy.deepcopy(batch))
                 yield batch
 
-    def recording_save(ckpt_dir, step, *, student, teacher, loss_state, **kw):
+    def recording_save(ckpt_dir, step, *, student, ema, loss_state, **kw):
         # what the step left, recorded instead of written (saving is tested in test_checkpoint / test_train)
-        seen["student1"], seen["teacher1"] = copy.deepcopy(student), copy.deepcopy(teacher)
+        seen["student1"], seen["teacher1"] = copy.deepcopy(student), copy.deepcopy(ema)
         seen["loss_state1"] = copy.deepcopy(loss_state)
         return Path(ckpt_dir) / ckpt.step_name(step)
 

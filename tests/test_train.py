@@ -12,6 +12,7 @@ import torch
 
 from pathfm import checkpoint as ckpt
 from pathfm.config import load_config
+from pathfm.weights import load_ema_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_readme_first_command_leaves_a_complete_run_folder(tmp_path):
     side = json.loads((run_dir / "export" / "model.json").read_text())
     model = timm.create_model(side["timm_name"], num_classes=0, **side["timm_kwargs"]).eval()
     model.load_state_dict(torch.load(run_dir / "export" / "model.pth"), strict=True)
-    teacher, meta = ckpt.load_teacher_backbone(run_dir)
+    teacher, meta = load_ema_backbone(run_dir)
     assert meta["step"] == 12
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     # steps 1-4 trained and checkpointed at 3; 5, 6, 7 (index 4-6) skipped; nothing saved after the failure
     assert (ckpts / "last").read_text().strip() == "step_0000003"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000003"]
-    teacher, meta = ckpt.load_teacher_backbone(ckpts / "last")
+    teacher, meta = load_ema_backbone(ckpts / "last")
     assert meta["step"] == 3
     rows = [json.loads(line) for line in (ckpts.parent / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("nonfinite_steps", 0) for r in rows) == 3
@@ -162,7 +163,7 @@ def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped(tmp_path, monkeypatc
     assert rows[-1]["nonfinite_steps"] == 1
     assert all(r["step"] != 2 or "loss/total" not in r for r in rows)  # step 2 skipped, not applied
     assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
-    teacher, _ = ckpt.load_teacher_backbone(result["run_dir"])
+    teacher, _ = load_ema_backbone(result["run_dir"])
     assert all(torch.isfinite(p).all() for p in teacher.state_dict().values())
 
 
@@ -206,7 +207,7 @@ def test_kill_9_while_a_checkpoint_is_written_resumes_exactly(tmp_path):
     # the write was cut: shards there, no meta.json, never renamed; the last complete checkpoint is step 1, and loads
     assert (folder / "step_0000002.tmp").is_dir() and not (folder / "step_0000002").exists()
     assert ckpt.latest_checkpoint(folder).name == "step_0000001"
-    assert ckpt.load_teacher_backbone(folder)[1]["step"] == 1
+    assert load_ema_backbone(folder)[1]["step"] == 1
     # the relaunch resumes from step 1 and rewrites step 2 cleanly; an override that changes no number, to see the
     # second launch's config recorded beside the first's
     resumed = run(smoke(tmp_path / "killed", *args, "train.max_nonfinite=7"))
@@ -254,8 +255,8 @@ def test_high_resolution_post_training_starts_from_a_checkpoint(tmp_path):
     post = run(smoke(tmp_path / "post", "train.steps=1", "train.rankme_every=0", "crops.global_size=96",
                      "crops.local_size=48", "data.tile_size=128", "optim.base_lr=0.0", "optim.min_lr=0.0",
                      "ssl.momentum_teacher=1.0", f"train.init_checkpoint={base['run_dir']}/checkpoints/last"))
-    a, _ = ckpt.load_teacher_backbone(base["run_dir"])
-    b, _ = ckpt.load_teacher_backbone(post["run_dir"])
+    a, _ = load_ema_backbone(base["run_dir"])
+    b, _ = load_ema_backbone(post["run_dir"])
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
 

@@ -83,7 +83,7 @@ def test_debug_shows_the_error_itself_and_config_errors_are_one_line(tmp_path):
 
 
 def test_weights_that_are_a_folder_or_text_are_named(tmp_path):
-    from pathfm.export import read_state_dict
+    from pathfm.weights import read_state_dict
 
     (tmp_path / "t.pth").write_text("not weights")
     for bad, words in ((tmp_path, "is a folder"), (tmp_path / "t.pth", "is not a PyTorch state dict")):
