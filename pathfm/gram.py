@@ -104,13 +104,12 @@ def anchor_vit(cfg):
                 if t.is_floating_point():
                     t.fill_(float("nan"))  # filled by the snapshot at start_step; a use before it shows as NaN
         return vit, None
-    from pathfm import checkpoint as ckpt
     from pathfm.distill import inspect_teacher
-    from pathfm.export import load_backbone, resolve_weights
+    from pathfm.weights import load_backbone, load_ema_backbone, resolve_weights
 
     spec = inspect_teacher(cfg.gram.anchor)
     if spec.kind == "checkpoint":
-        vit, _ = ckpt.load_teacher_backbone(spec.source)
+        vit, _ = load_ema_backbone(spec.source)
     else:
         with torch.device("meta"):
             vit = build_vit(spec.vit_args)
