@@ -94,16 +94,18 @@ def build_stall(tmp: Path, limit: float = 10.0):
 
 
 def build_kill(tmp: Path):
-    paths = slides(tmp, 6, size=8192)  # about a second each to describe: time to catch a worker in one
+    paths = slides(tmp, 6, size=8192)  # ~70 ms each to describe (was ~1 s): the build lasts long enough to catch a worker
     m = manifest(tmp, paths)
     p = subprocess.Popen(build_command(m, tmp / "index", "--workers", "2"), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    own, victim = Path(f"/proc/{p.pid}/cmdline").read_bytes(), None
+    own, victim = b"", None
+    while b"pathfm.data.index" not in own:  # read right after Popen, it may still be this script's (before exec) or empty
+        own = Path(f"/proc/{p.pid}/cmdline").read_bytes()
     while victim is None and p.poll() is None:
         for c in children(p.pid):
             try:
                 if Path(f"/proc/{c}/cmdline").read_bytes() == own:  # a forked build worker
-                    time.sleep(0.1)  # into its slide
+                    time.sleep(0.03)  # into its first slide (sent once every worker has started; ~70 ms each)
                     os.kill(c, signal.SIGKILL)
                     victim = c
                     break
