@@ -15,17 +15,15 @@ with their own mean, std and input size. Nothing is downloaded: hf-hub names are
 
 from __future__ import annotations
 
-import functools
-import importlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pathfm.export import timm_name as timm_arch_name
-from pathfm.weights import load_ema_backbone, load_export
+from pathfm.weights import (HUB_PREFIXES, build_hub_model, hub_folder, hub_pretrained_cfg, load_ema_backbone, load_export,
+                            read_hub_config)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -107,117 +105,23 @@ def _timm_backbone(name: str, weights: str | None, img_size: int | None) -> Eval
 
 
 # ---------------------------------------------------------------------------------------------
-# public models: a timm config.json + weights, as the Hugging Face hub holds them
-
-HUB_PREFIXES = ("local-dir:", "hf-hub:")
-
-
-def hub_folder(name: str) -> Path:
-    """local-dir:PATH -> PATH; hf-hub:ORG/NAME[@REVISION] -> its snapshot in the local Hugging Face cache, offline
-    (never a download: a model not in the cache is an error that says how to get it)."""
-    source, _, ident = name.partition(":")
-    if source == "local-dir":
-        folder = Path(ident).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--timm {name}: no config.json in '{folder}' (expected a model folder as the hub "
-                                    "holds it: config.json + model.safetensors)")
-        return folder
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # for huggingface_hub if not imported yet; local_files_only decides
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    repo, _, revision = ident.partition("@")
-    # the cache as the user's environment names it now (huggingface_hub reads it once, when first imported)
-    cache = os.environ.get("HF_HUB_CACHE") or (os.environ["HF_HOME"] + "/hub" if os.environ.get("HF_HOME") else None)
-    try:
-        return Path(hf_hub_download(repo, "config.json", revision=revision or None, cache_dir=cache,
-                                    local_files_only=True)).parent
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:
-        raise FileNotFoundError(f"--timm {name}: not in the local Hugging Face cache ({type(e).__name__}); download it "
-                                f"once where there is network (huggingface-cli download {repo}), or give "
-                                "local-dir:PATH to a copy") from None
-
-
-def resolve_layer(key: str, value, where: str):
-    """A layer named in model_args -> the class timm's constructor needs: 'timm.layers.SwiGLUPacked',
-    'torch.nn.SiLU', or a bare name in timm.layers / torch.nn ('SwiGLUPacked', 'SiLU'), or an activation / norm
-    name timm knows ('silu', 'layernorm'). Only timm and torch are imported from."""
-    if not isinstance(value, str):
-        return value
-    import timm.layers
-
-    if "." in value:
-        module, _, attr = value.rpartition(".")
-        if module.split(".")[0] in ("timm", "torch"):
-            try:
-                found = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                found = None
-            if isinstance(found, (type, functools.partial)):  # a layer, never an arbitrary function
-                return found
-    else:
-        for module in (timm.layers, torch.nn):
-            found = getattr(module, value, None)
-            if isinstance(found, (type, functools.partial)):  # timm's SwiGLUPacked is a partial of GluMlp
-                return found
-        try:
-            if key == "act_layer":
-                return timm.layers.get_act_layer(value)
-            if key.endswith("norm_layer"):
-                return timm.layers.get_norm_layer(value)
-        except (ValueError, KeyError, AssertionError):
-            pass
-    raise ValueError(f"{where}: model_args.{key} = '{value}' names no timm or torch layer (expected e.g. "
-                     "'timm.layers.SwiGLUPacked', 'torch.nn.SiLU' or 'silu')")
-
-
-def _layer_key(key: str) -> bool:
-    return key.endswith("_layer") or key in ("block_fn", "mlp_fn")
+# public models: a timm config.json + weights, as the Hugging Face hub holds them (read by pathfm.weights)
 
 
 def _hub_backbone(name: str, img_size: int | None, timm_args: dict) -> EvalBackbone:
-    """A public model from its folder: timm builds it from config.json with the layer names resolved and loads its
-    weights strictly; mean, std and input size come from its pretrained_cfg. A model that cannot be built is one
-    ValueError line naming the config key at fault."""
-    import re
-
-    import timm
-
-    folder = hub_folder(name)
-    where = f"--timm {name} (config.json)"
+    """A public model from its folder (pathfm.weights.build_hub_model: timm builds it from config.json and loads its
+    weights strictly), with the mean, std and input size of its pretrained_cfg."""
     try:
-        cfg = json.loads((folder / "config.json").read_text())
-        arch = cfg["architecture"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{where}: not a timm model config ({type(e).__name__}: {e}); expected 'architecture', "
-                         "'model_args' and 'pretrained_cfg'") from None
-    if not timm.is_model(arch):
-        raise ValueError(f"{where}: architecture '{arch}' is not a timm {timm.__version__} model")
-    model_args = {**cfg.get("model_args", {}), **timm_args}
-    kwargs = {k: resolve_layer(k, v, where if k not in timm_args else "--timm-args") for k, v in model_args.items() if _layer_key(k)}
-    kwargs["num_classes"] = 0  # embeddings, never a classifier
-    pcfg = cfg.get("pretrained_cfg", cfg)
-    native = int((pcfg.get("input_size") or (3, 224, 224))[-1])
-    dynamic = model_args.get("dynamic_img_size", False)
-    if img_size and img_size != native and not dynamic:
-        kwargs["img_size"] = img_size  # timm resamples the position embeddings as it loads
-    kwargs.update({k: v for k, v in timm_args.items() if k not in kwargs})
-    try:
-        model = timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
-    except TypeError as e:  # a model_args key the architecture does not take
-        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        raise ValueError(f"{where}: model_args.{bad.group(1) if bad else '?'} is not an argument of timm's "
-                         f"{arch} ({str(e).splitlines()[0][:160]})") from None
-    except RuntimeError as e:  # weights that do not fit the architecture the config describes
-        msg = " ".join(str(e).split())
-        key = re.search(r'(?:size mismatch for |key\(s\) in state_dict: ")([\w.]+)', msg)
-        raise ValueError(f"{where}: the weights do not fit {arch} as model_args describe it (first key at fault: "
-                         f"{key.group(1) if key else '?'}; {msg[:200]}...); a layer its config does not name (e.g. "
-                         "mlp_layer) can be given with --timm-args") from None
+        folder = hub_folder(name)
+        where = f"--timm {name} (config.json)"
+        cfg = read_hub_config(folder, where)
+        model = build_hub_model(folder, where, img_size, timm_args, extra_where="--timm-args")
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"--timm {name}: {e}") from None
+        raise FileNotFoundError(f"--timm {e}") from None
+    pcfg = hub_pretrained_cfg(cfg)
     mean, std = tuple(pcfg.get("mean", IMAGENET_MEAN)), tuple(pcfg.get("std", IMAGENET_STD))
-    return EvalBackbone(model.eval(), mean, std, name, arch, extra={"weights": str(folder)}, input_size=native)
+    native = int((pcfg.get("input_size") or (3, 224, 224))[-1])
+    return EvalBackbone(model.eval(), mean, std, name, cfg["architecture"], extra={"weights": str(folder)}, input_size=native)
 
 
 def input_size_hint(timm_name: str | None) -> int:

@@ -4,6 +4,7 @@
     vit, sidecar = load_export("runs/<name>/export")      # an export folder, rebuilt from its model.json
     vit, meta = load_ema_backbone("runs/<name>")          # a checkpoint's EMA backbone, rebuilt from its meta.json
     heads, args = load_heads("runs/<name>/export")        # heads.safetensors beside an export
+    model = build_hub_model(hub_folder("hf-hub:org/name"), where)  # a public model folder (config.json), built by timm
 
 Checkpoints are read in one process, without a process group (also inside a distributed job); resuming
 training from one is pathfm/checkpoint.py's load_checkpoint.
@@ -254,3 +255,147 @@ def checkpoint_heads(path: str | Path) -> tuple[dict, dict] | None:
     heads = heads.to_empty(device="cpu")
     load_ema(step_dir, heads)
     return dict(heads.state_dict()), args
+
+
+# ---------------------------------------------------------------------------------------------
+# public models: a timm config.json + weights, as the Hugging Face hub holds them (UNI, Virchow, H-optimus, ...)
+
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
+
+
+def hub_folder(name: str) -> Path:
+    """local-dir:PATH -> PATH; hf-hub:ORG/NAME[@REVISION] -> its snapshot in the local Hugging Face cache, offline
+    (never a download: a model not in the cache is an error that says how to get it)."""
+    import os
+
+    source, _, ident = name.partition(":")
+    if source == "local-dir":
+        folder = Path(ident).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{name}: no config.json in '{folder}' (expected a model folder as the hub "
+                                    "holds it: config.json + model.safetensors)")
+        return folder
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # for huggingface_hub if not imported yet; local_files_only decides
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, _, revision = ident.partition("@")
+    # the cache as the user's environment names it now (huggingface_hub reads it once, when first imported)
+    cache = os.environ.get("HF_HUB_CACHE") or (os.environ["HF_HOME"] + "/hub" if os.environ.get("HF_HOME") else None)
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=revision or None, cache_dir=cache,
+                                    local_files_only=True)).parent
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(f"{name}: not in the local Hugging Face cache ({type(e).__name__}); download it "
+                                f"once where there is network (huggingface-cli download {repo}), or give "
+                                "local-dir:PATH to a copy") from None
+
+
+def read_hub_config(folder: Path, where: str) -> dict:
+    """A hub folder's config.json (architecture, model_args, pretrained_cfg); one ValueError line when it is not timm's."""
+    import timm
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        arch = cfg["architecture"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{where}: not a timm model config ({type(e).__name__}: {e}); expected 'architecture', "
+                         "'model_args' and 'pretrained_cfg'") from None
+    if not timm.is_model(arch):
+        raise ValueError(f"{where}: architecture '{arch}' is not a timm {timm.__version__} model")
+    return cfg
+
+
+def hub_pretrained_cfg(cfg: dict) -> dict:
+    """mean, std, input_size (C, H, W) of a hub config (timm writes them under pretrained_cfg; older files at the top)."""
+    return cfg.get("pretrained_cfg", cfg)
+
+
+def hub_weights(folder: Path) -> Path:
+    """The weights file of a hub folder, as timm looks for it."""
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"'{folder}' has config.json but no model.safetensors or pytorch_model.bin")
+
+
+def resolve_layer(key: str, value, where: str):
+    """A layer named in model_args -> the class timm's constructor needs: 'timm.layers.SwiGLUPacked',
+    'torch.nn.SiLU', or a bare name in timm.layers / torch.nn ('SwiGLUPacked', 'SiLU'), or an activation / norm
+    name timm knows ('silu', 'layernorm'). Only timm and torch are imported from."""
+    import functools
+    import importlib
+
+    import timm.layers
+
+    if not isinstance(value, str):
+        return value
+    if "." in value:
+        module, _, attr = value.rpartition(".")
+        if module.split(".")[0] in ("timm", "torch"):
+            try:
+                found = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                found = None
+            if isinstance(found, (type, functools.partial)):  # a layer, never an arbitrary function
+                return found
+    else:
+        for module in (timm.layers, torch.nn):
+            found = getattr(module, value, None)
+            if isinstance(found, (type, functools.partial)):  # timm's SwiGLUPacked is a partial of GluMlp
+                return found
+        try:
+            if key == "act_layer":
+                return timm.layers.get_act_layer(value)
+            if key.endswith("norm_layer"):
+                return timm.layers.get_norm_layer(value)
+        except (ValueError, KeyError, AssertionError):
+            pass
+    raise ValueError(f"{where}: model_args.{key} = '{value}' names no timm or torch layer (expected e.g. "
+                     "'timm.layers.SwiGLUPacked', 'torch.nn.SiLU' or 'silu')")
+
+
+def build_hub_model(folder: Path, where: str, img_size: int | None = None, extra_args: dict | None = None,
+                    pretrained: bool = True, extra_where: str = "extra model arguments") -> nn.Module:
+    """A public model from its folder: timm builds it from config.json with the layer names in its model_args resolved
+    (timm passes them to the constructor as strings) and loads its weights strictly, no classifier. img_size (when not
+    dynamic): the size it is built for; timm resamples the position embeddings once as it loads (antialiased
+    bicubic). extra_args: constructor arguments over the config's (extra_where: what the user calls them). A model that cannot be built is one ValueError
+    line naming the config key at fault."""
+    import re
+
+    import timm
+
+    cfg = read_hub_config(folder, where)
+    extra_args = extra_args or {}
+    model_args = {**cfg.get("model_args", {}), **extra_args}
+    is_layer = lambda k: k.endswith("_layer") or k in ("block_fn", "mlp_fn")  # noqa: E731
+    kwargs = {k: resolve_layer(k, v, where if k not in extra_args else extra_where)
+              for k, v in model_args.items() if is_layer(k)}
+    kwargs["num_classes"] = 0  # embeddings, never a classifier
+    native = int((hub_pretrained_cfg(cfg).get("input_size") or (3, 224, 224))[-1])
+    if img_size and img_size != native and not model_args.get("dynamic_img_size", False):
+        kwargs["img_size"] = img_size
+    kwargs.update({k: v for k, v in extra_args.items() if k not in kwargs})
+    try:
+        return timm.create_model(f"local-dir:{folder}", pretrained=pretrained, **kwargs)
+    except TypeError as e:  # a model_args key the architecture does not take
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        raise ValueError(f"{where}: model_args.{bad.group(1) if bad else '?'} is not an argument of timm's "
+                         f"{cfg['architecture']} ({str(e).splitlines()[0][:160]})") from None
+    except RuntimeError as e:  # weights that do not fit the architecture the config describes
+        msg = " ".join(str(e).split())
+        key = re.search(r'(?:size mismatch for |key\(s\) in state_dict: ")([\w.]+)', msg)
+        raise ValueError(f"{where}: the weights do not fit {cfg['architecture']} as model_args describe it (first key "
+                         f"at fault: {key.group(1) if key else '?'}; {msg[:200]}...); a layer its config does not name "
+                         f"(e.g. mlp_layer) can be given in {extra_where}") from None
+
+
+def weight_shapes(path: Path) -> dict:
+    """{name: shape} of a weights file without reading its tensors (safetensors header; a mapped torch file)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
