@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python eval/watch.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pathfm import probes as record  # noqa: E402  (the run-folder record shared with the trainer; no torch)
+from pathfm import probes as pprobes  # noqa: E402  (the run-folder record shared with the trainer; no torch)
 from pathfm.config import ProbeTask, parse_probe_task, probe_wanted  # noqa: E402
 
 SQUEUE_LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -126,7 +126,7 @@ class Watcher:
         # (step, task, protocol) with a row: read once, here, while this process holds the run's watch.lock (made
         # after take_lock), so it is the table's only writer; add_row keeps it current. Not re-read at every poll
         # for every checkpoint: the table grows with the run.
-        self.have = record.done(run_dir)
+        self.have = pprobes.done(run_dir)
 
     # --- when to stop
     def ended(self) -> bool:
@@ -134,7 +134,7 @@ class Watcher:
         if a.once:
             return True
         if a.pid:
-            return not record.alive(a.pid)
+            return not pprobes.alive(a.pid)
         if a.job:
             state = squeue_state(a.job)
             self.job_gone = 0 if state in SQUEUE_LIVE else self.job_gone + 1
@@ -153,7 +153,7 @@ class Watcher:
 
     def add_row(self, step: int, task: str, protocol: str, status: str, **fields) -> dict:
         """A row in the table, and in the done-set todo() reads."""
-        row = record.add_row(self.run, step, task, protocol, status, **fields)
+        row = pprobes.add_row(self.run, step, task, protocol, status, **fields)
         self.have.add((step, task, protocol))
         return row
 
@@ -239,7 +239,7 @@ class Watcher:
         label, o, a = snap.stem, self.opts, self.args
         device = a.device or "cpu"
         for task, protocols in self.todo(step):
-            record.current_path(self.run).write_text(json.dumps(
+            pprobes.current_path(self.run).write_text(json.dumps(
                 {"pid": os.getpid(), "step": step, "task": task.name, "protocols": protocols}))
             base = self.eval / label / task.name
             emb = base / "embeddings" / f"{o['embedding']}-{o['img_size']}px"
@@ -259,14 +259,14 @@ class Watcher:
                 for p in protocols:
                     self.add_row(step, task.name, p, "failed", checkpoint=backbone.source,
                                  reason=f"embeddings: {type(e).__name__}: {e}")
-                record.current_path(self.run).unlink(missing_ok=True)
+                pprobes.current_path(self.run).unlink(missing_ok=True)
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 continue
             for p in protocols:
                 self.run_protocol(step, backbone.source, task, p, emb, base / p, extract_s)
             shutil.rmtree(base / "embeddings", ignore_errors=True)  # a checkpoint's embeddings are not reused
-            record.current_path(self.run).unlink(missing_ok=True)
+            pprobes.current_path(self.run).unlink(missing_ok=True)
         snap.unlink(missing_ok=True)
 
     def run_protocol(self, step, source, task, protocol, emb, out, extract_s) -> None:
@@ -320,7 +320,7 @@ class Watcher:
     # --- the loop
     def run_until_ended(self) -> int:
         """Returns the number of (checkpoint, task, protocol) probes recorded."""
-        before = len(record.read_table(self.run))
+        before = len(pprobes.read_table(self.run))
         stop = threading.Event()
         thread = threading.Thread(target=self.snapshot_loop, args=(stop,), daemon=True)
         thread.start()
@@ -344,7 +344,7 @@ class Watcher:
             stop.set()
             if self.tb is not None:
                 self.tb.close()
-        return len(record.read_table(self.run)) - before
+        return len(pprobes.read_table(self.run)) - before
 
 
 def take_lock(run_dir: Path):
@@ -391,14 +391,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(opts["threads"])
     lock = take_lock(run_dir)
     # a probe process that died in the middle of a probe (kill -9, out of memory) left its marker: record it
-    for row in record.record_dead_probe(run_dir, "the probe process ended"):
+    for row in pprobes.record_dead_probe(run_dir, "the probe process ended"):
         print(f"recorded: step {row['step']} {row['task']}/{row['protocol']} failed ({row['reason']})", file=sys.stderr)
     names = ", ".join(f"{t.name} ({'+'.join(t.protocols)})" for t in opts["tasks"])
     print(f"watching {run_dir}: {names}; every {opts['every']} checkpoint(s), pid {os.getpid()}", file=sys.stderr,
           flush=True)
     n = Watcher(run_dir, opts, args).run_until_ended()
     lock.close()
-    print(f"run ended; {n} probe(s) recorded in {record.table_path(run_dir)}", file=sys.stderr, flush=True)
+    print(f"run ended; {n} probe(s) recorded in {pprobes.table_path(run_dir)}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -177,7 +177,7 @@ def run_local(point_dir: Path, nproc: int, job_args: dict, timeout_s: float, tor
     if not torchrun and nproc != 1:
         raise ValueError(f"run_local: {nproc} processes need torchrun")
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if torchrun else []
-    cmd = [sys.executable, *launcher, "-m", "pathfm.benchmark", "--point-dir", str(point_dir),
+    cmd = [sys.executable, *launcher, "-m", "launch.bench_point", "--point-dir", str(point_dir),
            "--warmup", str(job_args["warmup"]), "--measure", str(job_args["measure"])]
     cmd += ["--data-only"] if job_args["data"] else []
     cmd += ["--memory-gib", str(job_args["memory_gib"])] if job_args["memory_gib"] else []
@@ -186,7 +186,7 @@ def run_local(point_dir: Path, nproc: int, job_args: dict, timeout_s: float, tor
         return f"not finished after {timeout_s:.0f} s (--point-timeout); log: {point_dir / 'log.txt'}"
     if not list((point_dir / "ranks").glob("rank_*.json")):
         tail = (point_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(empty)"]
-        return f"{'torchrun' if torchrun else 'pathfm.benchmark'} exited {returncode} with no result: {tail[0][:300]}; " \
+        return f"{'torchrun' if torchrun else 'launch.bench_point'} exited {returncode} with no result: {tail[0][:300]}; " \
                f"log: {point_dir / 'log.txt'}"
     return ""
 
@@ -223,7 +223,7 @@ def partition_nodes(partition: str) -> int | None:
 def run_slurm(point_dir: Path, res, job_args: dict, timeout_s: float) -> str:
     """Submit one point and wait for it; '' when the job ran, else why it could not."""
     from launch import slurm
-    from pathfm.benchmark import BenchJob
+    from launch.bench_point import BenchJob
 
     have = partition_nodes(res.partition)
     if have is not None and res.nodes > have:

@@ -1,16 +1,15 @@
 """One benchmark point, as every rank of the job runs it, and its summary (launch/benchmark.py drives both).
 
-    torchrun --nproc-per-node 2 -m pathfm.benchmark --point-dir runs/bench/x/local-2 --warmup 2 --measure 3
-    BenchJob(point_dir, warmup=5, measure=20)()      # the callable a SLURM task runs (submitit)
+    run_point(point_dir, train=pathfm.train.main, warmup=5, measure=20)   # on every rank (launch/bench_point.py)
     summarize(point_dir, warmup=5)                   # rank files + metrics.jsonl -> one result dict
 
 The point folder holds config.yaml (written by the launcher, with the benchmark's overrides) and is
-also the run folder of pathfm.train.main: training mode runs the real loop for warmup + measure steps
+also the run folder of the trainer: training mode runs the real loop for warmup + measure steps
 with train.log_every=1 and train.sync_timing=true, then reads the measured steps from metrics.jsonl.
 Data-only mode iterates the config's real DataLoader with no model. Every rank writes
 ranks/rank_R.json (status, peak memory, device), so a rank that ran out of memory still leaves a
 result. No torch import at module level: the launcher imports `summarize` without the training stack.
-This module drives pathfm.train; nothing else in pathfm imports it.
+The trainer is handed in (train=pathfm.train.main, by launch/bench_point.py): nothing in pathfm imports it.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import json
 import os
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -44,7 +42,7 @@ def count_params(cfg) -> int:
 
     import torch
 
-    from pathfm.train import build_student
+    from pathfm.student import build_student
 
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_weights=""))  # shapes only
     with torch.device("meta"):
@@ -135,9 +133,10 @@ def data_only(cfg, env, warmup: int, measure: int) -> dict:
     return {"batch_s": times, "samples_per_s": cfg.optim.batch_size * len(times) / sum(times)}
 
 
-def run_point(point_dir: str | os.PathLike, *, warmup: int, measure: int, data: bool = False,
+def run_point(point_dir: str | os.PathLike, *, train, warmup: int, measure: int, data: bool = False,
               memory_gib: float | None = None) -> dict:
-    """Run this rank's part of one point and write ranks/rank_R.json; returns what it wrote."""
+    """Run this rank's part of one point and write ranks/rank_R.json; returns what it wrote. train: the trainer's
+    main(cfg) (pathfm.train.main), run on the point folder's config unless the point is data-only or too large."""
     import torch
 
     from pathfm import dist as pdist
@@ -173,9 +172,7 @@ def run_point(point_dir: str | os.PathLike, *, warmup: int, measure: int, data: 
                 if env.device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(env.device)  # the step's peak, not the collective buffers'
-                from pathfm.train import main as train_main
-
-                rec["train_status"] = train_main(cfg)["status"]
+                rec["train_status"] = train(cfg)["status"]
                 rec["memory_gib"] = peak_memory_gib(env.device)
                 if env.is_main:
                     rec.update(flops_and_peak(cfg, env.device))
@@ -191,16 +188,6 @@ def run_point(point_dir: str | os.PathLike, *, warmup: int, measure: int, data: 
     if rec["status"] in ("ok", "too_large") and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # train.main tore its group down; data-only and too_large did not
     return rec
-
-
-class BenchJob:
-    """The callable each SLURM task runs (submitit pickles it by this module's import path)."""
-
-    def __init__(self, point_dir: str, warmup: int, measure: int, data: bool = False, memory_gib: float | None = None):
-        self.point_dir, self.warmup, self.measure, self.data, self.memory_gib = str(point_dir), warmup, measure, data, memory_gib
-
-    def __call__(self) -> dict:
-        return run_point(self.point_dir, warmup=self.warmup, measure=self.measure, data=self.data, memory_gib=self.memory_gib)
 
 
 # ---- after the job: one point's result --------------------------------------------------------
@@ -263,24 +250,3 @@ def summarize(point_dir: str | os.PathLike, *, warmup: int) -> dict:
     if ranks[0].get("flops_note"):
         out["note"] = ranks[0]["flops_note"]
     return out
-
-
-def cli(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="one benchmark point on this rank (run by launch/benchmark.py under torchrun)")
-    p.add_argument("--point-dir", required=True, help="folder holding config.yaml; results go to its ranks/")
-    p.add_argument("--warmup", type=int, required=True)
-    p.add_argument("--measure", type=int, required=True)
-    p.add_argument("--data-only", action="store_true")
-    p.add_argument("--memory-gib", type=float)
-    a = p.parse_args(argv)
-    rec = run_point(a.point_dir, warmup=a.warmup, measure=a.measure, data=a.data_only, memory_gib=a.memory_gib)
-    if rec["status"] != "ok":
-        print(f"rank {rec['rank']}: {rec['status']}: {rec['error']}", file=sys.stderr, flush=True)
-    # a failed rank exits non-zero so that torchrun stops the others (they may wait in a collective)
-    return 0 if rec["status"] in ("ok", "too_large") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -61,7 +61,7 @@ HEAD_KEYS = ("objective", "prototypes", "head_hidden", "head_bottleneck", "head_
 
 
 def build_heads(in_dim: int, heads: dict) -> dict:
-    """{"dino_head": DINOHead[, "ibot_head": DINOHead]} for head args (HEAD_KEYS), as train.build_student builds them."""
+    """{"dino_head": DINOHead[, "ibot_head": DINOHead]} for head args (HEAD_KEYS), as student.build_student builds them."""
     make = lambda k: DINOHead(in_dim, k, heads["head_hidden"], heads["head_bottleneck"], heads["head_layers"])  # noqa: E731
     out = {"dino_head": make(heads["prototypes"])}
     if heads["objective"] == "dinov2" and heads["ibot_separate_head"]:

@@ -39,47 +39,17 @@ from pathfm.data.loader import (LoaderFault, Views, batches, build_loader, loade
                                 views_generator)
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
-from pathfm.distill import TeacherInput, add_projections, cosine_distance, feature_cls_loss, load_teacher
+from pathfm.distill import TeacherInput, cosine_distance, feature_cls_loss, load_teacher
 from pathfm.export import save_export, save_heads
 from pathfm.flops import mfu, peak_flops, step_flops
-from pathfm.heads import DINOHead
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
 from pathfm.metrics import (Logger, PlateauWatch, StepTimer, collapse_warning, peak_memory_gib, rankme,
                             relative_entropy, spread, student_teacher_kl)
 from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
 from pathfm.runfolder import STOPPED_EXIT, check_device, check_inputs, prepare_run_folder, write_status
-from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
-from pathfm.weights import (checkpoint_heads, load_backbone, load_ema_backbone, load_heads, load_heads_into, read_heads_args,
-                            resolve_weights)
-
-
-def vit_args(cfg: Config) -> ViTArgs:
-    m = cfg.model
-    return ViTArgs(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, num_registers=m.num_registers,
-                   ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path, drop_path_mode=m.drop_path_mode,
-                   drop_path_schedule=m.drop_path_schedule)
-
-
-def build_student(cfg: Config) -> nn.ModuleDict:
-    """backbone (ViT) + dino_head (+ ibot_head when iBOT has its own head) (+ cls_proj / patch_proj when distilling
-    features from a teacher without heads). model.init_weights: the backbone, and the heads an export folder holds."""
-    s = cfg.ssl
-    backbone = build_vit(vit_args(cfg))
-    if cfg.model.init_weights:
-        load_backbone(backbone, resolve_weights(cfg.model.init_weights))
-    head = lambda k: DINOHead(backbone.embed_dim, k, s.head_hidden, s.head_bottleneck, s.head_layers)  # noqa: E731
-    model = nn.ModuleDict({"backbone": backbone, "dino_head": head(s.prototypes)})
-    if s.objective == "dinov2" and s.ibot_separate_head:
-        model["ibot_head"] = head(s.ibot_prototypes)
-    if init_heads_file(cfg):
-        load_heads_into(model, load_heads(cfg.model.init_weights)[0], cfg.model.init_weights)
-    add_projections(cfg, model)
-    return model
-
-
-def init_heads_file(cfg: Config) -> bool:
-    """model.init_weights is an export (or its weights file) with heads.safetensors beside it, and model.init_heads."""
-    return bool(cfg.model.init_weights and cfg.model.init_heads and read_heads_args(cfg.model.init_weights) is not None)
+from pathfm.student import build_student, init_heads_file, vit_args
+from pathfm.vit import resolve_attn_backend
+from pathfm.weights import checkpoint_heads, load_ema_backbone
 
 
 def head_warmup_steps(cfg: Config) -> int:

@@ -12,6 +12,7 @@ import pytest
 from launch import benchmark as launcher
 from pathfm import benchmark as bench
 from pathfm.config import load_config, to_yaml
+from pathfm.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--warmup", "2", "--measure", "3", "data.num_workers=0"]
@@ -53,7 +54,7 @@ def test_memory_estimate_by_hand():
 
 
 def test_count_params_on_meta_matches_the_real_student():
-    from pathfm.train import build_student
+    from pathfm.student import build_student
 
     cfg = load_config("configs/smoke.yaml")
     assert bench.count_params(cfg) == sum(p.numel() for p in build_student(cfg).parameters())
@@ -127,7 +128,7 @@ def point_dir(tmp_path, overrides):
 
 
 def test_too_large_for_the_device_is_reported_with_the_estimate(tmp_path):
-    rec = bench.run_point(point_dir(tmp_path, []), warmup=1, measure=1, memory_gib=0.01)
+    rec = bench.run_point(point_dir(tmp_path, []), train=train_main, warmup=1, measure=1, memory_gib=0.01)
     assert rec["status"] == "too_large" and rec["estimate_gib"] > 0.01
     assert "parameters + optimizer need" in rec["error"] and "the device has 0.01 GiB" in rec["error"]
     assert json.loads((tmp_path / "p" / "ranks" / "rank_0.json").read_text()) == rec
@@ -137,7 +138,7 @@ def test_too_large_for_the_device_is_reported_with_the_estimate(tmp_path):
 def test_out_of_memory_in_the_job_is_the_points_result(tmp_path):
     # 200000 px random global crops: the first image asks the allocator for ~1 TB and fails at once
     rec = bench.run_point(point_dir(tmp_path, ["data.source=random", "optim.batch_size=1", "crops.global_size=200000"]),
-                          warmup=1, measure=1)
+                          train=train_main, warmup=1, measure=1)
     assert rec["status"] == "oom" and "allocate" in rec["error"], rec
     assert rec["memory_gib"] > 0 and rec["estimate_gib"] < rec["device_memory_gib"]
 
