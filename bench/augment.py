@@ -165,10 +165,10 @@ def main():
     mc, extra = None, {}
     if args.config:  # the recipe's own crops (pathfm.data.loader.Views), batch and tile size
         from pathfm.config import load_config
-        from pathfm.data.loader import Views
+        from pathfm.data.loader import multicrop
 
         cfg = load_config(args.config)
-        mc, extra = Views(cfg, cfg.model.patch_size, ibot=False).multicrop, {"config": Path(args.config).stem}
+        mc, extra = multicrop(cfg.crops), {"config": Path(args.config).stem}
         args.batch, args.tile = args.batch or cfg.optim.batch_size, args.tile or cfg.data.tile_size
     args.batch, args.tile = args.batch or 32, args.tile or 256
     if args.device_path:

@@ -103,8 +103,11 @@ def multicrop_transform():
     """The trainer's own views: DINOv2 multi-crop (2 x 224 + 8 x 96) and iBOT masks for the global crops."""
     from pathfm.config import Config
     from pathfm.data.loader import Views
+    from pathfm.plan import make_plan
 
-    return Views(Config(), patch_size=14, ibot=True)
+    cfg = Config()
+    cfg.model.patch_size = 14
+    return Views(cfg, make_plan(cfg))  # DINOv2: iBOT masks on the global crops
 
 
 def bench_full(opencv=True):

@@ -115,14 +115,23 @@ def flops_and_peak(cfg, device) -> dict:
     return {"flops_per_step": float(flops.step_flops(cfg)["total"]), "peak_flops": flops.peak_flops(device)}
 
 
+def step_views(cfg, plan=None):
+    """The views the trainer makes for cfg: its step plan (default: distill.step_plan(cfg)) says which crops carry
+    iBOT masks."""
+    from pathfm.data.loader import Views
+    from pathfm.distill import step_plan
+
+    return Views(cfg, plan or step_plan(cfg))
+
+
 def data_only(cfg, env, warmup: int, measure: int) -> dict:
     """The config's real DataLoader, no model: seconds per batch of the measured batches on this rank.
     With data.device_augment the workers only read tiles; the views made on the device are not timed."""
     from pathfm import dist as pdist
-    from pathfm.data.loader import Views, build_loader, slide_index
+    from pathfm.data.loader import build_loader, slide_index
 
     index = slide_index(cfg, rank=env.rank, world_size=env.world_size, wait=lambda: pdist.long_barrier(env))  # as train.main
-    views = Views(cfg, cfg.model.patch_size, cfg.ssl.objective == "dinov2")
+    views = step_views(cfg)
     loader = iter(build_loader(cfg, index, rank=env.rank, world_size=env.world_size, start_step=0, views=views))
     times = []
     for _ in range(warmup + measure):

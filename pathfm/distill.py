@@ -36,6 +36,7 @@ from torch import nn
 from pathfm import checkpoint as ckpt
 from pathfm import dist as pdist
 from pathfm.heads import HEAD_KEYS, build_heads
+from pathfm.plan import StepPlan, make_plan
 from pathfm import vit
 from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
 from pathfm.weights import (load_backbone, load_ema, load_heads, load_heads_into, read_heads_args, read_state_dict,
@@ -115,17 +116,9 @@ def inspect_teacher(path: str) -> TeacherSpec:
     return TeacherSpec(path, "state_dict", p, infer_vit_args(sd, path), None, None, None)
 
 
-def loss_mode(cfg, spec: TeacherSpec) -> str:
-    if cfg.distill.loss != "auto":
-        return cfg.distill.loss
-    return "heads" if spec.heads else "features"
-
-
-def uses_patch_targets(cfg, spec: TeacherSpec) -> bool:
-    """Patch-level targets: iBOT from the teacher's heads (a DINOv2 student), or patch features."""
-    if not cfg.distill.patch_targets:
-        return False
-    return loss_mode(cfg, spec) == "features" or cfg.ssl.objective == "dinov2"
+def step_plan(cfg) -> StepPlan:
+    """The step plan of cfg (pathfm.plan), reading distill.teacher's file when there is one (names and shapes only)."""
+    return make_plan(cfg, inspect_teacher(cfg.distill.teacher) if cfg.distill.teacher else None)
 
 
 def teacher_size(cfg, spec: TeacherSpec) -> int:
@@ -139,8 +132,8 @@ def check_pairing(cfg, spec: TeacherSpec) -> str:
     """The loss mode, or ValueError: one line naming both models and what differs."""
     m, s = cfg.model, cfg.ssl
     student = f"student {m.arch}/{m.patch_size} ({vit.ARCHS[m.arch][0]} wide)"
-    mode, who = loss_mode(cfg, spec), f"{student} and {spec.describe()}"
-    if mode == "heads":
+    plan, who = make_plan(cfg, spec), f"{student} and {spec.describe()}"
+    if plan.targets == "heads":
         if spec.heads is None:
             raise ValueError(f"{who}: distill.loss=heads but the teacher is a backbone without heads; use "
                              "distill.loss=features (or auto), or fit its heads first (README: teachers without heads)")
@@ -148,7 +141,7 @@ def check_pairing(cfg, spec: TeacherSpec) -> str:
         diff = []
         if s.prototypes != t["prototypes"]:
             diff.append(f"ssl.prototypes {s.prototypes} vs the teacher's {t['prototypes']}")
-        if uses_patch_targets(cfg, spec):
+        if plan.ibot:
             if t["objective"] != "dinov2":
                 diff.append("iBOT targets asked for but the teacher has no iBOT head (ssl.objective=dino); set "
                             "ssl.objective=dino or distill.patch_targets=false")
@@ -158,7 +151,7 @@ def check_pairing(cfg, spec: TeacherSpec) -> str:
                 diff.append(f"ssl.ibot_prototypes {s.ibot_prototypes} vs the teacher's {t['ibot_prototypes']}")
         if diff:
             raise ValueError(f"{who} cannot be paired: {'; '.join(diff)} (the student's head scores the teacher's prototypes)")
-    if uses_patch_targets(cfg, spec):
+    if plan.patch_targets:
         g_s = cfg.crops.global_size // m.patch_size
         size = teacher_size(cfg, spec)
         g_t = size // spec.vit_args.patch_size
@@ -167,7 +160,7 @@ def check_pairing(cfg, spec: TeacherSpec) -> str:
                              f"crops give a {g_s}x{g_s} token grid, the teacher's {size} px input a "
                              f"{size / spec.vit_args.patch_size:g}x{size / spec.vit_args.patch_size:g} grid; use "
                              "distill.teacher_input=match_grid, or distill.patch_targets=false (CLS targets only)")
-    return mode
+    return plan.targets
 
 
 def check_teacher(cfg) -> TeacherSpec:
@@ -248,11 +241,12 @@ def add_projections(cfg, student: nn.ModuleDict) -> None:
     if not cfg.distill.teacher:
         return
     spec = inspect_teacher(cfg.distill.teacher)
-    if loss_mode(cfg, spec) != "features":
+    plan = make_plan(cfg, spec)
+    if not plan.features:
         return
     d_s, d_t = student.backbone.embed_dim, vit.ARCHS[spec.vit_args.arch][0]
     student["cls_proj"] = projection(d_s, d_t)
-    if uses_patch_targets(cfg, spec):
+    if plan.patch_features:
         student["patch_proj"] = projection(d_s, d_t)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pathfm.distill import check_pairing, inspect_teacher, projection, step_plan, teacher_size
 from pathfm.heads import DINOHead, build_heads
 from pathfm.vit import ARCHS, ViTArgs, build_vit, kept_count
 
@@ -94,8 +95,6 @@ def count_flops(fn, *args, **kwargs) -> int:
 def distill_teacher_flops(cfg, batch: int, masked: int) -> float:
     """Forward FLOPs of distill.teacher on 2 * batch global crops at the size it sees them, with its heads
     (heads targets) on their CLS tokens and the masked patches; counted on the meta device."""
-    from pathfm.distill import check_pairing, inspect_teacher, teacher_size
-
     spec = inspect_teacher(cfg.distill.teacher)
     mode, size = check_pairing(cfg, spec), teacher_size(cfg, spec)
     with torch.device("meta"):
@@ -110,44 +109,66 @@ def distill_teacher_flops(cfg, batch: int, masked: int) -> float:
     return flops
 
 
-def step_flops(cfg) -> dict:
-    """FLOPs of one training step on one rank (its optim.batch_size images), counted on the meta device.
+def ibot_patch_count(cfg, plan) -> int:
+    """Patches the iBOT head scores per step on one rank: every patch of the 2B global crops (ibot_patches=all), else
+    the expected number of masked ones (mask_probability of the crops, a mask ratio drawn from [min, max])."""
+    s, B = cfg.ssl, cfg.optim.batch_size
+    patches = 2 * B * (cfg.crops.global_size // cfg.model.patch_size) ** 2
+    if not plan.ibot:
+        return 0
+    if plan.ibot_patches == "all":
+        return patches
+    return round(patches * s.mask_probability * (s.mask_ratio_min + s.mask_ratio_max) / 2)
 
-    teacher_forward: backbone on the 2 global crops (no stochastic depth: the teacher runs without it),
-    DINO head on their CLS tokens, iBOT head on the expected number of masked patches; with distill.teacher,
-    the frozen teacher's (distill_teacher_flops: its own width and depth, at its input size).
-    student_forward: backbone on the 2 global + n_local local crops in training mode (so subset-mode
-    stochastic depth counts only the kept images), heads on all CLS tokens and the masked patches.
+
+def step_flops(cfg, plan=None, scored: int | None = None) -> dict:
+    """FLOPs of one training step on one rank (its optim.batch_size images), counted on the meta device, for the
+    step the plan describes (pathfm.plan; default: distill.step_plan(cfg)). scored: the patches iBOT scores when
+    known (a recorded step's masks), else ibot_patch_count's expectation.
+
+    teacher_forward: the model that gives targets on the 2 global crops: the EMA (no stochastic depth: it runs
+    without it) with its DINO head on the CLS tokens and its iBOT head on the scored patches, or the frozen teacher
+    (distill_teacher_flops: its own width and depth, at its input size, its heads only with heads targets).
+    student_forward: backbone on the 2 global + n_local local crops in training mode (so subset-mode stochastic depth
+    counts only the kept images); then the DINO head on every CLS token and the iBOT head on the scored patches
+    (heads targets), or the projections (feature targets: cls_proj on every CLS token, patch_proj on every global
+    patch).
     student_backward: 2 x student_forward (gradients for inputs and for weights).
     """
+    plan = plan or step_plan(cfg)
     m, s, c = cfg.model, cfg.ssl, cfg.crops
     args = ViTArgs(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, num_registers=m.num_registers,
                    ffn=m.ffn, layerscale=m.layerscale, drop_path=m.drop_path,
                    drop_path_mode=m.drop_path_mode, drop_path_schedule=m.drop_path_schedule)
-    B = cfg.optim.batch_size
+    B, n_crops = cfg.optim.batch_size, 2 + c.n_local
+    scored = ibot_patch_count(cfg, plan) if scored is None else scored
     with torch.device("meta"):  # no memory, no compute: ViT-g costs nothing to count
         vit = build_vit(args)
-        head = DINOHead(vit.embed_dim, s.prototypes, s.head_hidden, s.head_bottleneck, s.head_layers)
-        ibot_head = DINOHead(vit.embed_dim, s.ibot_prototypes, s.head_hidden, s.head_bottleneck, s.head_layers) \
-            if s.ibot_separate_head else head
+        D = vit.embed_dim
+        head = DINOHead(D, s.prototypes, s.head_hidden, s.head_bottleneck, s.head_layers)
+        ibot_head = DINOHead(D, s.ibot_prototypes, s.head_hidden, s.head_bottleneck, s.head_layers) \
+            if plan.ibot_head == "ibot_head" else head
         vit.set_attn_backend("sdpa")  # per size group: the block-diagonal FLOPs, not a dense (T, T) mask's
         global_crops = torch.empty(2 * B, 3, c.global_size, c.global_size)
         local_crops = torch.empty(c.n_local * B, 3, c.local_size, c.local_size)
-        cls = torch.empty((2 + c.n_local) * B, vit.embed_dim)
-        patches = (c.global_size // m.patch_size) ** 2
-        masked = 0
-        if s.objective == "dinov2":  # expected masked patches of the 2B global crops
-            masked = round(2 * B * s.mask_probability * (s.mask_ratio_min + s.mask_ratio_max) / 2 * patches)
-        masked_tokens = torch.empty(masked, vit.embed_dim)
+        cls = torch.empty(n_crops * B, D)
+        patch_tokens = torch.empty(scored, D)
 
         vit.eval()
-        if cfg.distill.teacher:  # distillation: a frozen teacher (with its own heads) runs instead of the EMA
-            teacher = distill_teacher_flops(cfg, B, masked)
+        if plan.frozen_teacher:  # distillation: a frozen teacher (with its own heads) runs instead of the EMA
+            teacher = distill_teacher_flops(cfg, B, scored)
         else:
             teacher = count_flops(vit.forward_features, global_crops) + count_flops(head, cls[: 2 * B])
-            teacher += count_flops(ibot_head, masked_tokens) if masked else 0
+            teacher += count_flops(ibot_head, patch_tokens) if scored else 0
         vit.train()
-        student = count_flops(vit.forward_features_list, [global_crops, local_crops]) + count_flops(head, cls)
-        student += count_flops(ibot_head, masked_tokens) if masked else 0
+        student = count_flops(vit.forward_features_list, [global_crops, local_crops])
+        if plan.features:  # the projections to the teacher's width replace the heads
+            d_t = ARCHS[inspect_teacher(cfg.distill.teacher).vit_args.arch][0]
+            student += count_flops(projection(D, d_t), cls)
+            if plan.patch_features:
+                student += count_flops(projection(D, d_t), torch.empty(2 * B * (c.global_size // m.patch_size) ** 2, D))
+        else:
+            student += count_flops(head, cls)
+            student += count_flops(ibot_head, patch_tokens) if scored else 0
     return {"teacher_forward": teacher, "student_forward": student, "student_backward": 2 * student,
             "total": teacher + 3 * student}

@@ -96,19 +96,18 @@ class Centering(nn.Module):
 
 @torch.no_grad()
 @_fp32
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iters: int = 3,
-                   n_samples: int | None = None) -> torch.Tensor:
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iters: int = 3) -> torch.Tensor:
     """Teacher targets with equal use of the prototypes (SwAV / DINOv2), instead of centering.
 
     teacher_logits (N, K) on this rank -> probabilities (N, K), rows summing to 1.
     Alternately normalises Q = exp(logits / T) so that, over the rows of all ranks,
-    every prototype (column) gets total mass n_samples / K and every row mass 1.
+    every prototype (column) gets the same total mass, and then every row mass 1.
     n_iters is small on purpose: the targets need only be roughly balanced.
-    n_samples: rows summed over all ranks; default N * world size (equal batches).
-    For iBOT patches, whose count differs per rank, pass the true total.
+    Ranks may hold different numbers of rows (iBOT patches), even none. SwAV and DINOv2
+    also scale every row to 1 / (rows over all ranks) and the result back at the end: one
+    factor shared by all ranks, which the next prototype normalisation divides out again,
+    so it is left out here (and with it a collective to count the rows).
     """
-    world = dist.get_world_size() if _distributed() else 1
-    n_total = teacher_logits.shape[0] * world if n_samples is None else n_samples
     n_protos = teacher_logits.shape[1]
     x = teacher_logits / teacher_temp  # (N, K)
     # subtract the global max so exp cannot overflow; a constant over all ranks cancels
@@ -121,8 +120,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iters: i
         q /= _all_reduce(q.sum(dim=1, keepdim=True))  # (K, 1): each prototype has mass 1 ...
         q /= n_protos  # ... then 1/K
         q /= q.sum(dim=0, keepdim=True)  # (1, N): each row has mass 1 (local: rows are not shared)
-        q /= n_total  # ... then 1/n_total
-    return (q * n_total).t()  # (N, K), rows sum to 1
+    return q.t()  # (N, K), rows sum to 1
 
 
 @_fp32

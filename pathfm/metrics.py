@@ -87,6 +87,31 @@ class PlateauWatch:
                 "teacher temperature, lr).")
 
 
+class CollapseWatch:
+    """Warns once when embeddings that had spread out collapse (collapse_warning on a logged batch).
+
+    Embeddings that start collapsed are normal (LayerScale 1e-5 leaves every CLS token alike for the first steps;
+    a run that never leaves that state shows as the ln K plateau): a collapse is news only after a logged batch
+    whose embeddings were spread out."""
+
+    def __init__(self, what: str):
+        self.what, self.spread_at, self.warned = what, None, False  # spread_at: the last step not collapsed
+
+    def update(self, step: int, spread_value: float, rankme_value: float) -> tuple[str | None, str | None]:
+        """(collapse, warning): collapse_warning's text for this batch (None: spread out), and the full warning
+        the one time a collapse follows a spread-out batch (else None)."""
+        collapse = collapse_warning(spread_value, rankme_value, f"step {step}: {self.what}")
+        if collapse is None:
+            self.spread_at = step
+            return None, None
+        if self.spread_at is None or self.warned:
+            return collapse, None
+        self.warned = True
+        return collapse, (f"{collapse}, after they had spread out at step {self.spread_at}; probes of this model will "
+                          "score at chance. Check the lr, the teacher temperature and momentum, and the KoLeo / KDE "
+                          "weight")
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

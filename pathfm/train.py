@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from collections import Counter
 import math
 import shutil
@@ -43,9 +44,10 @@ from pathfm.distill import TeacherInput, cosine_distance, feature_cls_loss, load
 from pathfm.export import save_export, save_heads
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
-from pathfm.metrics import (Logger, PlateauWatch, StepTimer, collapse_warning, peak_memory_gib, rankme,
+from pathfm.metrics import (CollapseWatch, Logger, PlateauWatch, StepTimer, peak_memory_gib, rankme,
                             relative_entropy, spread, student_teacher_kl)
 from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
+from pathfm.plan import StepPlan, make_plan
 from pathfm.runfolder import STOPPED_EXIT, check_device, check_inputs, prepare_run_folder, write_status
 from pathfm.student import build_student, init_heads_file, vit_args
 from pathfm.vit import resolve_attn_backend
@@ -79,6 +81,15 @@ class NonFiniteSteps:
 
     def __init__(self, max_in_a_row: int, total: int = 0):
         self.max_in_a_row, self.total, self.run = max_in_a_row, total, 0
+
+    def skipped(self, step: int, problem: str, optimizer, logger) -> bool:
+        """True when this step's update is skipped: problem names what was non-finite ("" = nothing, which ends a
+        run of skipped steps)."""
+        if not problem:
+            self.run = 0
+            return False
+        self.skip(step, problem, optimizer, logger)
+        return True
 
     def skip(self, step: int, what: str, optimizer, logger) -> None:
         self.run, self.total = self.run + 1, self.total + 1
@@ -181,79 +192,143 @@ def resume(cfg: Config, run_dir: Path, student, ema, optimizer, loss_state, env)
     return meta["step"], meta.get("nonfinite_total", 0)
 
 
+@dataclass
+class Targets:
+    """What the model that gives targets (the EMA or the frozen teacher) makes of the 2 global crops; no gradients."""
+    tokens: torch.Tensor  # (2B, prefix + N, D_t): its final-norm tokens
+    prefix: int  # its class + register tokens
+    cls_logits: torch.Tensor | None = None  # (2B, K) heads targets: its DINO head on the CLS tokens
+    cls_probs: torch.Tensor | None = None  # (2B, K) the DINO targets (centred or Sinkhorn-Knopp)
+    patch_logits: torch.Tensor | None = None  # (M, K') iBOT: its iBOT head on the M scored patches, image by image
+    patch_probs: torch.Tensor | None = None  # (M, K') the iBOT targets
+
+
+def head_targets(plan: StepPlan, logits: torch.Tensor, temp: float, centre: Centering) -> torch.Tensor:
+    """Head logits -> target probabilities: softmax after the EMA centre, or Sinkhorn-Knopp's balanced assignment."""
+    return sinkhorn_knopp(logits, temp) if plan.centering == "sinkhorn_knopp" else centre.probs(logits, temp)
+
+
+@torch.no_grad()
+def compute_targets(plan: StepPlan, model: nn.ModuleDict, images: torch.Tensor, masks: torch.Tensor, teacher_temp: float,
+                    centres: nn.ModuleDict) -> Targets:
+    """The step's targets from `model` (the EMA, or the frozen teacher with images already at its input size): its
+    tokens of the 2 global crops, never masked, and with heads targets its DINO and iBOT targets. masks (2B, N): the
+    views' iBOT masks; centres: loss_state (read here, updated after the step)."""
+    tokens = model.backbone.forward_features(images)  # (2B, prefix + N, D_t)
+    out = Targets(tokens, model.backbone.num_prefix_tokens)
+    if plan.targets == "heads":
+        out.cls_logits = model.dino_head(tokens[:, 0])  # (2B, K)
+        out.cls_probs = head_targets(plan, out.cls_logits, teacher_temp, centres.dino_center)
+    if plan.ibot:
+        patches = tokens[:, out.prefix:][plan.scored(masks)]  # (M, D_t)
+        out.patch_logits = getattr(model, plan.ibot_head)(patches)  # (M, K')
+        out.patch_probs = head_targets(plan, out.patch_logits, teacher_temp, centres.ibot_center)
+    return out
+
+
+def compute_losses(plan: StepPlan, student: nn.ModuleDict, global_crops: torch.Tensor, local_crops: torch.Tensor,
+                   masks: torch.Tensor, targets: Targets, warming_up: bool = False) -> dict:
+    """{loss name: value} of the student on all crops against the targets, for exactly the losses in plan.weights.
+
+    The student sees all crops in one call, the global crops (2B, 3, G, G) with their iBOT masks when the plan masks
+    them, the local crops (n_local*B, 3, L, L) as they are; crop-major, globals first. warming_up (head warm-up):
+    the backbone runs without gradients and only the heads learn."""
+    B = global_crops.shape[0] // 2
+    n_crops = 2 + local_crops.shape[0] // B
+    n_prefix = student.backbone.num_prefix_tokens
+    with torch.no_grad() if warming_up else contextlib.nullcontext():
+        s_global, s_local = student.backbone.forward_features_list([global_crops, local_crops],
+                                                                   [masks if plan.mask_crops else None, None])
+    s_cls = torch.cat([s_global[:, 0], s_local[:, 0]])  # (n_crops*B, D): globals first, crop-major
+    if plan.features:  # a teacher without heads: the projected student tokens regress the teacher's, by cosine
+        s_cls_proj = student.cls_proj(s_cls).view(n_crops, B, -1)
+        losses = {"feat_cls": feature_cls_loss(s_cls_proj, targets.tokens[:, 0].view(2, B, -1))}
+        if plan.patch_features:  # every patch of the global crops, masked ones included
+            losses["feat_patch"] = cosine_distance(student.patch_proj(s_global[:, n_prefix:]),
+                                                   targets.tokens[:, targets.prefix:])
+    else:
+        s_cls_logits = student.dino_head(s_cls)  # (n_crops*B, K)
+        losses = {"dino": dino_loss(s_cls_logits.view(n_crops, B, -1), targets.cls_probs.view(2, B, -1), plan.student_temp)}
+    if plan.ibot:
+        scored = plan.scored(masks)  # (2B, N)
+        s_patch_logits = getattr(student, plan.ibot_head)(s_global[:, n_prefix:][scored])  # (M, K')
+        losses["ibot"] = ibot_loss(s_patch_logits, targets.patch_probs, scored, plan.student_temp)
+    if "koleo" in plan.weights:  # spread the CLS tokens of each global crop over the sphere
+        losses["koleo"] = sum(koleo_loss(c) for c in s_global[:, 0].chunk(2))
+    if "kde" in plan.weights:
+        losses["kde"] = sum(kde_loss(c, plan.kde_bandwidth) for c in s_global[:, 0].chunk(2))
+    return losses
+
+
 def main(cfg: Config) -> dict:
     check_device(cfg)
     check_inputs(cfg)
     env = pdist.init_distributed(timeout_s=cfg.dist.timeout_s)
     device = env.device
     run_dir, restart_file, resume_changes = prepare_run_folder(cfg, env)
-    s, o, t = cfg.ssl, cfg.optim, cfg.train
-    ibot = s.objective == "dinov2" and (not cfg.distill.teacher or cfg.distill.patch_targets)  # iBOT masks and targets
+    steps = cfg.train.steps
 
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if env.is_main else (lambda msg: None)  # phases, once
     # --- data: the slide index, opened (data.index, or built before) or built once, each rank a share of the slides
     index = slide_index(cfg, rank=env.rank, world_size=env.world_size, wait=lambda: pdist.long_barrier(env))
-    if env.is_main and index is not None:
-        print(index_summary(index), file=sys.stderr, flush=True)
+    if index is not None:
+        say(index_summary(index))
 
     # --- models: the student and its EMA start equal (and equal on every rank); the EMA never gets gradients.
     # The targets come from the EMA (self-distillation) or from a frozen teacher (distill.teacher: distillation)
     student, ema, loss_state = build_models(cfg, env)
     say(f"models: {cfg.model.arch}/{cfg.model.patch_size}, "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f} M student parameters, {env.world_size} rank(s)")
-    n_prefix = student.backbone.num_prefix_tokens
     teacher = load_teacher(cfg, env)  # None: self-distillation
-    features = teacher is not None and teacher.mode == "features"  # a teacher without heads: feature targets
-    all_patches = teacher is not None and cfg.distill.ibot_patches == "all"
-    if teacher is not None:
+    # --- the step plan: which targets, losses, masks and weights (pathfm/plan.py); decided here, once
+    plan = make_plan(cfg, teacher.spec if teacher is not None else None)
+    if plan.frozen_teacher:
         teacher_input = TeacherInput(cfg, teacher.spec)  # global crops resized to the student's token grid
-        say(f"distilling from the frozen {teacher.spec.describe()}, {teacher.mode} targets at {teacher_input.size} px")
-        if features and cfg.distill.loss == "auto" and env.is_main:
-            print("WARNING: the teacher has no heads, so the student regresses its features; fitting its heads first "
-                  "distilled better (README: teachers without heads): train.head_warmup_steps=N train.steps=N "
-                  "model.init_weights=TEACHER with the teacher's model.* keys, then distill.teacher=that run",
-                  file=sys.stderr, flush=True)
-    target_model = ema if teacher is None else teacher
-    t_prefix = target_model.backbone.num_prefix_tokens
+        say(f"distilling from the frozen {teacher.spec.describe()}, {plan.targets} targets at {teacher_input.size} px")
+        if plan.features and cfg.distill.loss == "auto":
+            say("WARNING: the teacher has no heads, so the student regresses its features; fitting its heads first "
+                "distilled better (README: teachers without heads): train.head_warmup_steps=N train.steps=N "
+                "model.init_weights=TEACHER with the teacher's model.* keys, then distill.teacher=that run")
     head_warmup = head_warmup_steps(cfg)  # continued pretraining: the backbone and its EMA wait while fresh heads learn
 
     # --- optimizer and schedules (plain arrays indexed by step)
-    global_batch = o.batch_size * env.world_size
+    global_batch = cfg.optim.batch_size * env.world_size
     optimizer, (lr_sched, wd_sched, momentum_sched, temp_sched) = build_optimizer(cfg, student, global_batch)
 
     # --- resume: automatic when the run folder has a checkpoint; else optionally start from weights
     meta_common = {"vit_args": vars(vit_args(cfg)), "mean": cfg.crops.mean, "std": cfg.crops.std, "config": to_dict(cfg)}
     start_step, nonfinite_total = resume(cfg, run_dir, student, ema, optimizer, loss_state, env)
-    if start_step >= t.steps:
-        if env.is_main:
-            print(f"run already finished ({start_step} >= train.steps={t.steps}); nothing to do", file=sys.stderr)
+    if start_step >= steps:
+        say(f"run already finished ({start_step} >= train.steps={steps}); nothing to do")
         pdist.teardown()
         return {"run_dir": str(run_dir), "step": start_step, "status": "finished"}
 
-    say(f"training steps {start_step + 1}-{t.steps}: first batch from {cfg.data.num_workers} loader worker(s)")
-    views = Views(cfg, cfg.model.patch_size, ibot)
+    say(f"training steps {start_step + 1}-{steps}: first batch from {cfg.data.num_workers} loader worker(s)")
+    views = Views(cfg, plan)
     loader = build_loader(cfg, index, rank=env.rank, world_size=env.world_size, start_step=start_step, views=views,
                           failures_dir=run_dir / "read_failures")
-    heldout = heldout_batch(cfg, index, views, env, loader) if t.rankme_every else None
+    heldout = heldout_batch(cfg, index, views, env, loader) if cfg.train.rankme_every else None
     mpp_mix = Counter()  # magnifications of the tiles this rank trained on since the last log
-    logger = Logger(run_dir, t.steps, enabled=env.is_main, resume_step=start_step if start_step else None)
+    logger = Logger(run_dir, steps, enabled=env.is_main, resume_step=start_step if start_step else None)
     if restart_file:  # where this launch took over, and with which settings
         logger.event(start_step, {"restart": restart_file, "argv": sys.argv,
                                   **({"resume_changes": resume_changes} if resume_changes else {})})
     stop = StopSignal()
     probes = pprobes.start_probes(cfg, run_dir, say) if env.is_main else None  # a process beside the run; never waited for
-    nonfinite = NonFiniteSteps(t.max_nonfinite, nonfinite_total)
-    plateau = PlateauWatch(s.prototypes, t.plateau_warn_steps, after_step=o.warmup_steps)  # warns once if stuck at ln K
-    status, step, collapse_warned = "finished", start_step, False
-    spread_at = None  # the last logged step whose teacher CLS embeddings were not collapsed
-    timer = StepTimer(device, sync=t.sync_timing)
-    flops_per_step, peak = step_flops(cfg)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite, nonfinite_total)
+    plateau = PlateauWatch(cfg.ssl.prototypes, cfg.train.plateau_warn_steps, after_step=cfg.optim.warmup_steps)  # once
+    collapse = CollapseWatch("the teacher's CLS embeddings of this batch")  # warns once if they lose their spread
+    status, step = "finished", start_step
+    timer = StepTimer(device, sync=cfg.train.sync_timing)
+    flops_per_step, peak = step_flops(cfg, plan)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
 
     def save(step_done):
         meta = {**meta_common, "nonfinite_total": nonfinite.total}
         folder = ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, ema=ema,
                                       optimizer=optimizer, loss_state=loss_state, meta=meta, rank=env.rank,
-                                      keep_last=t.keep_last, hold=pprobes.holds(cfg, step_done))
+                                      keep_last=cfg.train.keep_last, hold=pprobes.holds(cfg, step_done))
         say(f"checkpoint saved: {folder} (step {step_done})")
         if probes and (warning := probes.poll()):
             say(f"WARNING: {warning}")
@@ -261,130 +336,75 @@ def main(cfg: Config) -> dict:
     for batch in batches(loader, failures_dir=run_dir / "read_failures", rank=env.rank, start_step=start_step):
         step = batch["step"]
         mpp_mix.update(location[1] for location in batch.get("locations", ()))
-        if step >= t.steps:
+        if step >= steps:
             break
         if cfg.data.device_augment:  # workers sent raw tiles; make the views here, batched on the device
-            crops = views(batch["tiles"].to(device, non_blocking=True), views_generator(t.seed, env.rank, step))
+            crops = views(batch["tiles"].to(device, non_blocking=True), views_generator(cfg.train.seed, env.rank, step))
         else:  # the workers made the views
             crops = batch["tiles"]
         global_crops = crops["global_crops"].to(device, non_blocking=True)  # (2B, 3, G, G), crop-major
         local_crops = crops["local_crops"].to(device, non_blocking=True)  # (n_local*B, 3, L, L)
-        masks = crops["masks"].to(device, non_blocking=True)  # (2B, N) bool, True = masked patch
-        if all_patches:  # DINOv2's distillation: no masking, iBOT compares every patch of the global crops
-            masks = torch.ones_like(masks)
+        masks = crops["masks"].to(device, non_blocking=True)  # (2B, N) bool, True = masked patch (plan.mask_crops)
         timer.lap("data")
-        B = global_crops.shape[0] // 2
-        n_crops = 2 + local_crops.shape[0] // B
         if step == start_step and env.is_main:
             logger.images("crops/first_batch", crop_grid(global_crops, local_crops, cfg.crops), step)
 
         lr, wd, momentum, teacher_temp = lr_sched[step], wd_sched[step], momentum_sched[step], temp_sched[step]
-        set_hparams(optimizer, lr=lr, weight_decay=wd, freeze_last_layer=step < s.freeze_last_layer_steps)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-
-        # targets: global crops only, no masks; from the student's EMA (self-distillation) or the frozen teacher
-        with torch.no_grad(), autocast:
-            if teacher is None:
-                t_tokens = ema.backbone.forward_features(global_crops)  # (2B, prefix + N, D)
-            else:  # distillation: the frozen teacher, its input resized so its token grid is the student's
-                t_tokens = teacher.backbone.forward_features(teacher_input(global_crops))  # (2B, t_prefix + N, D_t)
-            if not features:
-                t_cls_logits = target_model.dino_head(t_tokens[:, 0])  # (2B, K)
-                if s.centering == "sinkhorn_knopp":
-                    t_cls_probs = sinkhorn_knopp(t_cls_logits, teacher_temp)
-                else:
-                    t_cls_probs = loss_state.dino_center.probs(t_cls_logits, teacher_temp)
-            if ibot and not features:
-                ibot_head = target_model.ibot_head if s.ibot_separate_head else target_model.dino_head
-                t_patch_logits = ibot_head(t_tokens[:, t_prefix:][masks])  # (M, K): masked patches only
-                if s.centering == "sinkhorn_knopp":
-                    n_masked = pdist.all_reduce_sum(masks.sum().item(), env)
-                    t_patch_probs = sinkhorn_knopp(t_patch_logits, teacher_temp, n_samples=int(n_masked))
-                else:
-                    t_patch_probs = loss_state.ibot_center.probs(t_patch_logits, teacher_temp)
-
-        # student: all crops in one call; the global crops see their iBOT masks
+        set_hparams(optimizer, lr=lr, weight_decay=wd, freeze_last_layer=step < cfg.ssl.freeze_last_layer_steps)
         warming_up = step < head_warmup  # head warm-up: the backbone runs without gradients, only the heads learn
+
+        # targets (global crops only, unmasked) -> losses of the student on all crops -> their weighted sum
         with autocast:
-            with torch.no_grad() if warming_up else contextlib.nullcontext():
-                s_global, s_local = student.backbone.forward_features_list([global_crops, local_crops], [masks if ibot and not all_patches else None, None])
-            s_cls = torch.cat([s_global[:, 0], s_local[:, 0]])  # (n_crops*B, D): globals first, crop-major
-            if features:  # a teacher without heads: the projected student tokens regress the teacher's, by cosine
-                s_cls_proj = student.cls_proj(s_cls).view(n_crops, B, -1)
-                losses = {"feat_cls": feature_cls_loss(s_cls_proj, t_tokens[:, 0].view(2, B, -1))}
-                if cfg.distill.patch_targets:  # every patch of the global crops, masked ones included
-                    losses["feat_patch"] = cosine_distance(student.patch_proj(s_global[:, n_prefix:]), t_tokens[:, t_prefix:])
-            else:
-                s_cls_logits = student.dino_head(s_cls)
-                losses = {"dino": dino_loss(s_cls_logits.view(n_crops, B, -1), t_cls_probs.view(2, B, -1), s.student_temp)}
-            if ibot and not features:
-                ibot_head = student.ibot_head if s.ibot_separate_head else student.dino_head
-                s_patch_logits = ibot_head(s_global[:, n_prefix:][masks])  # (M, K)
-                losses["ibot"] = ibot_loss(s_patch_logits, t_patch_probs, masks, s.student_temp)
-            if s.koleo_weight:  # spread the CLS tokens of each global crop over the sphere
-                losses["koleo"] = sum(koleo_loss(c) for c in s_global[:, 0].chunk(2))
-            if s.kde_weight:
-                losses["kde"] = sum(kde_loss(c, s.kde_bandwidth) for c in s_global[:, 0].chunk(2))
-        weights = {"dino": s.dino_weight, "ibot": s.ibot_weight, "koleo": s.koleo_weight, "kde": s.kde_weight,
-                   "feat_cls": cfg.distill.feature_weight_cls, "feat_patch": cfg.distill.feature_weight_patch}
-        loss = sum(weights[k] * v for k, v in losses.items())
+            if plan.frozen_teacher:  # distillation: its input resized so that its token grid is the student's
+                targets = compute_targets(plan, teacher, teacher_input(global_crops), masks, teacher_temp, loss_state)
+            else:  # self-distillation: the student's EMA
+                targets = compute_targets(plan, ema, global_crops, masks, teacher_temp, loss_state)
+            losses = compute_losses(plan, student, global_crops, local_crops, masks, targets, warming_up)
+        loss = sum(plan.weights[k] * v for k, v in losses.items())
         timer.lap("forward")
 
-        # a non-finite loss on any rank: skip the update everywhere, stop after max_nonfinite in a row
+        # a non-finite loss (on any rank) or gradient norm: skip the update everywhere; max_nonfinite in a row stop
         bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-        if pdist.all_reduce_max(float(bool(bad)), env):
-            nonfinite.skip(step, f"loss {', '.join(bad) or 'on another rank'}", optimizer, logger)
+        problem = f"loss {', '.join(bad) or 'on another rank'}" if pdist.all_reduce_max(float(bool(bad)), env) else ""
+        if not problem:
+            loss.backward()
+            timer.lap("backward")
+            grad_norms = clip_gradients(student, cfg.optim.clip_grad, per_module=cfg.optim.clip_grad_mode == "per_module")
+            grad_norm = math.sqrt(sum(float(n) ** 2 for n in grad_norms.values()))  # the same on every rank
+            if not math.isfinite(grad_norm):  # a finite loss can still give inf / NaN gradients: never apply them
+                problem = "gradient norm of " + ", ".join(k for k, n in grad_norms.items() if not math.isfinite(float(n)))
+        if nonfinite.skipped(step, problem, optimizer, logger):
             timer.start()
             continue
-
-        loss.backward()
-        timer.lap("backward")
-        grad_norms = clip_gradients(student, o.clip_grad, per_module=o.clip_grad_mode == "per_module")
-        grad_norm = math.sqrt(sum(float(n) ** 2 for n in grad_norms.values()))  # the same on every rank (FSDP reduces it)
-        if not math.isfinite(grad_norm):  # a finite loss can still give inf / NaN gradients: never apply them
-            nonfinite.skip(step, "gradient norm of " + ", ".join(k for k, n in grad_norms.items() if not math.isfinite(float(n))),
-                           optimizer, logger)
-            timer.start()
-            continue
-        nonfinite.run = 0
-        if env.is_main and not features and (warning := plateau.update(step, float(losses["dino"].detach()))):
-            print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+        if "dino" in losses and (warning := plateau.update(step, float(losses["dino"].detach()))):
+            say(f"WARNING: {warning}")
             logger.event(step, {"warning": warning})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # the EMA (on local shards under FSDP; its backbone waits out a head warm-up too) and centre updates
         update_ema(ema, student, momentum, skip=("backbone",) if warming_up else ())
-        if s.centering == "centering" and not features:
-            loss_state.dino_center.update(t_cls_logits)
-            if ibot:
-                loss_state.ibot_center.update(t_patch_logits)
+        if plan.update_centres:
+            loss_state.dino_center.update(targets.cls_logits)
+            if plan.ibot:
+                loss_state.ibot_center.update(targets.patch_logits)
         timer.lap("optimizer")
 
         step_done = step + 1
-        if step_done % t.log_every == 0 or step_done == t.steps or step == start_step:
+        if step_done % cfg.train.log_every == 0 or step_done == steps or step == start_step:
             # stuck or learning: teacher entropy / ln K (1 = flat targets), KL(teacher || student), RankMe of the
             # teacher's CLS tokens on this batch (1 = every image the same embedding; at most 2B)
-            diag = {"diag/teacher_rankme_batch": rankme(t_tokens[:, 0].float()),
-                    "diag/teacher_spread": spread(t_tokens[:, 0].float())}  # 0 = every image the same CLS
-            if not features:
-                diag |= {"diag/teacher_entropy": relative_entropy(t_cls_probs),
-                         "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), t_cls_probs)}
+            t_cls = targets.tokens[:, 0].float()
+            diag = {"diag/teacher_rankme_batch": rankme(t_cls), "diag/teacher_spread": spread(t_cls)}  # 0: all alike
+            if "dino" in losses:
+                diag |= {"diag/teacher_entropy": relative_entropy(targets.cls_probs),
+                         "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), targets.cls_probs)}
             values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}, **diag}, env)
-            collapse = collapse_warning(values["diag/teacher_spread"], values["diag/teacher_rankme_batch"],
-                                        f"step {step_done}: the teacher's CLS embeddings of this batch")
-            values["diag/collapsed"] = float(collapse is not None)
-            # A teacher that starts collapsed is normal (LayerScale 1e-5 leaves every CLS token alike for the first
-            # steps; a run that never leaves it shows as the ln K plateau). A collapse is news when the embeddings
-            # had spread out and lost it: that is what is warned about, once.
-            if collapse is None:
-                spread_at = step_done
-            elif spread_at is not None and not collapse_warned and env.is_main:
-                collapse_warned = True
-                print(f"WARNING: {collapse}, after they had spread out at step {spread_at}; probes of this model will "
-                      "score at chance. Check the lr, the teacher temperature and momentum, and the KoLeo / KDE weight",
-                      file=sys.stderr, flush=True)
-                logger.event(step_done, {"collapse": collapse})
+            collapsed, warning = collapse.update(step_done, values["diag/teacher_spread"], values["diag/teacher_rankme_batch"])
+            values["diag/collapsed"] = float(collapsed is not None)
+            if warning:
+                say(f"WARNING: {warning}")
+                logger.event(step_done, {"collapse": collapsed})
             values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                            "teacher_temp": teacher_temp, "grad_norm": grad_norm,
                            **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
@@ -395,19 +415,17 @@ def main(cfg: Config) -> dict:
                 values["mfu"] = mfu(flops_per_step, timer.total(), peak)
             logger.log(step_done, values)
             logger.progress(step_done, values)
-        if heldout is not None and step_done % t.rankme_every == 0:
+        if heldout is not None and step_done % cfg.train.rankme_every == 0:
             logger.log(step_done, {"rankme/teacher_cls": teacher_rankme(ema, heldout, autocast)})
 
-        if t.stop_after and step_done - start_step >= t.stop_after:
+        if cfg.train.stop_after and step_done - start_step >= cfg.train.stop_after:
             stop.received = stop.received or "train.stop_after"
         if pdist.all_reduce_max(float(stop.received is not None), env):
             save(step_done)
             status, step = "interrupted", step_done
-            if env.is_main:
-                print(f"stopping on {stop.received or 'a signal on another rank'}: checkpoint saved at step {step_done}",
-                      file=sys.stderr, flush=True)
+            say(f"stopping on {stop.received or 'a signal on another rank'}: checkpoint saved at step {step_done}")
             break
-        if step_done % t.ckpt_every == 0 or step_done == t.steps:
+        if step_done % cfg.train.ckpt_every == 0 or step_done == steps:
             save(step_done)
         timer.start()
         step = step_done

@@ -105,12 +105,12 @@ def _distributed_worker(rank, init_file, out_dir):
     torch.manual_seed(0)
     logits = torch.randn(8, 5)  # the same full batch on both ranks; each takes its rows
     results = {
-        # equal halves, default n_samples = 4 * 2
+        # equal halves
         "even": sinkhorn_knopp(logits[rank * 4:(rank + 1) * 4], 0.1, n_iters=3),
-        # uneven split 3 / 5 (like iBOT masked patches) with the true total
-        "uneven": sinkhorn_knopp(logits[:3] if rank == 0 else logits[3:], 0.1, n_iters=3, n_samples=8),
+        # uneven split 3 / 5 (like iBOT masked patches): no rank needs the total row count
+        "uneven": sinkhorn_knopp(logits[:3] if rank == 0 else logits[3:], 0.1, n_iters=3),
         # rank 0 has no rows at all
-        "empty": sinkhorn_knopp(logits[:0] if rank == 0 else logits, 0.1, n_iters=3, n_samples=8),
+        "empty": sinkhorn_knopp(logits[:0] if rank == 0 else logits, 0.1, n_iters=3),
     }
     centering = Centering(5, momentum=0.9)
     centering.update(logits[:1] if rank == 0 else logits[1:4])  # 1 + 3 rows

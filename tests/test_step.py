@@ -1,8 +1,9 @@
 """One real training step through pathfm.train.main, checked against a recomputation from the math.
 
-The loop is run unchanged; wrappers around its builders record what it used (the batch, the step-0
-weights, the state it checkpoints after the step). The losses are then recomputed here with plain
-tensor code written from the definitions (not pathfm.losses), and compared with what metrics.jsonl logged:
+The loop runs unchanged and writes its checkpoint after the step; the test then rebuilds what the step started from
+(the step-0 student and EMA: build_models with the run's seed; the first batch: the same loader) and recomputes the
+losses here with plain tensor code written from the definitions (not pathfm.losses). They are compared with what
+metrics.jsonl logged and with what train.compute_targets / train.compute_losses return on the same inputs:
 
     teacher targets  p_t = softmax((h_t(x_t) - c) / T_t), c = 0 at step 0 (or Sinkhorn-Knopp)
     DINO             mean over (teacher global crop t, student crop s != t) of mean_b CE(p_t, softmax(h_s / T_s))
@@ -11,15 +12,14 @@ tensor code written from the definitions (not pathfm.losses), and compared with 
     KDE              sum over the 2 global crops of mean_i log(1/(B-1) sum_{j!=i} exp(-||z_i - z_j||^2 / 2h^2))
     total            the configured weighted sum
 
-and after the step: teacher = m * teacher_0 + (1 - m) * student_1, centre = (1 - cm) * mean teacher logit.
-Distinct loss weights and LayerScale 1 (so the CLS token depends on the image) make a swapped weight, a
+and after the step (from the checkpoint): EMA = m * EMA_0 + (1 - m) * student_1, centre = (1 - cm) * mean teacher
+logit. Distinct loss weights and LayerScale 1 (so the CLS token depends on the image) make a swapped weight, a
 teacher crop paired with its own student view, or a teacher fed the student's masked crops visible.
 
 A distilled step (distill.teacher: a frozen teacher from a file) differs only in where the targets come from:
 the same recomputation, given the teacher module that was written to the file.
 """
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from pathfm import checkpoint as ckpt
 from pathfm.config import load_config
+from pathfm.dist import DistEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,41 +45,26 @@ def step_config(tmp_path, *overrides):
         *overrides])
 
 
-def run_one_step(cfg, monkeypatch) -> dict:
-    """Run main(cfg) for one step; returns what it used and saved, and its logged row of step 1."""
-    import pathfm.train as train
+def run_one_step(cfg) -> dict:
+    """Run main(cfg) for one step; returns what it started from (rebuilt), what it saved, and its logged row of step 1."""
+    from pathfm import train
+    from pathfm.data.loader import Views, build_loader
+    from pathfm.distill import step_plan
 
-    seen = {}
-    build_models, build_loader = train.build_models, train.build_loader
-
-    def recording_models(cfg, env):
-        student, teacher, loss_state = build_models(cfg, env)
-        seen["student0"], seen["teacher0"] = copy.deepcopy(student), copy.deepcopy(teacher)
-        return student, teacher, loss_state
-
-    class RecordingLoader:
-        def __init__(self, loader):
-            self.loader, self.dataset = loader, loader.dataset
-
-        def __iter__(self):
-            for batch in self.loader:
-                seen.setdefault("batch", copy.deepcopy(batch))
-                yield batch
-
-    def recording_save(ckpt_dir, step, *, student, ema, loss_state, **kw):
-        # what the step left, recorded instead of written (saving is tested in test_checkpoint / test_train)
-        seen["student1"], seen["teacher1"] = copy.deepcopy(student), copy.deepcopy(ema)
-        seen["loss_state1"] = copy.deepcopy(loss_state)
-        return Path(ckpt_dir) / ckpt.step_name(step)
-
-    monkeypatch.setattr(train, "build_models", recording_models)
-    monkeypatch.setattr(train, "build_loader", lambda *a, **k: RecordingLoader(build_loader(*a, **k)))
-    monkeypatch.setattr(ckpt, "save_checkpoint", recording_save)
-    monkeypatch.setattr(train, "step_flops", lambda cfg: {"total": 0.0})  # MFU only; counting costs seconds
     out = train.main(cfg)
     assert out["step"] == 1
-    rows = [json.loads(line) for line in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    seen["logged"] = next(r for r in rows if r.get("step") == 1 and "loss/total" in r)
+    run_dir = Path(out["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seen = {"logged": next(r for r in rows if r.get("step") == 1 and "loss/total" in r), "plan": step_plan(cfg)}
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), source="single")
+    seen["student0"], seen["teacher0"], seen["loss_state0"] = train.build_models(cfg, env)  # as the run started
+    views = Views(cfg, seen["plan"])
+    seen["batch"] = next(iter(build_loader(cfg, None, rank=0, world_size=1, start_step=0, views=views)))
+    student, ema, loss_state = train.build_models(cfg, env)
+    optimizer, _ = train.build_optimizer(cfg, student, cfg.optim.batch_size)
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir / "checkpoints"), student=student, ema=ema, optimizer=optimizer,
+                         loss_state=loss_state)
+    seen["student1"], seen["teacher1"], seen["loss_state1"] = student, ema, loss_state
     return seen
 
 
@@ -184,7 +170,26 @@ def recompute(cfg, seen, teacher=None) -> dict:
     for k in names + ["total"]:
         assert logged[f"loss/{k}"] == pytest.approx(float(want[k]), rel=2e-5, abs=1e-6), \
             f"loss/{k}: logged {logged[f'loss/{k}']:.7g}, recomputed {float(want[k]):.7g}"
+    # the step's own functions, called on the same inputs, say the same
+    got = step_functions(cfg, seen, teacher or seen["teacher0"], temp)
+    assert sorted(got) == sorted(names) == sorted(seen["plan"].weights)
+    got["total"] = sum(seen["plan"].weights[k] * v for k, v in got.items())
+    for k in names + ["total"]:
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=2e-5, abs=1e-6), f"compute_losses: {k}"
     return want
+
+
+@torch.no_grad()
+def step_functions(cfg, seen, teacher, teacher_temp) -> dict:
+    """train.compute_targets and train.compute_losses on the first batch, from the step-0 models."""
+    from pathfm import train
+    from pathfm.distill import TeacherInput, inspect_teacher
+
+    plan, tiles = seen["plan"], seen["batch"]["tiles"]
+    g, loc, masks = tiles["global_crops"], tiles["local_crops"], tiles["masks"]
+    images = TeacherInput(cfg, inspect_teacher(cfg.distill.teacher))(g) if plan.frozen_teacher else g
+    targets = train.compute_targets(plan, teacher, images, masks, teacher_temp, seen["loss_state0"])
+    return train.compute_losses(plan, seen["student0"], g, loc, masks, targets)
 
 
 @torch.no_grad()
@@ -203,23 +208,23 @@ def check_after_step(cfg, seen, want):
                                        rtol=1e-4, atol=1e-7)
 
 
-def test_dinov2_step_matches_the_math(tmp_path, monkeypatch):
+def test_dinov2_step_matches_the_math(tmp_path):
     cfg = step_config(tmp_path)
-    seen = run_one_step(cfg, monkeypatch)
+    seen = run_one_step(cfg)
     want = recompute(cfg, seen)
     check_after_step(cfg, seen, want)
 
 
-def test_sinkhorn_knopp_separate_ibot_head_and_kde_step_matches_the_math(tmp_path, monkeypatch):
+def test_sinkhorn_knopp_separate_ibot_head_and_kde_step_matches_the_math(tmp_path):
     cfg = step_config(tmp_path, "ssl.centering=sinkhorn_knopp", "ssl.ibot_separate_head=true", "ssl.ibot_prototypes=256",
                       "ssl.koleo_weight=0", "ssl.kde_weight=0.2", "ssl.teacher_temp_warmup_steps=0")
-    seen = run_one_step(cfg, monkeypatch)
+    seen = run_one_step(cfg)
     assert "ibot_head" in dict(seen["student0"].named_children())
     want = recompute(cfg, seen)
     check_after_step(cfg, seen, want)
 
 
-def test_distillation_step_from_a_frozen_teacher_file_matches_the_math(tmp_path, monkeypatch):
+def test_distillation_step_from_a_frozen_teacher_file_matches_the_math(tmp_path):
     """distill.teacher = an export with heads: a 12-block ViT-Ti (LayerScale 1, its own random weights and heads)
     teaches the 6-block student; targets from it, the student's EMA still updated as before."""
     from pathfm.distill import build_heads
@@ -240,9 +245,55 @@ def test_distillation_step_from_a_frozen_teacher_file_matches_the_math(tmp_path,
     heads = {f"{name}.{k}": v for name in ("dino_head",) for k, v in teacher[name].state_dict().items()}
     save_heads(tmp_path / "teacher", heads, args | {"in_dim": 192})
 
-    seen = run_one_step(cfg, monkeypatch)
+    seen = run_one_step(cfg)
     want = recompute(cfg, seen, teacher=teacher)
     # the targets did come from the file: the student's own step-0 EMA would give other losses
     own = expected(cfg, seen["batch"], seen["student0"], seen["teacher0"], s.teacher_temp_warmup_start)
     assert abs(float(own["dino"]) - float(want["dino"])) > 1e-2
     check_after_step(cfg, seen, want)
+
+
+def _sinkhorn_targets_of_this_rank(rank, world, cfg):
+    """compute_targets on this rank's share of 8 images (ranks hold 8 / world each), Sinkhorn-Knopp centring."""
+    from pathfm import dist as pdist
+    from pathfm import train
+    from pathfm.plan import make_plan
+
+    env = pdist.init_distributed()
+    model, images, masks, loss_state = sinkhorn_inputs(cfg)
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    targets = train.compute_targets(make_plan(cfg), model, images[share], masks[share], 0.07, loss_state)
+    pdist.teardown()
+    return targets.patch_probs, targets.cls_probs
+
+
+def sinkhorn_inputs(cfg):
+    from pathfm import train
+
+    torch.manual_seed(0)
+    model = train.build_student(cfg).eval()
+    images = torch.randn(8, 3, 32, 32)
+    masks = torch.zeros(8, 4, dtype=torch.bool)  # masked patches per image: 0 1 0 4 2 2 1 3 -> uneven per rank
+    for image, n in enumerate([0, 1, 0, 4, 2, 2, 1, 3]):
+        masks[image, :n] = True
+    loss_state = torch.nn.ModuleDict({"dino_center": torch.nn.Identity(), "ibot_center": torch.nn.Identity()})
+    return model, images, masks, loss_state
+
+
+def test_sinkhorn_knopp_targets_on_1_and_4_ranks_equal_the_math_on_the_whole_batch(tmp_path):
+    """The step's Sinkhorn-Knopp needs no count of the rows over all ranks (the normalisation by it cancels): iBOT
+    targets of 4 ranks holding 1, 4, 4 and 4 masked patches, and of 1 rank holding all, equal the by-hand
+    Sinkhorn-Knopp (with its 1 / rows scaling) of the whole batch's masked patches."""
+    from tests.ranks import run_ranks
+
+    cfg = step_config(tmp_path, "model.arch=vit_tiny_d6", "crops.global_size=32", "ssl.centering=sinkhorn_knopp",
+                      "ssl.prototypes=64", "ssl.head_hidden=32", "ssl.head_bottleneck=16")
+    model, images, masks, _ = sinkhorn_inputs(cfg)
+    with torch.no_grad():
+        tokens = model.backbone.forward_features(images)
+        want_patches = sinkhorn(model.dino_head(tokens[:, 1:][masks]), 0.07)
+        want_cls = sinkhorn(model.dino_head(tokens[:, 0]), 0.07)
+    for world in (1, 4):
+        ranks = run_ranks(_sinkhorn_targets_of_this_rank, world, cfg)
+        torch.testing.assert_close(torch.cat([r[0] for r in ranks]), want_patches, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.cat([r[1] for r in ranks]), want_cls, rtol=1e-5, atol=1e-7)

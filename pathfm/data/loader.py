@@ -24,26 +24,33 @@ from pathfm.data.slides import SlideEntry, read_manifest
 from pathfm.data.synthetic import ensure_synthetic_slides
 
 
-class Views:
-    """uint8 tiles (B, 3, T, T) -> {"global_crops", "local_crops", "masks"}; picklable for workers."""
+def multicrop(crops_cfg) -> MultiCrop:
+    """The config's crops section as the multi-crop transform."""
+    c = crops_cfg
+    return MultiCrop(
+        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
+        global_scale=(c.global_scale_min, c.global_scale_max), local_scale=(c.local_scale_min, c.local_scale_max),
+        color_jitter=c.color_jitter, grayscale=c.grayscale, blur_global=c.blur_global, blur_local=c.blur_local,
+        solarize=c.solarize, hed_jitter=c.hed_jitter, mean=tuple(c.mean), std=tuple(c.std),
+    )
 
-    def __init__(self, cfg, patch_size: int, ibot: bool):
+
+class Views:
+    """uint8 tiles (B, 3, T, T) -> {"global_crops", "local_crops", "masks"}; picklable for workers. The global crops
+    get iBOT block masks when the step plan says so (plan.mask_crops), else all-False masks."""
+
+    def __init__(self, cfg, plan):
         c = cfg.crops
-        self.multicrop = MultiCrop(
-            global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
-            global_scale=(c.global_scale_min, c.global_scale_max), local_scale=(c.local_scale_min, c.local_scale_max),
-            color_jitter=c.color_jitter, grayscale=c.grayscale, blur_global=c.blur_global, blur_local=c.blur_local,
-            solarize=c.solarize, hed_jitter=c.hed_jitter, mean=tuple(c.mean), std=tuple(c.std),
-        )
-        self.grid = c.global_size // patch_size
-        self.ibot = ibot
+        self.multicrop = multicrop(c)
+        self.grid = c.global_size // cfg.model.patch_size
+        self.mask_crops = plan.mask_crops
         s = cfg.ssl
         self.mask_args = (s.mask_ratio_min, s.mask_ratio_max, s.mask_probability)
 
     def __call__(self, tiles: torch.Tensor, generator: torch.Generator) -> dict:
         out = self.multicrop(tiles, generator)
         n_global = out["global_crops"].shape[0]
-        if self.ibot:
+        if self.mask_crops:
             out["masks"] = block_masks(n_global, self.grid, *self.mask_args, generator).to(tiles.device)
         else:
             out["masks"] = torch.zeros(n_global, self.grid * self.grid, dtype=torch.bool, device=tiles.device)
@@ -65,8 +72,8 @@ class RandomViews(torch.utils.data.IterableDataset):
             g = views_generator(self.cfg.train.seed, i, step)
             g_crops.append(torch.randn(2, 3, c.global_size, c.global_size, generator=g))
             l_crops.append(torch.randn(c.n_local, 3, c.local_size, c.local_size, generator=g))
-            ibot = self.views.ibot
-            masks.append(block_masks(2, grid, *self.views.mask_args, g) if ibot else torch.zeros(2, grid * grid, dtype=torch.bool))
+            masked = self.views.mask_crops
+            masks.append(block_masks(2, grid, *self.views.mask_args, g) if masked else torch.zeros(2, grid * grid, dtype=torch.bool))
         # (crops, B, ...) -> crop-major (crops * B, ...), as Views returns
         crops = {k: torch.stack(v, 1).flatten(0, 1) for k, v in
                  (("global_crops", g_crops), ("local_crops", l_crops), ("masks", masks))}
