@@ -90,7 +90,7 @@ def _backbone(model=None):
 
 @pytest.fixture(scope="module")
 def synthetic_index(tmp_path_factory):
-    """Two synthetic slides (4096 px at 0.5 µm/px, levels 1 and 4) and their index at 0.5 and 2 µm/px, 32 px tiles."""
+    """Two synthetic slides (4096 px at 0.5 µm/px, levels 1 and 4) and their index at 0.5-2 µm/px, 32 px tiles."""
     from pathfm.data.index import IndexParams, build_index
     from pathfm.data.slides import read_manifest
     from pathfm.data.synthetic import ensure_synthetic_slides
@@ -99,7 +99,7 @@ def synthetic_index(tmp_path_factory):
     paths = ensure_synthetic_slides(ROOT / ".cache" / "synthetic", n=2, size=4096, seed=0)
     manifest = tmp / "m.csv"
     manifest.write_text("path\n" + "".join(f"{p}\n" for p in paths) + f"{tmp / 'gone.svs'}\n")
-    index = build_index(read_manifest(manifest), tmp / "index", IndexParams(32, (0.5, 2.0), 0.4), workers=1,
+    index = build_index(read_manifest(manifest), tmp / "index", IndexParams(32, (0.5, 0.75, 1.0, 2.0), 0.4), workers=1,
                         progress=False, timeout_s=0)
     return index, manifest
 
@@ -120,6 +120,24 @@ def test_grid_is_non_overlapping_tissue_of_the_index(synthetic_index):
         assert all((int(y // view.mask_scale), int(x // view.mask_scale)) in cells for x, y in coords.tolist())
         few = grid_coords(index, 0, mpp, 32, max_tiles=10, seed=1)
         assert len(few) == 10 and {tuple(c) for c in few.tolist()} <= {tuple(c) for c in coords.tolist()}
+
+
+def test_batch_read_equals_the_training_reader_tile_by_tile(synthetic_index):
+    """read_batch decodes each stored JPEG tile once per batch; its pixels are TileReader.read's, exactly, at a
+    level's own mpp, a scaled decode (1 µm/px: half-size IDCT) and a resize (0.75 µm/px: 48 px -> 32 px)."""
+    from eval.embed_slides import grid_coords, read_batch
+    from pathfm.data.jpegtiles import JpegTiffReader
+    from pathfm.data.sampler import TileReader
+
+    index, _ = synthetic_index
+    reader = TileReader("auto")
+    view = index.slide(1)
+    assert isinstance(reader.handle(view), JpegTiffReader)
+    for mpp in (0.5, 0.75, 1.0, 2.0):
+        coords = grid_coords(index, 1, mpp, 32)[:40]
+        batch = read_batch(reader, view, mpp, coords, 32)
+        one_by_one = np.stack([reader.read(view, mpp, x, y, 32) for x, y in coords.tolist()])
+        np.testing.assert_array_equal(batch, one_by_one)
 
 
 def test_embed_slides_files_coords_resume_and_failures(synthetic_index, tmp_path):
@@ -161,22 +179,22 @@ def test_a_failed_read_is_listed_and_the_run_goes_on(synthetic_index, tmp_path):
 
     index, _ = synthetic_index
 
-    import pathfm.data.sampler as sampler
+    from pathfm.data.jpegtiles import JpegTiffReader
 
-    real = sampler.TileReader.read
+    real = JpegTiffReader.decode_tile
     bad = index.path(0)
 
-    def read(self, slide, *a, **k):
-        if slide.info.path == bad:
+    def decode_tile(self, *a, **k):
+        if self.path == bad:
             raise OSError("simulated I/O error")
-        return real(self, slide, *a, **k)
+        return real(self, *a, **k)
 
-    sampler.TileReader.read = read
+    JpegTiffReader.decode_tile = decode_tile
     try:
         r = embed_slides(_backbone(), index, tmp_path, mpp=2.0, tile_size=32, max_tiles=4, num_workers=0,
                          progress=False)
     finally:
-        sampler.TileReader.read = real
+        JpegTiffReader.decode_tile = real
     assert r["written"] == 1
     reasons = {name: why for name, _, why in r["failed"]}
     assert "simulated I/O error" in reasons[Path(bad).stem]
@@ -194,7 +212,7 @@ def test_embed_slides_command_line_shares_and_refusals(synthetic_index, tmp_path
     assert written == [1, 1]
     assert sorted(p.stem for p in tmp_path.glob("*.h5")) == sorted(Path(index.path(i)).stem for i in range(2))
     assert json.loads((tmp_path / "embed.json").read_text())["mpp"] == 2.0
-    with pytest.raises(SystemExit, match=r"^error: --mpp 1.0 is not among the mpps \[0.5, 2.0\] of the index"):
-        main([*base, "--mpp", "1.0"])
+    with pytest.raises(SystemExit, match=r"^error: --mpp 0.25 is not among the mpps \[0.5, 0.75, 1.0, 2.0\] of"):
+        main([*base, "--mpp", "0.25"])
     with pytest.raises(SystemExit, match=r"made with other settings \(embedding: \['cls'\] vs \['cls_mean'\]\)"):
         main([*base, "--embedding", "cls_mean"])
