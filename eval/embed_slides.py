@@ -312,8 +312,10 @@ def check_settings(out: Path, wanted: dict, overwrite: bool) -> None:
 
 def embed_slides(backbone, index, out, *, mpp: float, tile_size: int, embedding: str = "cls", max_tiles=None,
                  seed: int = 0, share: tuple[int, int] = (0, 1), batch_size: int = 64, num_workers: int = 4,
-                 device: str = "cpu", reader: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
-    """Embed this share's slides (index rows i with i % n == k) that --out does not hold yet.
+                 device: str = "cpu", reader: str = "auto", overwrite: bool = False, progress: bool = True,
+                 rows=None) -> dict:
+    """Embed this share's slides (index rows i with i % n == k; only those in `rows` when given) that --out does
+    not hold yet.
     Returns {"written", "skipped" (already there), "failed": [(name, path, reason)], "tiles"}."""
     import torch
     from tqdm import tqdm
@@ -334,9 +336,9 @@ def embed_slides(backbone, index, out, *, mpp: float, tile_size: int, embedding:
             raise SystemExit(f"error: two slides would write {name}.h5: {index.path(names[name])} and {index.path(i)}; "
                              "rename one of them")
         names[name] = i
-    mine = [i for i in range(len(index)) if i % n == k]
+    mine = [i for i in range(len(index)) if i % n == k and (rows is None or i in rows)]
     failed = [(slide_name(r["path"]), r["path"], f"not in the index: {r['reason']}") for r in index.unusable()
-              if (int(r["row"]) - 2) % n == k]
+              if (int(r["row"]) - 2) % n == k and rows is None]
     todo = [i for i in mine if overwrite or not (out / f"{slide_name(index.path(i))}.h5").exists()]
     skipped = len(mine) - len(todo)
     failed_csv = out / ("failed.csv" if n == 1 else f"failed-task{k:05d}.csv")

@@ -218,6 +218,44 @@ def cached_patches(backbone, spec: str, split: str, folder: Path, size: int, ove
     return data
 
 
+def probe_backbone(backbone, train_dir, test_dir, out, *, img_size: int | None = None, num_classes: int | None = None,
+                   max_images: int = 0, runs: int = 3, steps: int = DEFAULTS["steps"], device: str = "cpu",
+                   batch_size: int = 32, ignore: int = IGNORE, task: str = "seg") -> dict:
+    """A segmentation task for one model, start to end (what the probes during training run at each checkpoint):
+    patch tokens of at most max_images images a split (a fixed subset), the probe, out/results.json. The classes
+    are the mask values seen in the training masks when num_classes is not given."""
+    from eval.common import markdown_table, write_results
+
+    data = {}
+    for split, folder in (("train", train_dir), ("test", test_dir)):
+        ds = SegFolder(folder, img_size or 0)
+        if not img_size:
+            from PIL import Image
+
+            with Image.open(ds.items[0]) as im:
+                ds.size = img_size = im.size[0]
+        if max_images and len(ds) > max_images:  # the same images at every checkpoint
+            keep = np.sort(np.random.default_rng(0).choice(len(ds), max_images, replace=False))
+            ds.items = [ds.items[k] for k in keep]
+        data[split] = extract_patches(backbone, ds, batch_size=batch_size, device=device, progress=False)
+    if num_classes is None:
+        m = data["train"]["masks"]
+        num_classes = int(m[m != ignore].max()) + 1
+    r = run_seg_probe(data["train"], data["test"], num_classes, runs=runs, steps=steps, ignore=ignore)
+    results = {"protocol": "seg_linear", "task": task, "level": "dense", "classes": [str(c) for c in range(num_classes)],
+               "model": backbone.describe(), "embedding": "patches",
+               "datasets": {"train": str(train_dir), "test": str(test_dir)},
+               "counts": {s: len(d["masks"]) for s, d in data.items()},
+               "config": {"steps": steps, "runs": runs, "img_size": img_size, "ignore": ignore, "max_images": max_images},
+               "metrics": r["metrics"], "headline": {"metric": "test/mean_dice", **r["metrics"]["test"]["mean_dice"]},
+               "per_run": r["per_run"]}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_results(Path(out), results, markdown_table(
+        {"test": {k: v for k, v in r["metrics"]["test"].items() if k.startswith(("mean", "pixel"))}},
+        f"segmentation probe (linear), {task}, {runs} runs"))
+    return results
+
+
 def main(argv=None):
     from eval.common import default_out, markdown_table, prepare_out, write_results
     from eval.extract import add_model_args, backbone_from_args, extract_kwargs

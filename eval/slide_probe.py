@@ -276,6 +276,59 @@ def run_slide_probe(bags, y: np.ndarray, num_classes: int, protocol: str, *, spl
     return {"metrics": {"test": aggregate([r["test"] for r in per_run])}, "per_run": per_run}
 
 
+def probe_backbone(backbone, labels_csv, slides, out, *, mpp: float, tile_size: int, protocols=PROTOCOLS,
+                   max_slides: int = 0, max_tiles: int = 0, seed: int = 0, device: str = "cpu", num_workers: int = 0,
+                   batch_size: int = 64, index_dir=None, progress: bool = False, **probe_kw) -> dict:
+    """A slide-level task for one model, start to end (what the probes during training run at each checkpoint):
+    embed the labelled slides of `slides` (an index folder, or a manifest built into `index_dir`), at most max_slides
+    of them (a fixed stratified subset) and max_tiles tiles each, into out/features, then run each protocol into
+    out/<protocol>/results.json. Returns {protocol: results}."""
+    from eval.embed_slides import embed_slides, slide_name
+    from pathfm.data.index import IndexParams, SlideIndex, build_index
+    from pathfm.data.slides import read_manifest
+
+    out = Path(out)
+    names, labels, splits = read_labels(labels_csv)
+    if (Path(slides) / "index.json").is_file():
+        index = SlideIndex(slides)
+    else:
+        from pathfm.config import DataConfig
+
+        index = build_index(read_manifest(slides), index_dir or out / "index",
+                            IndexParams(tile_size, (mpp,), DataConfig().tissue_threshold), workers=1, progress=False)
+    by_name = {slide_name(index.path(i)): i for i in range(len(index))}
+    keep = [k for k, s in enumerate(names) if s in by_name]
+    if max_slides and len(keep) > max_slides:  # the same slides at every checkpoint: a seeded draw, labels in turn
+        rng = np.random.default_rng(seed)
+        per_label = {}
+        for k in rng.permutation(keep).tolist():
+            per_label.setdefault(labels[k], []).append(k)
+        turns = [group[i] for i in range(max(map(len, per_label.values()))) for group in per_label.values()
+                 if i < len(group)]
+        keep = sorted(turns[:max_slides])
+    if not keep:
+        raise ValueError(f"{labels_csv}: none of its slides is in {slides} (compared by file name without extension)")
+    features = out / "features"
+    embed_slides(backbone, index, features, mpp=mpp, tile_size=tile_size, max_tiles=max_tiles or None, seed=seed,
+                 batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+                 rows={by_name[names[k]] for k in keep})
+    done = [k for k in keep if (features / f"{names[k]}.h5").is_file()]
+    subset = out / "labels.csv"
+    with open(subset, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide", "label"] + (["split"] if splits else []))
+        w.writerows([names[k], labels[k]] + ([splits[k]] if splits else []) for k in done)
+    results = {}
+    for protocol in protocols:
+        argv = ["--features", str(features), "--labels", str(subset), "--protocol", protocol, "--out", str(out),
+                "--overwrite", "--max-tiles", str(max_tiles or DEFAULTS["max_tiles"])]
+        for key, value in probe_kw.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        main(argv)
+        results[protocol] = json.loads((out / protocol / "results.json").read_text())
+    return results
+
+
 def markdown(results: dict) -> str:
     from eval.common import markdown_table
 
@@ -317,6 +370,8 @@ def main(argv=None):
     if len(classes) < 2:
         raise SystemExit(f"error: {args.labels}: one label ({classes}); a probe needs at least two")
     y = np.array([classes.index(v) for v in labels])
+    if splits is None and args.folds < 2:
+        raise SystemExit(f"error: --folds {args.folds}: k-fold needs at least 2 folds (or give a split column)")
     if splits is None and np.bincount(y).min() < args.folds:
         raise SystemExit(f"error: {args.labels}: the rarest label has {np.bincount(y).min()} slides, fewer than "
                          f"--folds {args.folds}; lower --folds or give a split column")

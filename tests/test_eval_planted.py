@@ -186,3 +186,13 @@ def test_slide_probe_command_line_results_and_report(tmp_path):
     labels.write_text("slide,label\ns00,a\nmissing,b\n")
     with pytest.raises(SystemExit, match=r"^error: .*no embeddings for 1 labelled slide\(s\), e.g. \['missing'\]"):
         main(["--features", str(tmp_path), "--labels", str(labels), "--out", str(tmp_path / "r3")])
+
+
+def test_seg_task_start_to_end_on_a_budget(seg_fixture, tmp_path):
+    from eval.backbone import load_eval_backbone
+    from eval.seg_probe import probe_backbone
+
+    bb = load_eval_backbone(timm_name="test_vit", img_size=32)
+    r = probe_backbone(bb, seg_fixture / "train", seg_fixture / "test", tmp_path, max_images=8, runs=1, steps=3)
+    assert r["counts"] == {"train": 8, "test": 8} and r["classes"] == ["0", "1", "2", "3"]
+    assert json.loads((tmp_path / "results.json").read_text())["headline"]["metric"] == "test/mean_dice"

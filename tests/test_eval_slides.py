@@ -216,3 +216,26 @@ def test_embed_slides_command_line_shares_and_refusals(synthetic_index, tmp_path
         main([*base, "--mpp", "0.25"])
     with pytest.raises(SystemExit, match=r"made with other settings \(embedding: \['cls'\] vs \['cls_mean'\]\)"):
         main([*base, "--embedding", "cls_mean"])
+
+
+def test_slide_task_start_to_end_on_a_budget(synthetic_index, tmp_path):
+    """probe_backbone (what a probe during training runs): labelled slides matched by name, at most max_slides of
+    them embedded (max_tiles each), then each protocol's results.json."""
+    from eval.slide_probe import probe_backbone
+
+    index, _ = synthetic_index
+    names = [Path(index.path(i)).stem for i in range(2)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label,split\n" + f"{index.path(0)},a,train\n{names[1]},b,train\n{names[0]},a,test\n"
+                      "not-in-the-index,b,test\n")
+    r = probe_backbone(_backbone(), labels, index.folder, tmp_path / "task", mpp=2.0, tile_size=32, max_slides=2,
+                       max_tiles=5, protocols=("meanpool",), seeds=1, epochs=1)
+    assert list(r) == ["meanpool"] and r["meanpool"]["level"] == "slide"
+    assert sorted(p.stem for p in (tmp_path / "task" / "features").glob("*.h5")) == sorted(names)
+    assert all(len(read_h5(p)) == 5 for p in (tmp_path / "task" / "features").glob("*.h5"))
+
+
+def read_h5(path):
+    from eval.embed_slides import read_slide
+
+    return read_slide(path)["features"]
