@@ -213,10 +213,15 @@ class ProbesConfig:
     """Downstream probes of every checkpoint, run beside training (eval/watch.py), never inside its step."""
 
     tasks: list[str] = field(default_factory=list)  # NAME[@knn+linear]=TRAIN,TEST with eval/'s dataset specs
-                                                    # (KIND:ROOT:SPLIT, an image folder, a CSV[:SPLIT]); [] = off
+                                                    # (KIND:ROOT:SPLIT, an image folder, a CSV[:SPLIT]); [] = off;
+                                                    # slide-level: NAME@abmil+meanpool=LABELS.csv,INDEX_OR_MANIFEST;
+                                                    # dense: NAME@seg=TRAIN_DIR,TEST_DIR (images/ + masks/)
     every: int = 1  # probe every k-th regular checkpoint (and the final one); 1 = all, also those a signal wrote
     protocol: str = "knn"  # protocols of a task without @...: knn | linear | knn+linear
     max_tiles: int = 0  # per split, a fixed random subset of this many tiles (quick curves on big sets); 0 = all
+                        # (slide tasks: tiles per slide; seg tasks: images per split)
+    max_slides: int = 0  # slide tasks: a fixed subset of this many labelled slides, labels in turn; 0 = all
+    slide_mpp: float = 0.5  # slide tasks: µm/px of the tiles embedded (tiles of probes.img_size px)
     embedding: str = "cls"  # cls | cls_mean | lastN (eval/extract.py)
     img_size: int = 224  # eva's resize + centre crop
     threads: int = 1  # torch threads of the probe process (it runs at nice 19 on the trainer's machine)
@@ -433,9 +438,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.manifest' is set ({cfg.data.manifest}) but data.source is "
                           f"'{cfg.data.source}', which would ignore it; add data.source=manifest to train on it")
     check_patch_grid(cfg)
-    if any(x not in PROBE_PROTOCOLS for x in cfg.probes.protocol.split("+")):
+    if any(x not in TILE_PROTOCOLS for x in cfg.probes.protocol.split("+")):
         raise ConfigError(f"config key 'probes.protocol' is {cfg.probes.protocol!r}; expected knn, linear or knn+linear")
     probe_tasks(cfg)
+    if cfg.probes.max_slides < 0 or not cfg.probes.slide_mpp > 0:
+        raise ConfigError(f"config keys 'probes.max_slides' must be >= 0 and 'probes.slide_mpp' > 0, got "
+                          f"{cfg.probes.max_slides} and {cfg.probes.slide_mpp}")
     if cfg.probes.every < 1 or cfg.probes.max_tiles < 0 or cfg.probes.threads < 1:
         raise ConfigError("config keys 'probes.every' and 'probes.threads' must be >= 1 and 'probes.max_tiles' >= 0, got "
                           f"{cfg.probes.every}, {cfg.probes.threads} and {cfg.probes.max_tiles}")
@@ -473,7 +481,10 @@ def check_patch_grid(cfg: Config) -> None:
 
 
 DATASET_KINDS = ("folder", "csv", "crc", "bach", "mhist", "pcam", "breakhis")  # eval.datasets.READERS (no eval import)
-PROBE_PROTOCOLS = ("knn", "linear")
+TILE_PROTOCOLS = ("knn", "linear")  # eval/knn.py, eval/linear.py on tile embeddings
+SLIDE_PROTOCOLS = ("abmil", "meanpool")  # eval/slide_probe.py on per-slide tile embeddings
+DENSE_PROTOCOLS = ("seg",)  # eval/seg_probe.py on patch tokens
+PROBE_PROTOCOLS = TILE_PROTOCOLS + SLIDE_PROTOCOLS + DENSE_PROTOCOLS
 PROBE_TASK_FORM = "NAME[@knn+linear]=TRAIN,TEST, e.g. crc=crc:/data/crc:train,crc:/data/crc:val"
 
 
@@ -481,8 +492,14 @@ PROBE_TASK_FORM = "NAME[@knn+linear]=TRAIN,TEST, e.g. crc=crc:/data/crc:train,cr
 class ProbeTask:
     name: str
     protocols: tuple  # ("knn",), ("knn", "linear"), ...
-    train: str  # eval/ dataset specs
-    test: str
+    train: str  # eval/ dataset specs; slide tasks: the labels CSV; seg tasks: the train folder
+    test: str  # slide tasks: the slides (an index folder or a manifest); seg tasks: the test folder
+
+    @property
+    def level(self) -> str:
+        """tile, slide or dense: which probes, and how train / test are read."""
+        return ("slide" if self.protocols[0] in SLIDE_PROTOCOLS else "dense" if self.protocols[0] in DENSE_PROTOCOLS
+                else "tile")
 
     def roots(self) -> list[str]:
         """The file or folder each spec reads (KIND: and :SPLIT stripped)."""
@@ -514,10 +531,14 @@ def parse_probe_task(text: str, default_protocol: str = "knn", key: str = "probe
     for proto in protocols:
         if proto not in PROBE_PROTOCOLS:
             raise bad(f"unknown protocol {proto!r} (known: {', '.join(PROBE_PROTOCOLS)})")
+    groups = [g for g in (TILE_PROTOCOLS, SLIDE_PROTOCOLS, DENSE_PROTOCOLS) if set(protocols) & set(g)]
+    if len(groups) > 1:
+        raise bad(f"protocols {'+'.join(protocols)} mix tile ({'/'.join(TILE_PROTOCOLS)}), slide "
+                  f"({'/'.join(SLIDE_PROTOCOLS)}) and dense ({'/'.join(DENSE_PROTOCOLS)}) probes; give each its own task")
     parts = [x.strip() for x in specs.split(",")]
     if len(parts) != 2 or not all(parts):
         raise bad(f"{len([x for x in parts if x])} dataset(s) after '='; give a train and a test set separated by one ','")
-    for spec in parts:
+    for spec in parts if protocols[0] in TILE_PROTOCOLS else []:  # slide and seg tasks name files, not KIND:
         kind = spec.split(":", 1)[0]
         if ":" in spec and kind not in DATASET_KINDS and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]+", kind):
             raise bad(f"unknown dataset kind {kind!r} in {spec!r} (known: {', '.join(DATASET_KINDS)})")
