@@ -9,7 +9,7 @@ teacher instead of the student's EMA, and the EMA is still kept (it is the model
 as in DINOv2's distillation). A teacher file is one of
 
   - a pathfm checkpoint (a step folder, checkpoints/last, a checkpoints or run folder): its EMA backbone and
-    heads (the "teacher" entry), architecture and normalisation from meta.json;
+    heads (the "ema" entry; "teacher" in older checkpoints), architecture and normalisation from meta.json;
   - a pathfm export folder (model.json + model.pth, and heads.safetensors when written with heads);
   - a timm- or DINOv2-named ViT state dict (.pth / .safetensors), backbone only: the architecture is read
     from the tensor shapes (width and depth name the arch, patch size, registers, SwiGLU, LayerScale, size).

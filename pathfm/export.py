@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pathfm.checkpoint import resolve_checkpoint
+from pathfm.release import write_release
 from pathfm.vit import ARCHS, VisionTransformer
 from pathfm.weights import HEADS_FILE, checkpoint_heads, load_ema_backbone
 
@@ -105,8 +106,6 @@ def save_export(model: VisionTransformer, folder: str | Path, mean=(0.5, 0.5, 0.
         **(extra or {}),
     }
     (folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
-    from pathfm.release import write_release
-
     write_release(folder, name, kwargs, sd, model, mean, std, Path(run_dir) if run_dir else None, sidecar.get("step"))
     return folder / "model.pth"
 
