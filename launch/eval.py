@@ -151,17 +151,7 @@ def embed_main(argv: list[str]):
     s.add_argument("--wait", action="store_true", help="wait for the array and print each task's counts")
     slurm.add_resource_flags(s)
     args = p.parse_args(argv)
-    ours = {"--tasks", "--wait", "--profile", "--gpus-per-node", "--tasks-per-node", "--cpus-per-task", "--mem",
-            "--time", "--partition", "--account", "--qos", "--constraint"}
-    embed_argv, skip = [], False
-    for a in argv:  # the command line minus the SLURM flags: what each task runs
-        if skip:
-            skip = False
-            continue
-        if a.split("=", 1)[0] in ours:
-            skip = "=" not in a and a != "--wait"
-            continue
-        embed_argv.append(a)
+    embed_argv = task_argv(argv)
     if not args.tasks:
         from eval.embed_slides import main as embed
 
@@ -184,6 +174,24 @@ def embed_main(argv: list[str]):
         for job in jobs:
             print(job.result())
     return jobs
+
+
+SLURM_FLAGS = {"--tasks", "--wait", "--profile", "--gpus-per-node", "--tasks-per-node", "--cpus-per-task", "--mem",
+               "--time", "--partition", "--account", "--qos", "--constraint"}
+
+
+def task_argv(argv: list[str]) -> list[str]:
+    """The --embed command line minus the SLURM flags (and their values): what each array task runs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in SLURM_FLAGS:
+            skip = "=" not in a and a != "--wait"
+            continue
+        out.append(a)
+    return out
 
 
 def submit_embed(embed_argv: list[str], tasks: int, res, out: Path):

@@ -208,12 +208,18 @@ def test_embed_slides_command_line_shares_and_refusals(synthetic_index, tmp_path
     index, _ = synthetic_index
     base = ["--timm", "test_vit", "--index", str(index.folder), "--mpp", "2.0", "--tile-size", "32",
             "--max-tiles", "3", "--num-workers", "0", "--out", str(tmp_path)]
-    written = [main(base, share=(k, 2))["written"] for k in (0, 1)]
-    assert written == [1, 1]
+    from launch.eval import EmbedTask, embed_main, task_argv
+
+    slurm = ["--tasks", "2", "--profile=gpu-8x", "--wait", "--time", "10"]
+    assert task_argv([*base, *slurm]) == base  # what each array task runs
+    # the array tasks as SLURM runs them (submitit calls EmbedTask(argv, n)(k)): disjoint slides
+    assert [EmbedTask(base, 2)(k)["written"] for k in (0, 1)] == [1, 1]
     assert sorted(p.stem for p in tmp_path.glob("*.h5")) == sorted(Path(index.path(i)).stem for i in range(2))
     assert json.loads((tmp_path / "embed.json").read_text())["mpp"] == 2.0
     with pytest.raises(SystemExit, match=r"^error: --mpp 0.25 is not among the mpps \[0.5, 0.75, 1.0, 2.0\] of"):
         main([*base, "--mpp", "0.25"])
+    with pytest.raises(SystemExit, match=r"^error: no built slide index at .*; build it first"):
+        embed_main([*base[:2], "--index", str(tmp_path / "none"), *base[4:], *slurm])
     with pytest.raises(SystemExit, match=r"made with other settings \(embedding: \['cls'\] vs \['cls_mean'\]\)"):
         main([*base, "--embedding", "cls_mean"])
 
