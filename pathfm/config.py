@@ -168,7 +168,8 @@ class TrainConfig:
 class DistillConfig:
     """Distillation from a frozen teacher (pathfm.distill); teacher "" = self-distillation (the student's EMA)."""
 
-    teacher: str = ""  # a pathfm checkpoint / run folder, a pathfm export folder, or a timm / DINOv2 state dict file
+    teacher: str = ""  # a pathfm checkpoint / run folder, a pathfm export folder, a timm / DINOv2 state dict file, or a
+                       # public model folder (local-dir:PATH or a folder with config.json; hf-hub:ORG/NAME, local cache)
     loss: str = "auto"  # auto (heads when the teacher has them, else features) | heads (DINO + iBOT on the teacher's
                         # head outputs) | features (cosine to the teacher's CLS and patch tokens via learned projections)
     teacher_input: str = "match_grid"  # match_grid: the teacher sees the global crops resized to the student's token
@@ -179,6 +180,9 @@ class DistillConfig:
                                   # (DINOv2's distillation: no masking, every patch of the 2 global crops scored)
     feature_weight_cls: float = 1.0  # features loss: weight of the CLS cosine term
     feature_weight_patch: float = 1.0  # features loss: weight of the patch cosine term
+    teacher_mean: list[float] = field(default_factory=list)  # the teacher's input normalisation (3 values each);
+    teacher_std: list[float] = field(default_factory=list)   # [] = what its file records (hub pretrained_cfg, pathfm
+                                                             # meta), else the student's crops.mean / std, with a warning
 
 
 @dataclass
@@ -389,6 +393,11 @@ def validate(cfg: Config) -> None:
         "distill.teacher_input": ("match_grid", "same"),
         "distill.ibot_patches": ("masked", "all"),
     }
+    for key in ("distill.teacher_mean", "distill.teacher_std"):
+        v = getattr(cfg.distill, key.split(".")[1])
+        if v and (len(v) != 3 or (key.endswith("std") and min(v) <= 0)):
+            raise ConfigError(f"config key '{key}' is {v}; expected 3 values (R, G, B){', each > 0' if key.endswith('std') else ''}, "
+                              "or [] for the normalisation the teacher file records")
     for key, choices in from_choices.items():
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)

@@ -221,5 +221,6 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "
             fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         # train.py and eval call these methods, not forward(): FSDP must gather the root's parameters for them too
         for name in ("forward_features", "forward_features_list", "get_intermediate_layers"):
-            register_fsdp_forward_method(vit, name)
+            if hasattr(vit, name):  # a timm ViT (a public teacher) has no forward_features_list
+                register_fsdp_forward_method(vit, name)
     return model

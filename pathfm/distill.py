@@ -12,7 +12,13 @@ as in DINOv2's distillation). A teacher file is one of
     heads (the "ema" entry; "teacher" in older checkpoints), architecture and normalisation from meta.json;
   - a pathfm export folder (model.json + model.pth, and heads.safetensors when written with heads);
   - a timm- or DINOv2-named ViT state dict (.pth / .safetensors), backbone only: the architecture is read
-    from the tensor shapes (width and depth name the arch, patch size, registers, SwiGLU, LayerScale, size).
+    from the tensor shapes (width and depth name the arch, patch size, registers, SwiGLU, LayerScale, size);
+  - a public model as the Hugging Face hub holds it (`local-dir:PATH`, a folder with config.json +
+    model.safetensors, or `hf-hub:ORG/NAME` from the local cache): built by timm with its own layers, registers and
+    position-embedding layout, fed with its own mean and std (pretrained_cfg; distill.teacher_mean / _std override).
+
+A teacher is built for the size it sees: its position embeddings are resampled once as it loads (antialiased
+bicubic, as timm and DINOv2's register models do), never on each step.
 
 Teachers with heads give DINO (CLS) and iBOT (patch) targets from their own heads (`distill.loss=heads`);
 backbone-only teachers give feature targets: the student's CLS and patch tokens, through learned projections
@@ -24,8 +30,10 @@ teacher then sees 196 px), or the same pixels when the grids already agree.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,23 +47,41 @@ from pathfm.heads import HEAD_KEYS, build_heads
 from pathfm.plan import StepPlan, make_plan
 from pathfm import vit
 from pathfm.vit import ViTArgs, build_vit, resolve_attn_backend
-from pathfm.weights import (load_backbone, load_ema, load_heads, load_heads_into, read_heads_args, read_state_dict,
-                            resolve_weights)
+from pathfm.weights import (HUB_PREFIXES, build_hub_model, hub_folder, hub_pretrained_cfg, hub_weights, load_backbone,
+                            load_ema, load_heads, load_heads_into, read_heads_args, read_hub_config, read_state_dict,
+                            resolve_weights, weight_shapes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherSpec:
     path: str
-    kind: str  # checkpoint | export | state_dict
-    source: Path  # the step folder, the export folder, or the weights file
-    vit_args: ViTArgs
+    kind: str  # checkpoint | export | state_dict | hub
+    source: Path  # the step folder, the export or hub folder, or the weights file
+    vit_args: ViTArgs | None  # pathfm's ViT; None for a hub model (timm builds it from hub_config)
     heads: dict | None  # HEAD_KEYS of the heads the file holds; None = backbone only
     mean: list | None  # the normalisation the teacher was trained with (None: unknown, the student's is used)
     std: list | None
+    hub_config: dict | None = None  # a hub folder's config.json (architecture, model_args, pretrained_cfg)
+    hub_shape: tuple = ()  # a hub model's (width, patch size), from its weights' patch embedding
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit_args.patch_size if self.vit_args else self.hub_shape[1]
+
+    @property
+    def embed_dim(self) -> int:
+        return vit.ARCHS[self.vit_args.arch][0] if self.vit_args else self.hub_shape[0]
+
+    @property
+    def native_size(self) -> int:
+        """The input size its position embeddings are stored for."""
+        if self.vit_args:
+            return self.vit_args.img_size
+        return int((hub_pretrained_cfg(self.hub_config).get("input_size") or (3, 224, 224))[-1])
 
     def describe(self) -> str:
-        a = self.vit_args
-        return f"teacher {a.arch}/{a.patch_size} ({vit.ARCHS[a.arch][0]} wide, {self.kind} '{self.path}')"
+        name = f"{self.vit_args.arch}/{self.patch_size}" if self.vit_args else self.hub_config["architecture"]
+        return f"teacher {name} ({self.embed_dim} wide, {self.kind} '{self.path}')"
 
 
 def heads_mismatch(heads: dict, ssl) -> str:
@@ -91,9 +117,13 @@ def infer_vit_args(sd: dict, path) -> ViTArgs:
 
 def inspect_teacher(path: str) -> TeacherSpec:
     """What a teacher file holds, read without building the model (cheap: names, shapes, JSON)."""
+    if path.startswith(HUB_PREFIXES):
+        return inspect_hub(path, path)
     p = Path(path)
     if not p.exists():
         raise ValueError(f"'{path}' does not exist")
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "model.json").is_file():
+        return inspect_hub(path, f"local-dir:{p}")
     if (p.is_dir() and not (p / "model.json").is_file()) or (p.is_file() and p.name == "last"):
         try:
             step_dir = ckpt.resolve_checkpoint(p)
@@ -116,6 +146,22 @@ def inspect_teacher(path: str) -> TeacherSpec:
     return TeacherSpec(path, "state_dict", p, infer_vit_args(sd, path), None, None, None)
 
 
+def inspect_hub(path: str, name: str) -> TeacherSpec:
+    """A hub folder's teacher spec from config.json and the names and shapes in its weights (no tensor read)."""
+    folder = hub_folder(name)
+    cfg = read_hub_config(folder, f"'{path}' (config.json)")
+    shapes = weight_shapes(hub_weights(folder))
+    w = shapes.get("patch_embed.proj.weight", ())
+    if len(w) != 4:
+        raise ValueError(f"'{path}' holds {cfg['architecture']}, whose weights have no patch_embed.proj.weight: not a ViT")
+    if "cls_token" not in shapes:
+        raise ValueError(f"'{path}' holds {cfg['architecture']} without a class token; pathfm's targets are a CLS "
+                         "token and patch tokens")
+    pcfg = hub_pretrained_cfg(cfg)
+    return TeacherSpec(path, "hub", folder, None, read_heads_args(folder), pcfg.get("mean"), pcfg.get("std"),
+                       hub_config=cfg, hub_shape=(w[0], w[-1]))
+
+
 def step_plan(cfg) -> StepPlan:
     """The step plan of cfg (pathfm.plan), reading distill.teacher's file when there is one (names and shapes only)."""
     return make_plan(cfg, inspect_teacher(cfg.distill.teacher) if cfg.distill.teacher else None)
@@ -125,7 +171,7 @@ def teacher_size(cfg, spec: TeacherSpec) -> int:
     """Side of the teacher's input: the student's grid times the teacher's patch (match_grid), or the crops' own."""
     if cfg.distill.teacher_input == "same":
         return cfg.crops.global_size
-    return cfg.crops.global_size // cfg.model.patch_size * spec.vit_args.patch_size
+    return cfg.crops.global_size // cfg.model.patch_size * spec.patch_size
 
 
 def check_pairing(cfg, spec: TeacherSpec) -> str:
@@ -154,11 +200,11 @@ def check_pairing(cfg, spec: TeacherSpec) -> str:
     if plan.patch_targets:
         g_s = cfg.crops.global_size // m.patch_size
         size = teacher_size(cfg, spec)
-        g_t = size // spec.vit_args.patch_size
-        if size % spec.vit_args.patch_size or g_t != g_s:
+        g_t = size // spec.patch_size
+        if size % spec.patch_size or g_t != g_s:
             raise ValueError(f"{who} cannot be paired patch by patch: the student's {cfg.crops.global_size} px global "
                              f"crops give a {g_s}x{g_s} token grid, the teacher's {size} px input a "
-                             f"{size / spec.vit_args.patch_size:g}x{size / spec.vit_args.patch_size:g} grid; use "
+                             f"{size / spec.patch_size:g}x{size / spec.patch_size:g} grid; use "
                              "distill.teacher_input=match_grid, or distill.patch_targets=false (CLS targets only)")
     return plan.targets
 
@@ -173,6 +219,49 @@ def check_teacher(cfg) -> TeacherSpec:
     return spec
 
 
+def teacher_modules(spec: TeacherSpec, size: int, heads: bool, load: bool = True) -> nn.ModuleDict:
+    """backbone [+ dino_head, ibot_head] of the teacher file, built for size px inputs: its position embeddings are
+    resampled once here, as it loads (antialiased bicubic, as timm and DINOv2's register models load them), so no
+    forward resamples them again. load=False: the architecture only, on the meta device (FLOP counts)."""
+    where = f"distill.teacher '{spec.path}' (config.json)"
+    fixed = {"dynamic_img_size": False}  # timm: one input size, the embeddings resampled at load, not per forward
+    with torch.device("meta"):
+        if spec.kind == "hub":
+            backbone = None if load else build_hub_model(spec.source, where, size, fixed, pretrained=False)
+        else:
+            backbone = build_vit(spec.vit_args if load else dataclasses.replace(spec.vit_args, img_size=size))
+        head_modules = build_heads(spec.embed_dim, spec.heads) if heads else {}
+    if not load:
+        return nn.ModuleDict({"backbone": backbone, **head_modules})
+    if spec.kind == "hub":  # timm reads the weights (strictly) and resamples the position embeddings as it builds
+        backbone = build_hub_model(spec.source, where, size, fixed)
+    else:
+        backbone = backbone.to_empty(device="cpu")
+    model = nn.ModuleDict({"backbone": backbone, **nn.ModuleDict(head_modules).to_empty(device="cpu")})
+    if spec.kind == "checkpoint":
+        load_ema(spec.source, model)
+    elif spec.kind != "hub":
+        load_backbone(model.backbone, resolve_weights(spec.source))
+    if heads and spec.kind != "checkpoint":
+        load_heads_into(model, load_heads(spec.source)[0], spec.source)
+    if spec.kind != "hub":
+        with torch.no_grad():
+            model.backbone.mask_token.zero_()  # never used: the teacher sees no masks
+        set_input_size(model.backbone, size)
+    return model
+
+
+def set_input_size(backbone: vit.VisionTransformer, size: int) -> None:
+    """Resample a pathfm ViT's position embeddings to the grid of size px inputs, once (antialiased bicubic)."""
+    grid = size // backbone.patch_size
+    n_prefix = 0 if backbone.no_embed_class else 1  # the class token's own position, kept as it is
+    pos = backbone.pos_embed.detach()
+    if pos.shape[1] - n_prefix != grid * grid:
+        patch_pos = vit.resample_pos_grid(pos[:, n_prefix:], (grid, grid), antialias=True)
+        backbone.pos_embed = nn.Parameter(torch.cat([pos[:, :n_prefix], patch_pos], dim=1), requires_grad=False)
+    backbone.args = dataclasses.replace(backbone.args, img_size=size)
+
+
 def load_teacher(cfg, env) -> nn.ModuleDict | None:
     """The frozen teacher (backbone [+ dino_head, ibot_head]) on env.device, wrapped like the student; None
     without distill.teacher. Its parameters never change: requires_grad False, eval mode, no optimizer."""
@@ -180,24 +269,17 @@ def load_teacher(cfg, env) -> nn.ModuleDict | None:
         return None
     spec = inspect_teacher(cfg.distill.teacher)
     mode = check_pairing(cfg, spec)
-    with torch.device("meta"):
-        model = nn.ModuleDict({"backbone": build_vit(spec.vit_args)})
-        if mode == "heads":
-            model.update(build_heads(model.backbone.embed_dim, spec.heads))
-    model = model.to_empty(device="cpu")
-    if spec.kind == "checkpoint":
-        load_ema(spec.source, model)
-    else:
-        load_backbone(model.backbone, resolve_weights(spec.source))
-        if mode == "heads":
-            load_heads_into(model, load_heads(spec.source)[0], spec.source)
-    with torch.no_grad():
-        model.backbone.mask_token.zero_()  # never used: the teacher sees no masks
+    if spec.mean is None and not (cfg.distill.teacher_mean and cfg.distill.teacher_std) and env.is_main:
+        print(f"WARNING: distill.teacher '{spec.path}' records no mean / std, so it gets the student's "
+              f"({list(cfg.crops.mean)}, {list(cfg.crops.std)}); set distill.teacher_mean and distill.teacher_std to "
+              "those it was trained with", file=sys.stderr, flush=True)
+    model = teacher_modules(spec, teacher_size(cfg, spec), heads=mode == "heads")
     model.requires_grad_(False)
     model.train(False)
     model = model.to(env.device)
-    model.backbone.set_attn_backend(resolve_attn_backend(cfg.model.attn_backend, env.device))
-    model.backbone.set_sdpa_kernels(cfg.model.sdpa_kernels)
+    if isinstance(model.backbone, vit.VisionTransformer):  # timm's own ViT picks its attention itself
+        model.backbone.set_attn_backend(resolve_attn_backend(cfg.model.attn_backend, env.device))
+        model.backbone.set_sdpa_kernels(cfg.model.sdpa_kernels)
     pdist.wrap_model(model, env, fsdp=cfg.dist.fsdp, ac="none", compile=cfg.dist.compile, precision=cfg.train.precision,
                      reshard_after_forward=True)  # frozen: its parameters are needed only in its forward
     model.spec, model.mode = spec, mode
@@ -211,8 +293,9 @@ class TeacherInput:
     def __init__(self, cfg, spec: TeacherSpec):
         self.size = teacher_size(cfg, spec)
         mean_s, std_s = torch.tensor(cfg.crops.mean), torch.tensor(cfg.crops.std)
-        mean_t = torch.tensor(spec.mean if spec.mean else cfg.crops.mean)
-        std_t = torch.tensor(spec.std if spec.std else cfg.crops.std)
+        # distill.teacher_mean / _std, else what the teacher file records, else (with a warning) the student's
+        mean_t = torch.tensor(cfg.distill.teacher_mean or spec.mean or cfg.crops.mean)
+        std_t = torch.tensor(cfg.distill.teacher_std or spec.std or cfg.crops.std)
         # x_t = (x_s * std_s + mean_s - mean_t) / std_t = x_s * scale + shift
         self.scale, self.shift = (std_s / std_t).view(1, 3, 1, 1), ((mean_s - mean_t) / std_t).view(1, 3, 1, 1)
         self.identity = bool((self.scale == 1).all() and (self.shift == 0).all())
@@ -244,7 +327,7 @@ def add_projections(cfg, student: nn.ModuleDict) -> None:
     plan = make_plan(cfg, spec)
     if not plan.features:
         return
-    d_s, d_t = student.backbone.embed_dim, vit.ARCHS[spec.vit_args.arch][0]
+    d_s, d_t = student.backbone.embed_dim, spec.embed_dim
     student["cls_proj"] = projection(d_s, d_t)
     if plan.patch_features:
         student["patch_proj"] = projection(d_s, d_t)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pathfm.distill import check_pairing, inspect_teacher, projection, step_plan, teacher_size
-from pathfm.heads import DINOHead, build_heads
-from pathfm.vit import ARCHS, ViTArgs, build_vit, kept_count
+from pathfm.distill import check_pairing, inspect_teacher, projection, step_plan, teacher_modules, teacher_size
+from pathfm.heads import DINOHead
+from pathfm.vit import ARCHS, VisionTransformer, ViTArgs, build_vit, kept_count
 
 # dense (no 2:4 sparsity) bf16 tensor-core peak per GPU, FLOP/s, from the vendors' data sheets;
 # the first name that occurs in torch.cuda.get_device_name() wins, so longer names come first
@@ -97,15 +97,16 @@ def distill_teacher_flops(cfg, batch: int, masked: int) -> float:
     (heads targets) on their CLS tokens and the masked patches; counted on the meta device."""
     spec = inspect_teacher(cfg.distill.teacher)
     mode, size = check_pairing(cfg, spec), teacher_size(cfg, spec)
+    teacher = teacher_modules(spec, size, heads=mode == "heads", load=False).eval()  # on the meta device, as it runs
+    if isinstance(teacher.backbone, VisionTransformer):
+        teacher.backbone.set_attn_backend("sdpa")
     with torch.device("meta"):
-        vit = build_vit(spec.vit_args).eval()
-        vit.set_attn_backend("sdpa")
-        flops = count_flops(vit.forward_features, torch.empty(2 * batch, 3, size, size))
+        flops = count_flops(teacher.backbone.forward_features, torch.empty(2 * batch, 3, size, size))
         if mode == "heads":
-            heads = build_heads(vit.embed_dim, spec.heads)
-            flops += count_flops(heads["dino_head"], torch.empty(2 * batch, vit.embed_dim))
+            flops += count_flops(teacher.dino_head, torch.empty(2 * batch, spec.embed_dim))
             if masked:
-                flops += count_flops(heads.get("ibot_head", heads["dino_head"]), torch.empty(masked, vit.embed_dim))
+                ibot_head = teacher.ibot_head if "ibot_head" in teacher else teacher.dino_head
+                flops += count_flops(ibot_head, torch.empty(masked, spec.embed_dim))
     return flops
 
 
@@ -163,7 +164,7 @@ def step_flops(cfg, plan=None, scored: int | None = None) -> dict:
         vit.train()
         student = count_flops(vit.forward_features_list, [global_crops, local_crops])
         if plan.features:  # the projections to the teacher's width replace the heads
-            d_t = ARCHS[inspect_teacher(cfg.distill.teacher).vit_args.arch][0]
+            d_t = inspect_teacher(cfg.distill.teacher).embed_dim
             student += count_flops(projection(D, d_t), cls)
             if plan.patch_features:
                 student += count_flops(projection(D, d_t), torch.empty(2 * B * (c.global_size // m.patch_size) ** 2, D))
