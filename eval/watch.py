@@ -82,8 +82,16 @@ def settings(run_dir: Path, args) -> dict:
     tasks = [parse_probe_task(t, section["protocol"], "--task" if args.task else f"probes.tasks[{i}]")
              for i, t in enumerate(texts)]
     train = cfg.get("train", {})
-    return {**section, "tasks": tasks, "final_step": train.get("steps", 0), "ckpt_every": train.get("ckpt_every", 1),
-            "keep_last": train.get("keep_last", 3)}
+    return {**section, "tasks": tasks, "final_step": train.get("steps", 0), "ckpt_every": train.get("ckpt_every", 1)}
+
+
+def run_keep_last(run_dir: Path) -> int | None:
+    """train.keep_last of the run's newest config, read at each use (pathfm's default where an older config lacks
+    the key); None for a folder without a config: its promise about disk is unknown, so nothing is pruned."""
+    from pathfm.config import TrainConfig
+
+    cfg = latest_config(run_dir)
+    return cfg.get("train", {}).get("keep_last", TrainConfig.keep_last) if cfg else None
 
 
 def check_tasks(tasks: list[ProbeTask]) -> None:
@@ -158,7 +166,8 @@ class Watcher:
         return row
 
     def snapshot_new(self) -> int:
-        """Copy every new wanted checkpoint's teacher; returns how many were copied."""
+        """Copy the EMA's backbone out of every new wanted checkpoint and release the trainer's hold on it, then apply
+        keep_last; returns how many were copied."""
         import torch
 
         from pathfm.checkpoint import PROBE_HOLD
@@ -169,9 +178,9 @@ class Watcher:
             folders = sorted(p for p in self.ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             for folder in folders:
                 step, snap = int(folder.name.split("_")[1]), self.snaps / f"{folder.name}.pt"
-                if snap.exists() or not (folder / "meta.json").is_file():
+                if not (folder / "meta.json").is_file():
                     continue
-                todo = self.todo(step) if self.wanted(step) else []
+                todo = self.todo(step) if self.wanted(step) and not snap.exists() else []
                 if todo:
                     try:
                         vit, meta = load_ema_backbone(folder)
@@ -190,13 +199,20 @@ class Watcher:
                                              checkpoint=str(folder), reason="checkpoint pruned before the probe "
                                              "read it" if gone else f"reading the checkpoint: {type(e).__name__}: {e}")
                         continue
-                if (folder / PROBE_HOLD).exists():
-                    (folder / PROBE_HOLD).unlink(missing_ok=True)
-                    # a folder the trainer kept only for this copy: prune it as the trainer's next save would have
-                    # (after the last save there is none, so a quick run would otherwise keep it for good)
-                    if folder not in folders[-self.opts.get("keep_last", 3):]:
-                        shutil.rmtree(folder, ignore_errors=True)
+                # copied now, or before by a probe process killed before this line, or not wanted: released
+                (folder / PROBE_HOLD).unlink(missing_ok=True)
+            self.prune()
         return n
+
+    def prune(self) -> None:
+        """keep_last, as the trainer applies it (pathfm.checkpoint.prune_checkpoints): a checkpoint the trainer kept
+        only for a copy goes once copied. Listed now, after the releases: the trainer's last save may have come
+        during a copy, and after the last save nothing else would prune it."""
+        from pathfm.checkpoint import prune_checkpoints
+
+        keep_last = run_keep_last(self.run)
+        if keep_last is not None:
+            prune_checkpoints(self.ckpts, keep_last)
 
     def snapshot_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.args.poll):

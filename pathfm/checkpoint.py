@@ -126,6 +126,27 @@ PROBE_HOLD = "probe.hold"  # in a step folder: a probe has not read it yet (eval
 MAX_HELD = 2  # held folders kept beyond keep_last: a probe process that died cannot make them pile up
 
 
+def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
+    """train.keep_last, applied by whoever touches the folder last: the trainer after each save, the probe
+    process (eval/watch.py) after it releases a hold and whenever it looks. The newest keep_last step folders
+    stay; an older one stays only while a probe holds it (PROBE_HOLD), at most the newest MAX_HELD such; the rest
+    are removed. Returns the removed folders.
+
+    The folder is listed here, at the call, never earlier: a caller that read it before the other side saved or
+    released would keep a folder that nobody prunes afterwards. Two callers at once are safe: an older listing
+    removes a subset of what a newer one removes."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} would delete the newest checkpoint; keep at least 1")
+    steps = sorted(p for p in Path(ckpt_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    excess = steps[: max(len(steps) - keep_last, 0)]
+    held = [p for p in excess if (p / PROBE_HOLD).exists()]
+    held = held[max(len(held) - MAX_HELD, 0):]  # the newest MAX_HELD
+    gone = [p for p in excess if p not in held]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, ema, optimizer, loss_state, meta: dict,
                     rank: int = 0, keep_last: int = 3, hold: bool = False) -> Path:
     """Save on every rank (collective), keeping the newest keep_last (>= 1) step folders. Returns the step folder.
@@ -169,13 +190,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, ema, optimizer,
             pointer_tmp = ckpt_dir / "last.tmp"
             pointer_tmp.write_text(final.name + "\n")
             pointer_tmp.replace(ckpt_dir / "last")
-            old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            excess = old[: max(len(old) - keep_last, 0)]
-            held = [p for p in excess if (p / PROBE_HOLD).exists()]
-            held = held[max(len(held) - MAX_HELD, 0):]  # the newest MAX_HELD
-            for p in excess:
-                if p not in held:
-                    shutil.rmtree(p, ignore_errors=True)
+            prune_checkpoints(ckpt_dir, keep_last)
     except OSError as e:  # the step folder may be complete already; latest_checkpoint finds it without the pointer
         failure = e
     _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, ema), rank, step)

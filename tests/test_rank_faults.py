@@ -46,12 +46,11 @@ def _partial_save_worker(rank: int, world: int, folder: str) -> dict:
         old = resource.getrlimit(resource.RLIMIT_FSIZE)
         if limit:  # this rank's writes past `limit` bytes fail (EFBIG): its RNG file (18 kB), not its 13 kB shard
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
-        start = time.monotonic()
         try:
             ckpt.save_checkpoint(folder, step, meta=meta, rank=rank, **state)
-            return "saved", "", [], time.monotonic() - start
+            return "saved", "", []
         except ckpt.CheckpointError as e:
-            return type(e).__name__, e.strerror, e.ranks, time.monotonic() - start
+            return type(e).__name__, e.strerror, e.ranks
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, old)
 
@@ -67,17 +66,18 @@ def _partial_save_worker(rank: int, world: int, folder: str) -> dict:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_a_checkpoint_that_fails_on_some_ranks_fails_on_all_with_one_reason(tmp_path, world):
-    # before: the ranks whose part failed raised while the others waited for them at the next barrier (30 min)
-    results = run_ranks(_partial_save_worker, world, str(tmp_path / "ckpt"), timeout=90)
+    # before: the ranks whose part failed raised while the others waited for them at the next barrier (30 min):
+    # run_ranks' deadline then ends the test saying so (a hang, not a time measured)
+    results = run_ranks(_partial_save_worker, world, str(tmp_path / "ckpt"), timeout=300)
     odd = list(range(1, world, 2))
     for r in results:
         assert r["step1"][0] == r["step4"][0] == "saved"
-        kind, message, ranks, seconds = r["step2"]
-        assert kind == "CheckpointError" and ranks == odd and seconds < 20
+        kind, message, ranks = r["step2"]
+        assert kind == "CheckpointError" and ranks == odd
         assert message == results[0]["step2"][1]  # the same line on every rank
         assert "step_0000002 was not written; the previous checkpoint step_0000001 is intact" in message
         assert all(f"rank {r}: RuntimeError" in message for r in odd) and "\n" not in message  # torch.save's EFBIG
-        kind, message, ranks, _ = r["step3"]
+        kind, message, ranks = r["step3"]
         assert kind == "CheckpointError" and ranks == [0] and "rank 0: TypeError: Object of type object" in message
         assert message == results[0]["step3"][1]
         assert (r["latest_after_failures"], r["latest"]) == ("step_0000001", "step_0000004")
@@ -133,14 +133,16 @@ def test_a_rank_killed_mid_step_ends_the_run_and_a_resume_on_two_ranks_continues
         time.sleep(0.05)
     victim = _rank_pid(launcher.pid, 2)
     os.kill(victim, signal.SIGKILL)
-    killed = time.monotonic()
-    out, err = launcher.communicate(timeout=120)
-    ended = time.monotonic() - killed
+    try:  # the other ranks end by themselves (gloo fails at once, torchrun stops the rest), far sooner than their
+        # collectives' dist.timeout_s (600 s): this deadline only tells that hang from a slow machine
+        out, err = launcher.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        pytest.fail("the other ranks were still running 400 s after rank 2 was killed: a hang until dist.timeout_s")
     assert launcher.returncode == 1, err[-3000:]
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "failed" and status["ranks"] == [2] and "rank 2 was killed by SIGKILL" in status["reason"]
     assert "error: rank 2 was killed by SIGKILL" in err
-    assert ended < 60, f"the other ranks took {ended:.0f} s to end"  # seconds: gloo fails at once, torchrun stops the rest
 
     # the same run on 1 process, and the killed run resumed on 2 ranks from its last complete checkpoint
     one = train_ranks(tmp_path / "one", 1, [*SK_RUN, "optim.batch_size=8"])
