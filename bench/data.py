@@ -1,7 +1,7 @@
 """Data pipeline throughput on a synthetic 40000 x 40000 JPEG slide (CPU), and the same path at cohort
 scale (hard-linked copies of that slide: distinct slides to pathfm, one file in the page cache).
 
-    python bench/data.py [--size 40000] [--seconds 5] [--batch 32] [--rounds 1] [--no-cohort]
+    python bench/data.py [--size 40000] [--seconds 5] [--batch 32] [--rounds 1] [--no-cohort] [--rows full,baseline]
 
 Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread each); with --rounds N
 the whole table is measured N times, rows alternating, and the medians are printed; "per CPU-second" is
@@ -15,11 +15,16 @@ the 1-process rate over the CPU time it used, a per-core rate that a loaded mach
   ... mix aligned    the mix with data.grid_aligned (every magnification snapped to the stored-tile grid)
   full samples    pathfm tiles (mix) + MultiCrop (2 x 224 + 8 x 96) + iBOT masks (pathfm.data.loader.Views)
   ... torch colour   the same with MultiCrop's torch hue and blur (before OpenCV; augment.OPENCV = False)
+  ... unmapped    the same with glibc's default allocator thresholds (before issue 31): every batch
+                  page-faults its views in afresh (sampler.keep_freed_memory, which loader workers call)
   baseline        OpenSlide read + torchvision/PIL DINOv2-style multi-crop, one sample at a time
 Cohort rows (bench/cohort.py): index build rate (1 and 2 processes, cold masks), start-up time and
 resident memory of a rank with an index of 1, 1,000 and 100,000 slides, tiles/s of one worker at
 1, 100 and 10,000 slides from its first batch, and the files it opened per tile.
-The slide is written once to .cache/pathfm/bench and reused.
+The slide is written once to .cache/pathfm/bench and reused. Every row runs in processes forked for it, stand-ins
+for loader workers (they call sampler.keep_freed_memory as workers do). The SUMMARY lines at the end give each
+target (issue 31: full samples / baseline >= 5x in 1 process; mix / grid-aligned >= 0.5) with pass or fail and the
+load average: a run at load above 1.5 does not count. --rows NAME,NAME runs only the rows whose names contain one.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pathfm.data.jpegtiles import JpegTiffReader  # noqa: E402
 from pathfm.data.index import IndexParams, build_index  # noqa: E402
-from pathfm.data.sampler import SlideTileDataset  # noqa: E402
+from pathfm.data.sampler import SlideTileDataset, keep_freed_memory  # noqa: E402
 from pathfm.data.slides import SlideEntry  # noqa: E402
 from pathfm.data.synthetic import write_synthetic_slide  # noqa: E402
 
@@ -110,12 +115,13 @@ def multicrop_transform():
     return Views(cfg, make_plan(cfg))  # DINOv2: iBOT masks on the global crops
 
 
-def bench_full(opencv=True):
+def bench_full(opencv=True, unmapped=False):
     def run(seconds):
         from pathfm.data import augment
         augment.OPENCV = opencv
         ds, step = tile_dataset(transform=multicrop_transform()), iter(range(1 << 62))
         return rate(lambda: len(ds.batch(next(step))["tiles"]["global_crops"]) // 2, seconds)
+    run.glibc_defaults = unmapped  # _single and _worker leave this row's processes with glibc's allocator defaults
     return run
 
 
@@ -151,6 +157,8 @@ def bench_baseline(seconds):
 def _worker(args):
     row, seconds = args  # the row's function is found in the forked copy of STATE (closures do not pickle)
     torch.set_num_threads(1)
+    if not getattr(STATE["rows"][row][2], "glibc_defaults", False):
+        keep_freed_memory()
     return STATE["rows"][row][2](seconds)[0]
 
 
@@ -168,6 +176,8 @@ def measure(row, seconds):
 
 def _single(row, seconds):
     torch.set_num_threads(1)
+    if not getattr(STATE["rows"][row][2], "glibc_defaults", False):
+        keep_freed_memory()
     return STATE["rows"][row][2](seconds)
 
 
@@ -180,6 +190,7 @@ def main():
     parser.add_argument("--cache", default=".cache/pathfm/bench")
     parser.add_argument("--no-cohort", action="store_true", help="only the single-slide rows")
     parser.add_argument("--build-slides", type=int, default=8, help="slides indexed for the build rate")
+    parser.add_argument("--rows", default="", help="comma-separated parts of row names: only those rows")
     args = parser.parse_args()
     path = Path(args.cache) / f"synthetic-{args.size}.svs"
     if not path.exists():
@@ -198,28 +209,46 @@ def main():
             ("... mix, grid-aligned", "tiles/s", bench_pathfm(grid_aligned=True)),
             ("full samples: pathfm mix + MultiCrop", "samples/s", bench_full()),
             ("... torch colour ops (before)", "samples/s", bench_full(opencv=False)),
+            ("... freed memory unmapped (before)", "samples/s", bench_full(unmapped=True)),
             ("baseline: OpenSlide + torchvision multi-crop", "samples/s", bench_baseline)]
+    wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
+    rows = [r for r in rows if not wanted or any(w in r[0] for w in wanted)]
     STATE["rows"] = rows
-    got = {}
+    got, loads = {}, [os.getloadavg()[0]]
     for r in range(args.rounds):
         for row, (name, unit, _) in enumerate(rows):
             got.setdefault(name, []).append(measure(row, args.seconds))
-            print(f"round {r + 1}: {name}: " + ", ".join(f"{x:.0f}" for x in got[name][-1]), file=sys.stderr, flush=True)
+            loads.append(os.getloadavg()[0])
+            print(f"round {r + 1}: {name}: " + ", ".join(f"{x:.0f}" for x in got[name][-1]) + f" (load {loads[-1]:.1f})",
+                  file=sys.stderr, flush=True)
     results = {name: [statistics.median(v) for v in zip(*runs)] for name, runs in got.items()}
-    print(f"\n| {args.size} px synthetic slide, {os.cpu_count()} CPUs, median of {args.rounds} | unit | 1 process | "
+    load = f"load average {min(loads):.1f}-{max(loads):.1f}"
+    print(f"\n| {args.size} px synthetic slide, {os.cpu_count()} CPUs, median of {args.rounds}, {load} | unit | 1 process | "
           "1 process, per CPU-second | 2 processes |")
     print("|---|---|---|---|---|")
     for name, unit, _ in rows:
         print(f"| {name} | {unit} | " + " | ".join(f"{x:.0f}" for x in results[name]) + " |")
-    ratio = lambda a, b: " / ".join(f"{x / y:.2f}" for x, y in zip(results[a], results[b]))  # noqa: E731
-    names = [r[0] for r in rows]
+    ratios = []  # (what, ratios of the three columns, target or None)
+    for what, a, b, target in [("grid-aligned tiles / raw decode limit", "grid-aligned (jpeg)", "raw JPEG", None),
+                               ("mix tiles / raw decode limit", "mix 0.5/1/2", "raw JPEG", None),
+                               ("mix / grid-aligned", "mix 0.5/1/2", "grid-aligned (jpeg)", 0.5),
+                               ("mix before (full decodes) / grid-aligned", "full decodes", "grid-aligned (jpeg)", None),
+                               ("mix grid-aligned / grid-aligned 0.5 µm/px", "mix, grid-aligned", "grid-aligned (jpeg)", None),
+                               ("full samples / baseline", "full samples", "baseline", 5.0),
+                               ("full samples before OpenCV / baseline", "torch colour", "baseline", None),
+                               ("full samples, freed memory unmapped (before) / baseline", "unmapped", "baseline", None)]:
+        top = next((n for n, _, _ in rows if a in n), None)
+        bottom = next((n for n, _, _ in rows if b in n), None)
+        if top and bottom:
+            ratios.append((what, [x / y for x, y in zip(results[top], results[bottom])], target))
     print("\nratios (1 process / per CPU-second / 2 processes):")
-    print(f"- pathfm grid-aligned tiles / raw decode limit: {ratio(names[3], names[0])}")
-    print(f"- mix tiles / raw decode limit: {ratio(names[4], names[0])}; mix / grid-aligned: {ratio(names[4], names[3])}")
-    print(f"- mix before (full decodes) / grid-aligned: {ratio(names[5], names[3])}; mix now / before: {ratio(names[4], names[5])}")
-    print(f"- mix grid-aligned / grid-aligned 0.5 µm/px: {ratio(names[6], names[3])}")
-    print(f"- full samples / baseline: {ratio(names[7], names[9])}; before OpenCV: {ratio(names[8], names[9])}")
-    print(f"(load average at the end: {os.getloadavg()[0]:.1f})")
+    for what, values, _ in ratios:
+        print(f"- {what}: " + " / ".join(f"{v:.2f}" for v in values))
+    counts = "" if max(loads) <= 1.5 else "; load above 1.5: does not count"
+    for what, values, target in ratios:
+        if target is not None:
+            print(f"SUMMARY data {what}, 1 process: {values[0]:.2f} (per CPU-second {values[1]:.2f}, 2 processes "
+                  f"{values[2]:.2f}); target >= {target:g}: {'PASS' if values[0] >= target else 'FAIL'}; {load}{counts}")
     if not args.no_cohort:
         from cohort import cohort_rows
 

@@ -201,6 +201,17 @@ def test_grid_aligned_decodes_one_stored_tile(prepared, monkeypatch):
     assert len(decoded) == 16
 
 
+def test_grid_aligned_starts_spread_evenly_over_the_offsets_that_keep_one_stored_tile():
+    """224 px in 256 px stored tiles: the 256 drawn starts of a stored tile map onto its 33 offsets 0..32, each
+    7 or 8 times (256 / 33), never leaving it; 448 px (a 1 µm/px tile read at 0.5): 65 offsets in two tiles a side."""
+    for region, tiles, offsets in ((224, 1, 33), (448, 2, 65)):
+        starts = [P._snap(s, 256, region, 10**6) for s in range(512, 768)]  # every start drawn in stored tile 2
+        assert all(512 <= a and a + region <= 512 + tiles * 256 for a in starts)
+        counts = Counter(a - 512 for a in starts)
+        assert sorted(counts) == list(range(offsets)) and set(counts.values()) <= {256 // offsets, 256 // offsets + 1}
+    assert P._snap(39_950, 256, 224, 40_000) == 40_000 - 224  # the last stored tile is cut by the level's edge
+
+
 def test_mix_path_pixels_at_each_magnification(prepared):
     """A magnification a level serves is that level's pixels, as OpenSlide reads them; one 2^k coarser than a
     level (1 µm/px from 0.5 µm/px here) is libjpeg-turbo's 1/2^k scaled decode of the stored tiles, cut at
@@ -312,6 +323,37 @@ def test_slow_reads_keep_more_in_flight_than_a_fixed_count(prepared, monkeypatch
         assert got["locations"] == want["locations"] and torch.equal(got["tiles"], want["tiles"])
     assert 30 <= ds.reader.ahead.most_pending <= 40 + 4  # (a draw's reads start together: up to 4 past the cap)
     ds.reader.ahead.pool.shutdown()
+
+
+def _faults_of_a_later_batch(keep: bool, queue) -> None:
+    """Minor page faults while filling a batch's 48 MB of views and 4 MB of tiles, in each of 8 batches made and freed."""
+    import resource
+    torch.set_num_threads(1)  # as in a loader worker: a forked child must not enter the parent's OpenMP pool
+    if keep:
+        P.keep_freed_memory()
+    faults = []
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        views, tiles = torch.empty(12 << 20), torch.empty(1 << 20)
+        views.fill_(1), tiles.fill_(1)
+        del views, tiles  # handed on and dropped
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    queue.put(faults)
+
+
+def test_a_worker_reuses_a_freed_batchs_memory():
+    """glibc unmaps a freed 48 MB block and faults the next one in 4 KB at a time (12,288 faults); a loader worker
+    keeps it (keep_freed_memory) and refills it without faults. Each case in a fresh process: the setting is per process."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    faults = {}
+    for keep in (False, True):
+        queue = ctx.Queue()
+        process = ctx.Process(target=_faults_of_a_later_batch, args=(keep, queue))
+        process.start()
+        faults[keep] = queue.get(timeout=60)
+        process.join()
+    assert min(faults[False]) > 6000 and faults[True][-1] < 1000, faults  # (the heap settles within a few batches)
 
 
 def test_reads_in_flight_give_the_same_failures_and_drops(tmp_path, slide_dir, monkeypatch):
