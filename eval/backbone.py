@@ -23,7 +23,7 @@ import torch
 
 from pathfm.export import timm_name as timm_arch_name
 from pathfm.weights import (HUB_PREFIXES, build_hub_model, hub_folder, hub_pretrained_cfg, load_ema_backbone, load_export,
-                            read_hub_config)
+                            read_hub_config, read_state_dict)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -86,8 +86,6 @@ def _timm_backbone(name: str, weights: str | None, img_size: int | None) -> Eval
     except RuntimeError as e:
         raise ValueError(f"--timm {name}: {e}") from None
     if weights:
-        from pathfm.weights import read_state_dict
-
         sd = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("head.")}
         if "pos_embed" in sd and hasattr(model, "patch_embed") and sd["pos_embed"].shape != model.pos_embed.shape:
             from timm.layers import resample_abs_pos_embed  # DINOv2 weights are stored at 518 px

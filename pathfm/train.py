@@ -416,7 +416,7 @@ def main(cfg: Config) -> dict:
             logger.log(step_done, values)
             logger.progress(step_done, values)
         if heldout is not None and step_done % cfg.train.rankme_every == 0:
-            logger.log(step_done, {"rankme/teacher_cls": teacher_rankme(ema, heldout, autocast)})
+            logger.log(step_done, {"rankme/teacher_cls": ema_rankme(ema, heldout, autocast)})
 
         if cfg.train.stop_after and step_done - start_step >= cfg.train.stop_after:
             stop.received = stop.received or "train.stop_after"
@@ -474,9 +474,11 @@ def heldout_batch(cfg: Config, index, views: Views, env, loader) -> torch.Tensor
 
 
 @torch.no_grad()
-def teacher_rankme(teacher, images, autocast) -> float:
+def ema_rankme(ema, images, autocast) -> float:
+    """RankMe of the EMA's CLS tokens on the held-out batch (logged as rankme/teacher_cls: the EMA is the
+    self-distillation teacher)."""
     with autocast:
-        cls = teacher.backbone.forward_features(images)[:, 0]
+        cls = ema.backbone.forward_features(images)[:, 0]
     return rankme(cls.float())
 
 
