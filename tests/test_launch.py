@@ -125,7 +125,8 @@ def test_sbatch_body_forwards_usr2_and_requeues(tmp_path):
     and ends with 0."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    (bin_ / "srun").write_text(f"#!/bin/bash\necho $$ > {tmp_path}/task.pid\ntrap 'echo stopped > {tmp_path}/task; exit 75' USR2\n"
+    # the task says it is there (task.pid) only once its trap is set: the test signals it only then
+    (bin_ / "srun").write_text(f"#!/bin/bash\ntrap 'echo stopped > {tmp_path}/task; exit 75' USR2\necho $$ > {tmp_path}/task.pid\n"
                                "while :; do sleep 0.1; done\n")
     (bin_ / "scancel").write_text(f"#!/bin/bash\nkill -USR2 $(cat {tmp_path}/task.pid)\n")
     (bin_ / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/scontrol\n")
@@ -134,9 +135,9 @@ def test_sbatch_body_forwards_usr2_and_requeues(tmp_path):
     script = slurm.sbatch_script(slurm.resources({}), "t", ["--config", "x.yaml"], tmp_path)
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
     p = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, text=True)
-    for _ in range(100):
-        if (tmp_path / "task.pid").exists():
-            break
+    deadline = time.monotonic() + 120  # only ends a hang: the signal waits for the task, however slow its start
+    while not (tmp_path / "task.pid").exists() or not (tmp_path / "task.pid").read_text().strip():
+        assert p.poll() is None and time.monotonic() < deadline, "the stand-in srun never started"
         time.sleep(0.05)
     p.send_signal(signal.SIGUSR2)
     out, _ = p.communicate(timeout=20)
