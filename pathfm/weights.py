@@ -243,13 +243,19 @@ def load_ema_backbone(path: str | Path) -> tuple[VisionTransformer, dict]:
 
 
 def checkpoint_heads(path: str | Path) -> tuple[dict, dict] | None:
-    """(head tensors, head args) of a checkpoint's EMA heads, for save_heads; None for a checkpoint without them."""
+    """(head tensors, head args) of the heads a checkpoint's EMA holds, for save_heads; None for a checkpoint without
+    any (a student distilled on features trains none). The student holds only heads a loss trained (build_student):
+    an iBOT head that never ran is absent, and the args then say objective "dino" (a DINO head only)."""
     step_dir = resolve_checkpoint(path)
     meta = json.loads((step_dir / "meta.json").read_text())
     ssl = meta.get("config", {}).get("ssl", {})
-    if not all(k in ssl for k in HEAD_KEYS):
+    saved, key = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata, ema_key(step_dir)
+    held = {name for name in ("dino_head", "ibot_head") if any(k.startswith(f"{key}.{name}.") for k in saved)}
+    if not all(k in ssl for k in HEAD_KEYS) or "dino_head" not in held:
         return None
     args = {k: ssl[k] for k in HEAD_KEYS} | {"in_dim": ARCHS[meta["vit_args"]["arch"]][0]}
+    if args["objective"] == "dinov2" and args["ibot_separate_head"] and "ibot_head" not in held:
+        args["objective"] = "dino"  # its iBOT head never ran (distill.patch_targets=false): not exported
     with torch.device("meta"):
         heads = nn.ModuleDict(build_heads(args["in_dim"], args))
     heads = heads.to_empty(device="cpu")

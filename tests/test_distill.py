@@ -255,3 +255,28 @@ def test_two_fsdp_ranks_distil_with_the_losses_of_one_process(teacher, tmp_path)
     assert sorted(one) == sorted(two) == [1, 2, 3]
     assert_same_losses(two, one, [1, 2, 3])
     assert abs(one[3]["loss/total"] - one[1]["loss/total"]) > 1e-3  # the student moved
+
+
+def test_only_heads_a_loss_trains_are_built_and_exported(teacher, tmp_path):
+    """A student distilled on features trains no head: none is built, its export has no heads.safetensors, continuing
+    from it gets the automatic head warm-up, and distilling from it uses its features, never random prototypes."""
+    from pathfm.distill import check_pairing, inspect_teacher
+    from pathfm.student import build_student
+    from pathfm.train import head_warmup_steps, main
+
+    headless = tmp_path / "headless"
+    shutil.copytree(teacher / "export", headless)
+    (headless / "heads.safetensors").unlink()
+    feat = config(tmp_path, "feat", "model.arch=vit_tiny_d6", f"distill.teacher={headless}", "train.steps=1")
+    assert set(build_student(feat)) == {"backbone", "cls_proj", "patch_proj"}
+    export = Path(main(feat)["run_dir"]) / "export"
+    assert (export / "model.pth").is_file() and not (export / "heads.safetensors").exists()
+    assert "heads" not in json.loads((export / "model.json").read_text())
+    assert head_warmup_steps(config(tmp_path, "c", "model.arch=vit_tiny_d6", f"model.init_weights={export}",
+                                    "train.steps=20")) == 2  # fresh heads: warmed up first
+    again = config(tmp_path, "d", f"distill.teacher={export}")
+    assert check_pairing(again, inspect_teacher(again.distill.teacher)) == "features"
+    # heads targets without patch targets: the DINO head trains, an iBOT head of its own would not, so it is not built
+    cls_only = config(tmp_path, "x", "model.arch=vit_tiny_d6", f"distill.teacher={teacher}", "distill.patch_targets=false",
+                      "ssl.ibot_separate_head=true")
+    assert set(build_student(cls_only)) == {"backbone", "dino_head"}
