@@ -99,18 +99,26 @@ def test_resume_refuses_a_new_trajectory_and_logs_each_step_once(tmp_path):
     assert "allow_resume_changes: train.steps: 4 -> 8" in (folder / "config.restart_1.yaml").read_text()
 
 
+def losses_spoiled_on(calls, spoil):
+    """train.compute_losses whose result `spoil(losses, student)` changes on its calls numbered in `calls` (1 = the
+    first step): the loop sees exactly what a real non-finite step gives it."""
+    import pathfm.train as train
+
+    real, n = train.compute_losses, {"calls": 0}
+
+    def compute_losses(plan, student, *args, **kwargs):
+        n["calls"] += 1
+        losses = real(plan, student, *args, **kwargs)
+        return spoil(losses, student) if n["calls"] in calls else losses
+
+    return compute_losses
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     import pathfm.train as train
 
-    real = train.dino_loss
-    calls = {"n": 0}
-
-    def dino_nan_from_step_5(*args, **kwargs):
-        calls["n"] += 1
-        value = real(*args, **kwargs)
-        return value * float("nan") if calls["n"] >= 5 else value
-
-    monkeypatch.setattr(train, "dino_loss", dino_nan_from_step_5)
+    nan_dino = lambda losses, student: losses | {"dino": losses["dino"] * float("nan")}  # noqa: E731
+    monkeypatch.setattr(train, "compute_losses", losses_spoiled_on(range(5, 100), nan_dino))
     cfg = smoke(tmp_path, "train.steps=12", "train.ckpt_every=3", "train.max_nonfinite=3", "train.rankme_every=0")
     ckpts = Path(cfg.train.output_dir) / "run" / "checkpoints"
     with pytest.raises(FloatingPointError, match=r"step 6: 3 consecutive non-finite steps \(last: loss dino\)"):
@@ -127,15 +135,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 def test_a_single_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
     import pathfm.train as train
 
-    real = train.koleo_loss
-    calls = {"n": 0}
-
-    def koleo_nan_once(x, *a, **k):
-        calls["n"] += 1  # two calls per step (one per global crop)
-        v = real(x, *a, **k)
-        return v * float("nan") if calls["n"] in (3, 4) else v
-
-    monkeypatch.setattr(train, "koleo_loss", koleo_nan_once)
+    nan_koleo = lambda losses, student: losses | {"koleo": losses["koleo"] * float("nan")}  # noqa: E731
+    monkeypatch.setattr(train, "compute_losses", losses_spoiled_on({2}, nan_koleo))
     result = run(smoke(tmp_path, "train.steps=3", "train.rankme_every=0"))
     assert result["status"] == "finished"
     rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -146,17 +147,11 @@ def test_a_single_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
 def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped(tmp_path, monkeypatch):
     import pathfm.train as train
 
-    real = train.dino_loss
-    calls = {"n": 0}
+    def nan_gradient(losses, student):  # sqrt'(0) = inf: the loss stays finite (+ 0), its gradient is 0 * inf = NaN
+        w = student.dino_head.mlp[0].weight
+        return losses | {"dino": losses["dino"] + 0.0 * (w - w.detach()).abs().sqrt().sum()}
 
-    def nan_gradient_on_step_2(student_logits, *args, **kwargs):
-        calls["n"] += 1
-        value = real(student_logits, *args, **kwargs)
-        if calls["n"] == 2:  # sqrt'(0) = inf: the loss stays finite (+ 0), its gradient is 0 * inf = NaN
-            value = value + 0.0 * (student_logits - student_logits.detach()).abs().sqrt().sum()
-        return value
-
-    monkeypatch.setattr(train, "dino_loss", nan_gradient_on_step_2)
+    monkeypatch.setattr(train, "compute_losses", losses_spoiled_on({2}, nan_gradient))
     result = run(smoke(tmp_path, "train.steps=3", "train.rankme_every=0"))
     assert result["status"] == "finished"
     rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
