@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pathfm.data.index import IndexedSlide
-from pathfm.data.slides import plan_read
+from pathfm.data.slides import decode_scale, plan_read
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 def fine_read(slide: IndexedSlide, location: tuple, tile_size: int) -> tuple[IndexedSlide, int, int]:
     """(the slide planned for the 2x read, level-0 x, y aligned for it): TileReader.read(fine, mpp, x, y, 2 * tile_size)
     then returns the tile at `location` = (slide index, mpp, x, y) with twice the pixels."""
-    from pathfm.data.sampler import decode_scale
-
     _, mpp, x, y = location
     size = 2 * tile_size
     plan = plan_read(slide.info, mpp / 2, size)

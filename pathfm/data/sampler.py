@@ -39,7 +39,7 @@ from pathfm.data.failures import Reading, ReadFailures
 from pathfm.data.finetiles import read_fine_tiles
 from pathfm.data.index import IndexedSlide, SlideIndex
 from pathfm.data.jpegtiles import JpegTiffReader
-from pathfm.data.slides import HSVFilter, ReadPlan, SlideError, open_slide
+from pathfm.data.slides import HSVFilter, ReadPlan, SlideError, decode_scale, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -281,18 +281,6 @@ class TileReader:
         if region.shape[0] != size:  # the remainder between the level's mpp and the target (antialiased)
             region = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((size, size), Image.BILINEAR))
         return region
-
-
-def decode_scale(region: int, size: int) -> int:
-    """1, 2, 4 or 8: the JPEG reader decodes a region of `region` px read for a tile of `size` px at
-    1/scale (libjpeg-turbo's scaled IDCT), the largest scale that leaves at least `size` px. A 1 µm/px
-    tile from a 0.5 µm/px level (448 px -> 224) is then 4-9 half-size decodes and no resize, instead of
-    full decodes and an antialiased resize; the pixels differ from that resize by 2.2 grey levels on average
-    (median PSNR 37 dB over 300 tiles of bench/data.py's slide)."""
-    scale = 1
-    while scale < 8 and region >= 2 * scale * size:
-        scale *= 2
-    return scale
 
 
 @functools.cache
