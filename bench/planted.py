@@ -143,9 +143,7 @@ def embed_tiles(backbone, images: np.ndarray, how: str, batch: int = 64):
 
 
 def bench_model(backbone, sources, out: Path, size: int, seg_n: int, bags: int, tiles: int) -> dict:
-    import torch
-
-    from eval.seg_probe import extract_patches, run_seg_probe, SegFolder
+    from eval.seg_probe import SegFolder, extract_patches, run_seg_probe
     from eval.slide_probe import run_slide_probe
 
     seg = {}
@@ -162,7 +160,6 @@ def bench_model(backbone, sources, out: Path, size: int, seg_n: int, bags: int, 
         r = run_slide_probe(feats, y, 2, protocol, folds=3, seeds=3, epochs=40, max_tiles=None)
         result[f"mil_{protocol}_auroc"] = r["metrics"]["test"]["auroc"]
         result[f"mil_{protocol}_balanced_accuracy"] = r["metrics"]["test"]["balanced_accuracy"]
-    torch.set_num_threads(torch.get_num_threads())
     return result
 
 
