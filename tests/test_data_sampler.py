@@ -3,7 +3,8 @@ realised frequencies, bad slides and read failures shared between workers."""
 
 import math
 import shutil
-import time
+import threading
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -278,17 +279,41 @@ def test_reads_in_flight_stay_within_their_memory_bound(prepared, monkeypatch):
     ahead.pool.shutdown()
 
 
+class StorageClock:
+    """time.perf_counter as pathfm.data.sampler reads it, one clock per thread that moves only when a stand-in
+    read says what the storage took: the read-ahead's decisions (latency, the decode's own time per read) are
+    then exact, whatever the machine's load (no test decides by the wall clock)."""
+
+    def __init__(self, monkeypatch):
+        self.local = threading.local()
+        monkeypatch.setattr(P, "time", types.SimpleNamespace(perf_counter=self.now))
+
+    def now(self) -> float:
+        return getattr(self.local, "t", 0.0)
+
+    def reads_take(self, monkeypatch, seconds: float) -> None:
+        real = P.JpegTiffReader.tile_bytes
+
+        def tile_bytes(*a):
+            self.local.t = self.now() + seconds
+            return real(*a)
+
+        monkeypatch.setattr(P.JpegTiffReader, "tile_bytes", tile_bytes)
+
+
 def test_reads_go_ahead_only_while_they_are_slow(prepared, monkeypatch):
-    """Page-cache reads are read in turn (a thread would cost more than it hides); slow reads turn reading
-    ahead on within a batch, and the stream stays the same. (A 2 ms threshold and 20 ms reads here: a loaded
-    test machine can stretch a page-cache read past the real 0.1 ms.)"""
-    monkeypatch.setattr(P, "SLOW_READ_S", 0.002)
+    """Page-cache reads (50 µs) are read in turn (a thread would cost more than it hides); slow reads (20 ms)
+    turn reading ahead on within a batch, and the stream stays the same."""
     monkeypatch.setattr(P, "TIMED_EVERY", 1)
+    clock = StorageClock(monkeypatch)
+    clock.reads_take(monkeypatch, 50e-6)
     ds = dataset(prepared, batch_size=16, read_ahead_bytes=1 << 24)
     fast = ds.batch(0)
     assert not ds.reader.ahead.active and ds.reader.ahead.pool is None
-    real = P.JpegTiffReader.tile_bytes
-    monkeypatch.setattr(P.JpegTiffReader, "tile_bytes", lambda *a: time.sleep(0.02) or real(*a))
+    monkeypatch.undo()  # the real tile_bytes and clock again, then the slow storage
+    monkeypatch.setattr(P, "TIMED_EVERY", 1)
+    clock = StorageClock(monkeypatch)
+    clock.reads_take(monkeypatch, 0.02)
     slow = ds.batch(0)
     assert ds.reader.ahead.active and ds.reader.ahead.pool is not None
     assert torch.equal(fast["tiles"], slow["tiles"])
@@ -311,11 +336,10 @@ def test_reads_in_flight_follow_latency_times_decode_rate():
 
 def test_slow_reads_keep_more_in_flight_than_a_fixed_count(prepared, monkeypatch):
     """At 30 ms a read more reads go ahead than the old fixed 16 (the next steps' too), up to the cap, and the
-    stream is the same as reading in turn. (The decode takes well under 1 ms a read here, so 45 are wanted.)"""
+    stream is the same as reading in turn. (The decode's own time is nothing on this clock, so the cap is wanted.)"""
     monkeypatch.setattr(P, "TIMED_EVERY", 1)
     reference = [dataset(prepared, batch_size=16).batch(s) for s in range(3)]
-    real = P.JpegTiffReader.tile_bytes
-    monkeypatch.setattr(P.JpegTiffReader, "tile_bytes", lambda *a: time.sleep(0.03) or real(*a))
+    StorageClock(monkeypatch).reads_take(monkeypatch, 0.03)
     ds = dataset(prepared, batch_size=16, read_ahead_bytes=1 << 24, read_threads=40)
     it = iter(ds)
     for want in reference:
