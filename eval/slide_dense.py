@@ -25,6 +25,8 @@ def check_task(task) -> None:
     if task.level == "slide":
         from eval.slide_probe import read_labels
 
+        if not Path(task.train).is_file():
+            raise DatasetError(f"{where}: labels file '{task.train}' does not exist (expected a CSV slide,label[,split])")
         try:
             read_labels(task.train)
         except (ValueError, OSError) as e:

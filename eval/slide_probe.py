@@ -273,7 +273,9 @@ def run_slide_probe(bags, y: np.ndarray, num_classes: int, protocol: str, *, spl
             model, info = train_one(protocol, bags, y, train, val if val is not None and len(val) else None,
                                     num_classes, seed=seed, **train_kw)
             per_run.append({"seed": seed, "fold": fold, **info, "test": slide_metrics(y[test], predict(model, bags, test, num_classes))})
-    return {"metrics": {"test": aggregate([r["test"] for r in per_run])}, "per_run": per_run}
+    # a metric undefined in some run (AUROC of a test fold holding one label) is left out of the summary; per_run has it
+    finite = [k for k in per_run[0]["test"] if all(not math.isnan(r["test"][k]) for r in per_run)]
+    return {"metrics": {"test": aggregate([{k: r["test"][k] for k in finite} for r in per_run])}, "per_run": per_run}
 
 
 def probe_backbone(backbone, labels_csv, slides, out, *, mpp: float, tile_size: int, protocols=PROTOCOLS,

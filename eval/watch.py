@@ -13,6 +13,9 @@ TensorBoard scalars probe/<task>/<protocol>/<metric> at the checkpoint's step in
 The table is the record of what is done: a probe is never repeated, and one that failed or was killed has a row
 that says why. One watcher per run (a lock); a second one waits for the first.
 
+Slide-level tasks (NAME@abmil+meanpool=LABELS.csv,SLIDES) and dense ones (NAME@seg=TRAIN,TEST) run beside the tile
+tasks, start to end on a budget (probes.max_slides, probes.max_tiles), with the same records (eval/slide_dense.py).
+
 The run has ended when the process given by --pid is gone (the trainer that started us), the SLURM job given by
 --job has left the queue, or else when status.json is newer than the run's metrics (a launch wrote it on leaving).
 """
@@ -98,8 +101,12 @@ def check_tasks(tasks: list[ProbeTask]) -> None:
     """Open every dataset as the probes will (train, then test with the train set's classes); a wrong folder,
     layout, split or class is a DatasetError naming it, before anything is submitted or written."""
     from eval.datasets import DatasetError, open_dataset
+    from eval.slide_dense import check_task
 
     for t in tasks:
+        if t.level != "tile":  # slide-level and dense tasks: their labels, slides or image / mask folders
+            check_task(t)
+            continue
         try:
             train = open_dataset(t.train)
             open_dataset(t.test, classes=train.classes)
@@ -258,6 +265,10 @@ class Watcher:
             pprobes.current_path(self.run).write_text(json.dumps(
                 {"pid": os.getpid(), "step": step, "task": task.name, "protocols": protocols}))
             base = self.eval / label / task.name
+            if task.level != "tile":  # slide-level and dense tasks run start to end in eval/slide_dense.py
+                self.probe_task(step, backbone, task, protocols, base)
+                pprobes.current_path(self.run).unlink(missing_ok=True)
+                continue
             emb = base / "embeddings" / f"{o['embedding']}-{o['img_size']}px"
             started = time.time()
             try:
@@ -284,6 +295,31 @@ class Watcher:
             shutil.rmtree(base / "embeddings", ignore_errors=True)  # a checkpoint's embeddings are not reused
             pprobes.current_path(self.run).unlink(missing_ok=True)
         snap.unlink(missing_ok=True)
+
+    def probe_task(self, step, backbone, task, protocols, base) -> None:
+        """A slide-level or dense task on one checkpoint: its rows, scalars and best.json entries, as run_protocol's."""
+        from eval.slide_dense import run_task
+
+        a, started, err = self.args, time.time(), io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                results = run_task(backbone, task, protocols, base, self.opts, device=a.device or "cpu",
+                                   num_workers=a.num_workers, batch_size=a.batch_size,
+                                   index_dir=self.eval / "slide_index" / task.name)  # a manifest: indexed once a run
+        except BaseException as e:  # noqa: BLE001
+            for p in protocols:
+                self.add_row(step, task.name, p, "failed", checkpoint=backbone.source, reason=f"{type(e).__name__}: {e}")
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return
+        finally:
+            sys.stderr.write("".join(line for line in err.getvalue().splitlines(keepends=True) if "\r" not in line))
+        for p in protocols:
+            head = results[p]["headline"]
+            self.add_row(step, task.name, p, "ok", checkpoint=backbone.source, metric=head["metric"], value=head["mean"],
+                         seconds=round(time.time() - started, 2), results=str(base / p / "results.json"))
+            self.scalars(step, task.name, p, results[p])
+            self.best(step, backbone.source, task.name, p, head, base / p)
 
     def run_protocol(self, step, source, task, protocol, emb, out, extract_s) -> None:
         from eval import knn, linear

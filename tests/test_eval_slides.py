@@ -1,6 +1,7 @@
 """The embedding contract, slide embeddings of a cohort (eval/embed_slides.py) and the slide-level probes."""
 
 import csv
+import re
 import json
 from pathlib import Path
 
@@ -245,3 +246,68 @@ def read_h5(path):
     from eval.embed_slides import read_slide
 
     return read_slide(path)["features"]
+
+
+def test_probes_during_training_run_slide_and_dense_tasks_beside_tile_tasks(synthetic_index, tmp_path):
+    """eval/watch.py on a run folder with one snapshot: a slide task (labels + index) and a segmentation task get rows,
+    results.json, TensorBoard scalars and best.json entries like tile tasks; the budget bounds the slides embedded."""
+    import yaml
+
+    from bench.planted import write_seg_fixture
+    from eval.watch import main as watch
+    from pathfm.vit import ViTArgs, build_vit
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.exists():
+        pytest.skip(f"real test data not found at {SHARED_DATA}")
+    index, _ = synthetic_index
+    run = tmp_path / "run"
+    (run / "eval" / "snapshots").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"probes": {"slide_mpp": 2.0}, "train": {"steps": 2}}))
+    torch.manual_seed(0)
+    vit = build_vit(ViTArgs(arch="vit_tiny", img_size=32))
+    torch.save({"vit_args": vars(vit.args), "state_dict": vit.state_dict(), "step": 2, "mean": [0.5] * 3,
+                "std": [0.5] * 3, "source": str(run / "checkpoints" / "step_0000002")},
+               run / "eval" / "snapshots" / "step_0000002.pt")
+    names = [Path(index.path(i)).stem for i in range(2)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"slide,label,split\n{names[0]},a,train\n{names[1]},b,train\n{names[0]},a,test\n"
+                      f"{names[1]},b,test\n")
+    from bench.planted import source_images
+
+    sources = source_images(SHARED_DATA / "tiles" / "nct_crc_he_100k_sample9")
+    for split in ("train", "test"):
+        write_seg_fixture(tmp_path / "seg", 4, split, size=32, patch=16, sources=sources)
+    tasks = [f"slides@meanpool+abmil={labels},{index.folder}", f"glands@seg={tmp_path / 'seg' / 'train'},{tmp_path / 'seg' / 'test'}"]
+    assert watch([str(run), "--once", "--poll", "0.05", "--img-size", "32", "--max-tiles", "3",
+                  *[a for t in tasks for a in ("--task", t)]]) == 0
+    rows = [json.loads(line) for line in (run / "eval" / "probes.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["protocol"], r["status"], r.get("metric")) for r in rows) == [
+        ("glands", "seg", "ok", "test/mean_dice"), ("slides", "abmil", "ok", "test/balanced_accuracy"),
+        ("slides", "meanpool", "ok", "test/balanced_accuracy")], rows
+    best = json.loads((run / "eval" / "best.json").read_text())
+    assert best["glands"]["seg"]["step"] == 2 and best["slides"]["abmil"]["step"] == 2
+    r = json.loads((run / "eval" / "step_0000002" / "slides" / "abmil" / "results.json").read_text())
+    assert r["level"] == "slide" and r["counts"]["slides"] == 4
+    assert not (run / "eval" / "step_0000002" / "slides" / "features").exists()  # per-slide files deleted
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"probe/glands/seg/mean_dice", "probe/slides/abmil/auroc"} <= set(acc.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("s@abmil=/nope/labels.csv,/nope/index", "probe task 's': labels file '/nope/labels.csv' does not exist"),
+    ("s@abmil={labels},/nope/index", "probe task 's': '/nope/index' is neither a slide index folder"),
+    ("g@seg=/nope/train,/nope/test", "probe task 'g': /nope/train: expected images/ and masks/"),
+])
+def test_slide_and_dense_task_specs_are_checked_before_a_run(spec, says, tmp_path):
+    from eval.datasets import DatasetError
+    from eval.watch import check_tasks
+    from pathfm.config import parse_probe_task
+
+    labels = tmp_path / "l.csv"
+    labels.write_text("slide,label\na,x\n")
+    with pytest.raises(DatasetError, match="^" + re.escape(says)):
+        check_tasks([parse_probe_task(spec.format(labels=labels))])
