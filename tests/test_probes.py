@@ -65,11 +65,10 @@ def killed_run(tmp_path_factory):
         pytest.skip(f"labelled tiles not found at {TILES}")
     out = tmp_path_factory.mktemp("probes")
     run = out / "runs" / "p"
-    current, killed = run / "eval" / "probes.current", {}
+    current, killed, stop = run / "eval" / "probes.current", {}, threading.Event()
 
     def kill_first_probe():  # also after training ended: the probe process then still works through its queue
-        deadline = time.time() + 900
-        while time.time() < deadline and not killed:
+        while not stop.is_set() and not killed:
             try:
                 cur = json.loads(current.read_text())
                 os.kill(cur["pid"], signal.SIGKILL)
@@ -83,6 +82,9 @@ def killed_run(tmp_path_factory):
                    "train.keep_last=1", f"probes.tasks={task()}"])
     killer.join(timeout=300)
     wait_unlocked(run)  # a probe process the trainer restarted finishes its queue after the trainer has gone
+    stop.set()  # never past here: the test's own --watch writes probes.current with this process's pid
+    killer.join()
+    assert killed, "no probe was seen in progress: nothing was killed"
     return proc, run, killed.get("step")
 
 
