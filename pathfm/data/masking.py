@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import torch
 
 MIN_BLOCK = 4  # patches: smallest rectangle worth adding
@@ -10,7 +11,7 @@ ASPECT = (0.3, 1 / 0.3)  # height / width range of a block
 ATTEMPTS = 10  # tries per block before giving up on growing a mask
 
 
-def _add_block(mask: torch.Tensor, budget: int, rng: random.Random) -> int:
+def _add_block(mask: np.ndarray, budget: int, rng: random.Random) -> int:
     """Mask one random rectangle of at most `budget` new patches; returns how many were new (0 = failed)."""
     grid = mask.shape[0]
     for _ in range(ATTEMPTS):
@@ -21,9 +22,9 @@ def _add_block(mask: torch.Tensor, budget: int, rng: random.Random) -> int:
             continue
         top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
         block = mask[top : top + h, left : left + w]
-        new = h * w - int(block.sum())
+        new = h * w - int(np.count_nonzero(block))
         if 0 < new <= budget:
-            block.fill_(True)
+            block[:] = True
             return new
     return 0
 
@@ -32,16 +33,17 @@ def block_mask(grid: int, n_masked: int, rng: random.Random) -> torch.Tensor:
     """(grid, grid) bool: a union of random rectangles covering at most n_masked patches.
 
     Blocks are added until the count is reached or a block cannot be placed within budget,
-    so the result may fall a few patches short of n_masked but never exceeds it.
+    so the result may fall a few patches short of n_masked but never exceeds it. Built in numpy: a torch call
+    on a 16 x 16 mask costs several times a numpy one (the masks were 6-8% of a full sample's CPU time).
     """
-    mask = torch.zeros(grid, grid, dtype=torch.bool)
+    mask = np.zeros((grid, grid), dtype=bool)
     count = 0
     while count < n_masked:
         new = _add_block(mask, min(n_masked - count, grid * grid // 2), rng)
         if new == 0:
             break
         count += new
-    return mask
+    return torch.from_numpy(mask)
 
 
 def block_masks(n_images: int, grid: int, ratio_min: float, ratio_max: float, probability: float,
