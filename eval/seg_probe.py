@@ -218,14 +218,28 @@ def cached_patches(backbone, spec: str, split: str, folder: Path, size: int, ove
     return data
 
 
+def write_seg_results(out, task: str, classes: list[str], backbone, folders, data: dict, r: dict, config: dict) -> dict:
+    """results.json (the tile probes' layout, level dense, headline test mean Dice) and results.md in `out`."""
+    from eval.common import markdown_table, write_results
+
+    results = {"protocol": "seg_linear", "task": task, "level": "dense", "classes": classes,
+               "model": backbone.describe(), "embedding": "patches",
+               "datasets": {"train": str(folders[0]), "test": str(folders[1])},
+               "counts": {s: len(d["masks"]) for s, d in data.items()}, "config": config, "metrics": r["metrics"],
+               "headline": {"metric": "test/mean_dice", **r["metrics"]["test"]["mean_dice"]}, "per_run": r["per_run"]}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in r["metrics"]["test"].items() if k.startswith(("mean", "pixel"))}
+    write_results(Path(out), results, markdown_table({"test": summary}, f"segmentation probe (linear), {task}, "
+                                                                        f"{len(r['per_run'])} runs"))
+    return results
+
+
 def probe_backbone(backbone, train_dir, test_dir, out, *, img_size: int | None = None, num_classes: int | None = None,
                    max_images: int = 0, runs: int = 3, steps: int = DEFAULTS["steps"], device: str = "cpu",
                    batch_size: int = 32, ignore: int = IGNORE, task: str = "seg") -> dict:
     """A segmentation task for one model, start to end (what the probes during training run at each checkpoint):
     patch tokens of at most max_images images a split (a fixed subset), the probe, out/results.json. The classes
     are the mask values seen in the training masks when num_classes is not given."""
-    from eval.common import markdown_table, write_results
-
     data = {}
     for split, folder in (("train", train_dir), ("test", test_dir)):
         ds = SegFolder(folder, img_size or 0)
@@ -242,22 +256,14 @@ def probe_backbone(backbone, train_dir, test_dir, out, *, img_size: int | None =
         m = data["train"]["masks"]
         num_classes = int(m[m != ignore].max()) + 1
     r = run_seg_probe(data["train"], data["test"], num_classes, runs=runs, steps=steps, ignore=ignore)
-    results = {"protocol": "seg_linear", "task": task, "level": "dense", "classes": [str(c) for c in range(num_classes)],
-               "model": backbone.describe(), "embedding": "patches",
-               "datasets": {"train": str(train_dir), "test": str(test_dir)},
-               "counts": {s: len(d["masks"]) for s, d in data.items()},
-               "config": {"steps": steps, "runs": runs, "img_size": img_size, "ignore": ignore, "max_images": max_images},
-               "metrics": r["metrics"], "headline": {"metric": "test/mean_dice", **r["metrics"]["test"]["mean_dice"]},
-               "per_run": r["per_run"]}
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_results(Path(out), results, markdown_table(
-        {"test": {k: v for k, v in r["metrics"]["test"].items() if k.startswith(("mean", "pixel"))}},
-        f"segmentation probe (linear), {task}, {runs} runs"))
+    results = write_seg_results(out, task, [str(c) for c in range(num_classes)], backbone, (train_dir, test_dir), data, r,
+                                {"steps": steps, "runs": runs, "img_size": img_size, "ignore": ignore,
+                                 "max_images": max_images})
     return results
 
 
 def main(argv=None):
-    from eval.common import default_out, markdown_table, prepare_out, write_results
+    from eval.common import default_out, prepare_out
     from eval.extract import add_model_args, backbone_from_args, extract_kwargs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,18 +307,9 @@ def main(argv=None):
                           batch_size=args.probe_batch_size, ignore=args.ignore)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}") from None
-    head = r["metrics"]["test"]["mean_dice"]
-    results = {"protocol": "seg_linear", "task": args.task, "level": "dense", "classes": names,
-               "model": backbone.describe(), "embedding": "patches",
-               "datasets": {"train": args.train, "test": args.test},
-               "counts": {s: len(d["masks"]) for s, d in data.items()},
-               "config": {"steps": args.steps, "lr": args.lr, "batch_size": args.probe_batch_size, "runs": args.runs,
-                          "img_size": args.img_size, "ignore": args.ignore},
-               "metrics": r["metrics"], "headline": {"metric": "test/mean_dice", **head}, "per_run": r["per_run"]}
-    table = markdown_table({"test": {k: v for k, v in r["metrics"]["test"].items() if k.startswith(("mean", "pixel"))}},
-                           f"segmentation probe (linear), {args.task}, {args.runs} runs")
-    write_results(out, results, table)
-
+    write_seg_results(out, args.task, names, backbone, (args.train, args.test), data, r,
+                      {"steps": args.steps, "lr": args.lr, "batch_size": args.probe_batch_size, "runs": args.runs,
+                       "img_size": args.img_size, "ignore": args.ignore})
 
 if __name__ == "__main__":
     main()

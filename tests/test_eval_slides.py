@@ -145,7 +145,6 @@ def test_embed_slides_files_coords_resume_and_failures(synthetic_index, tmp_path
     """Every slide gets a complete file whose coords point at the tiles embedded (read back with OpenSlide at
     level 0 coordinates); the missing slide is listed; a rerun writes nothing; a deleted file is redone."""
     import openslide
-    from PIL import Image
 
     from eval.embed_slides import embed_slides, read_slide
 
