@@ -27,7 +27,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    source: str  # torchrun | slurm | single
+    source: str  # torchrun | slurm | single | fake (pathfm.memory: a fake process group, fake tensors)
 
     @property
     def is_main(self) -> bool:
@@ -193,7 +193,7 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = True, ac: str = "
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision={precision!r} is not one of fp32, bf16")
-    if precision == "bf16" and env.device.type != "cuda":
+    if precision == "bf16" and env.device.type != "cuda" and env.source != "fake":  # fake: pathfm.memory's estimate
         raise ValueError(f"train.precision=bf16 needs CUDA but the device is {env.device}; use train.precision=fp32 on CPU")
     if ac not in ("none", "full", "selective"):
         raise ValueError(f"dist.activation_checkpointing={ac!r} is not one of none, full, selective")
