@@ -84,12 +84,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _app_state(student, ema, optimizer, loss_state) -> dict:
+def _app_state(student, ema, optimizer, loss_state, gram=None) -> dict:
     return {
         "student": get_model_state_dict(student),
         "ema": get_model_state_dict(ema),
         "optimizer": get_optimizer_state_dict(student, optimizer),
         "loss": loss_state.state_dict(),
+        **({"gram": get_model_state_dict(gram)} if gram is not None else {}),  # the Gram teacher (pathfm/gram.py)
     }
 
 
@@ -148,7 +149,7 @@ def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, ema, optimizer, loss_state, meta: dict,
-                    rank: int = 0, keep_last: int = 3, hold: bool = False) -> Path:
+                    rank: int = 0, keep_last: int = 3, hold: bool = False, gram=None) -> Path:
     """Save on every rank (collective), keeping the newest keep_last (>= 1) step folders. Returns the step folder.
 
     hold: mark the folder for a probe (PROBE_HOLD); pruning keeps a held folder until the probe has copied the
@@ -174,7 +175,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, *, student, ema, optimizer,
     _raise_if_failed(_agree(failure), ckpt_dir, final.name, tmp, (student, ema), rank, step)
     try:
         with quiet_dcp():
-            dcp.save(_app_state(student, ema, optimizer, loss_state), checkpoint_id=str(tmp))
+            dcp.save(_app_state(student, ema, optimizer, loss_state, gram), checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:  # dcp.save ends with a collective: every rank's shards are written by now
             world = dist.get_world_size() if dist.is_initialized() else 1
@@ -256,23 +257,27 @@ def _is_no_space(e: BaseException | None) -> bool:
     return False
 
 
-def load_checkpoint(path: str | Path, *, student, ema, optimizer, loss_state, rank: int = 0) -> dict:
-    """Restore everything saved by `save_checkpoint` (any number of ranks); returns meta.json."""
+def load_checkpoint(path: str | Path, *, student, ema, optimizer, loss_state, rank: int = 0, gram=None) -> dict:
+    """Restore everything saved by `save_checkpoint` (any number of ranks); returns meta.json, with "gram_restored":
+    whether the Gram teacher `gram` was restored (a checkpoint of a run without Gram anchoring has none)."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
-    state = _app_state(student, ema, optimizer, loss_state)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta["gram_restored"] = gram is not None and any(k.startswith("gram.") for k in saved)
+    state = _app_state(student, ema, optimizer, loss_state, gram if meta["gram_restored"] else None)
     key = ema_key(path)
     state[key] = state.pop("ema")
     # A parameter that never had a gradient (the iBOT mask token in a DINO run) has no AdamW state in
     # the checkpoint, while a fresh optimizer offers one for every parameter: leave it without, as in
     # the run that saved it.
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state["optimizer"]["state"] = {fqn: s for fqn, s in state["optimizer"]["state"].items()
                                    if all(f"optimizer.state.{fqn}.{k}" in saved for k in s)}
     with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"])
     set_model_state_dict(ema, state[key])
+    if meta["gram_restored"]:
+        set_model_state_dict(gram, state["gram"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     loss_state.load_state_dict(state["loss"])
     rng = path / f"rng_rank{rank}.pt"

@@ -135,6 +135,7 @@ def step_flops(cfg, plan=None, scored: int | None = None) -> dict:
     (heads targets), or the projections (feature targets: cls_proj on every CLS token, patch_proj on every global
     patch).
     student_backward: 2 x student_forward (gradients for inputs and for weights).
+    gram_forward: Gram anchoring's frozen backbone on the 2 global crops at gram.scale x their size (gram_flops).
     """
     plan = plan or step_plan(cfg)
     m, s, c = cfg.model, cfg.ssl, cfg.crops
@@ -171,5 +172,19 @@ def step_flops(cfg, plan=None, scored: int | None = None) -> dict:
         else:
             student += count_flops(head, cls)
             student += count_flops(ibot_head, patch_tokens) if scored else 0
+    gram = gram_flops(cfg, B) if plan.gram_scale else 0
     return {"teacher_forward": teacher, "student_forward": student, "student_backward": 2 * student,
-            "total": teacher + 3 * student}
+            "gram_forward": gram, "total": teacher + 3 * student + gram}
+
+
+def gram_flops(cfg, batch: int) -> float:
+    """Forward FLOPs of the Gram teacher (pathfm/gram.py) on 2 * batch global crops at gram.scale x their size: the
+    student's architecture (anchor=ema) or the anchor file's. Its token-map resize and the Gram matrices are not
+    matmuls of the model (the losses' own are not counted anywhere here)."""
+    from pathfm.gram import anchor_args
+
+    size = cfg.gram.scale * cfg.crops.global_size
+    with torch.device("meta"):
+        vit = build_vit(anchor_args(cfg)).eval()
+        vit.set_attn_backend("sdpa")
+        return count_flops(vit.forward_features, torch.empty(2 * batch, 3, size, size))

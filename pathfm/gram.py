@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathfm.config import ConfigError
+
 
 def gram_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor, remove_negatives: bool = False) -> torch.Tensor:
     """MSE between each image's patch-to-patch cosine similarities, student vs Gram teacher, in fp32 (autocast off).
@@ -80,6 +82,16 @@ def gram_weight(g, step: int) -> float:
     if g.ramp_steps == 0:
         return g.weight
     return g.weight * min(1.0, (step - g.start_step + 1) / g.ramp_steps)
+
+
+def check_resumable(g, step: int, restored: bool, where) -> None:
+    """A checkpoint that holds no Gram teacher (written by a run without Gram anchoring) resumes only while the Gram
+    teacher has taken nothing from the EMA yet: a snapshot before `step` is not in it and cannot be rebuilt."""
+    taken = [s for s in snapshot_steps(g) if s < step]
+    if not restored and taken:
+        raise ConfigError(f"config key 'gram.start_step': the checkpoint {where} (step {step}) has no Gram teacher, whose "
+                          f"anchor would be the EMA of step {taken[0]}; set gram.start_step >= {step}, or gram.anchor to the "
+                          f"checkpoint of step {taken[0]}")
 
 
 def fine_tiles_from(cfg) -> int | None:
@@ -133,6 +145,15 @@ def check_anchor(cfg, vit, spec) -> None:
                          f"{cfg.model.arch}/{cfg.model.patch_size}")
 
 
+def anchor_args(cfg):
+    """The Gram teacher's ViTArgs, read without building it: the student's (anchor=ema) or the anchor file's."""
+    if cfg.gram.anchor == "ema":
+        return _student_args(cfg)
+    from pathfm.distill import inspect_teacher
+
+    return inspect_teacher(cfg.gram.anchor).vit_args
+
+
 def _student_args(cfg):
     from pathfm.vit import ViTArgs
 
@@ -153,7 +174,7 @@ def build_gram_teacher(cfg, env) -> nn.ModuleDict | None:
         vit, spec = anchor_vit(cfg)
         check_anchor(cfg, vit, spec)
     except (ValueError, OSError) as e:
-        raise ValueError(f"config key 'gram.anchor' ({cfg.gram.anchor}): {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config key 'gram.anchor' ({cfg.gram.anchor}): {str(e).splitlines()[0]}") from None
     if spec is not None:
         with torch.no_grad():
             vit.mask_token.zero_()  # never used: the Gram teacher sees no masks

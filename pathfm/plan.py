@@ -37,6 +37,9 @@ class StepPlan:
     weights: dict  # {loss name: weight in the total} for exactly the losses that run; read it, never change it
     student_temp: float
     kde_bandwidth: float
+    gram_scale: int = 0  # Gram anchoring (pathfm/gram.py; its weight is weights["gram"], ramped by gram.gram_weight): 0 off
+                         # | 1: the Gram teacher sees the global crops | 2: their regions at twice the pixels ("gram_crops")
+    gram_remove_negatives: bool = False  # negative patch similarities set to 0 before the Gram loss
 
     @property
     def frozen_teacher(self) -> bool:
@@ -88,7 +91,9 @@ def make_plan(cfg, teacher_spec=None) -> StepPlan:
     else:
         weights = {"feat_cls": d.feature_weight_cls} | ({"feat_patch": d.feature_weight_patch} if patch_features else {})
     weights |= ({"koleo": s.koleo_weight} if s.koleo_weight else {}) | ({"kde": s.kde_weight} if s.kde_weight else {})
+    weights |= {"gram": cfg.gram.weight} if cfg.gram.weight else {}
     return StepPlan(targets_from="teacher" if frozen else "ema", targets=targets, ibot=ibot,
                     patch_features=patch_features, mask_crops=mask_crops, ibot_patches=ibot_patches,
                     ibot_head="ibot_head" if s.ibot_separate_head else "dino_head", centering=s.centering,
-                    weights=weights, student_temp=s.student_temp, kde_bandwidth=s.kde_bandwidth)
+                    weights=weights, student_temp=s.student_temp, kde_bandwidth=s.kde_bandwidth,
+                    gram_scale=cfg.gram.scale if cfg.gram.weight else 0, gram_remove_negatives=cfg.gram.remove_negatives)

@@ -53,7 +53,8 @@ TRAJECTORY_KEYS = ("train.steps", "optim.batch_size", "optim.base_lr", "optim.lr
                    "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.weight_decay_final",
                    "ssl.momentum_teacher", "ssl.momentum_teacher_final", "ssl.teacher_temp",
                    "ssl.teacher_temp_warmup_start", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps",
-                   "train.head_warmup_steps", "distill.teacher", "distill.loss")
+                   "train.head_warmup_steps", "distill.teacher", "distill.loss", "gram.weight", "gram.start_step",
+                   "gram.ramp_steps", "gram.anchor", "gram.refresh_every", "gram.max_refreshes", "gram.scale")
 
 
 def trajectory_changes(saved: dict, cfg: Config, saved_world: int, world: int) -> dict:

@@ -43,6 +43,8 @@ from pathfm.data.slides import SlideError
 from pathfm.distill import TeacherInput, cosine_distance, feature_cls_loss, load_teacher
 from pathfm.export import save_export, save_heads
 from pathfm.flops import mfu, peak_flops, step_flops
+from pathfm.gram import (build_gram_teacher, check_resumable, copy_backbone, gram_loss, gram_patches, gram_weight,
+                         refreshes_done, snapshot_due)
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
 from pathfm.metrics import (CollapseWatch, Logger, PlateauWatch, StepTimer, peak_memory_gib, rankme,
                             relative_entropy, spread, student_teacher_kl)
@@ -178,15 +180,18 @@ def build_optimizer(cfg: Config, student: nn.Module, global_batch: int):
     return optimizer, schedules
 
 
-def resume(cfg: Config, run_dir: Path, student, ema, optimizer, loss_state, env) -> tuple[int, int]:
+def resume(cfg: Config, run_dir: Path, student, ema, optimizer, loss_state, env, gram=None) -> tuple[int, int]:
     """(start step, non-finite steps so far): from the run folder's last checkpoint, else step 0, starting
-    from train.init_checkpoint's weights when given."""
+    from train.init_checkpoint's weights when given. gram: the Gram teacher, restored too when the checkpoint has it."""
     last = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if last is None:
         if cfg.train.init_checkpoint:
             ckpt.load_weights(cfg.train.init_checkpoint, student=student, ema=ema)
         return 0, 0
-    meta = ckpt.load_checkpoint(last, student=student, ema=ema, optimizer=optimizer, loss_state=loss_state, rank=env.rank)
+    meta = ckpt.load_checkpoint(last, student=student, ema=ema, optimizer=optimizer, loss_state=loss_state, rank=env.rank,
+                                gram=gram)
+    if gram is not None:  # a checkpoint of a run without Gram anchoring: fine while its anchor is still to be taken
+        check_resumable(cfg.gram, meta["step"], meta["gram_restored"], last)
     if env.is_main:
         print(f"resuming from {last} at step {meta['step']}", file=sys.stderr, flush=True)
     return meta["step"], meta.get("nonfinite_total", 0)
@@ -201,6 +206,7 @@ class Targets:
     cls_probs: torch.Tensor | None = None  # (2B, K) the DINO targets (centred or Sinkhorn-Knopp)
     patch_logits: torch.Tensor | None = None  # (M, K') iBOT: its iBOT head on the M scored patches, image by image
     patch_probs: torch.Tensor | None = None  # (M, K') the iBOT targets
+    gram: torch.Tensor | None = None  # (2B, N, D_g) Gram anchoring: the Gram teacher's patch tokens on the student's grid
 
 
 def head_targets(plan: StepPlan, logits: torch.Tensor, temp: float, centre: Centering) -> torch.Tensor:
@@ -257,6 +263,8 @@ def compute_losses(plan: StepPlan, student: nn.ModuleDict, global_crops: torch.T
         losses["koleo"] = sum(koleo_loss(c) for c in s_global[:, 0].chunk(2))
     if "kde" in plan.weights:
         losses["kde"] = sum(kde_loss(c, plan.kde_bandwidth) for c in s_global[:, 0].chunk(2))
+    if targets.gram is not None:  # Gram anchoring: keep the patch-to-patch similarities of an earlier model (gram.py)
+        losses["gram"] = gram_loss(s_global[:, n_prefix:], targets.gram, plan.gram_remove_negatives)
     return losses
 
 
@@ -289,6 +297,10 @@ def main(cfg: Config) -> dict:
             say("WARNING: the teacher has no heads, so the student regresses its features; fitting its heads first "
                 "distilled better (README: teachers without heads): train.head_warmup_steps=N train.steps=N "
                 "model.init_weights=TEACHER with the teacher's model.* keys, then distill.teacher=that run")
+    gram = build_gram_teacher(cfg, env)  # Gram anchoring (pathfm/gram.py): a frozen backbone; None when gram.weight is 0
+    if gram is not None:
+        say(f"Gram anchoring: weight {cfg.gram.weight} from step {cfg.gram.start_step}, anchor {cfg.gram.anchor}, "
+            f"its input at {cfg.gram.scale}x the global crops' pixels")
     head_warmup = head_warmup_steps(cfg)  # continued pretraining: the backbone and its EMA wait while fresh heads learn
 
     # --- optimizer and schedules (plain arrays indexed by step)
@@ -297,7 +309,7 @@ def main(cfg: Config) -> dict:
 
     # --- resume: automatic when the run folder has a checkpoint; else optionally start from weights
     meta_common = {"vit_args": vars(vit_args(cfg)), "mean": cfg.crops.mean, "std": cfg.crops.std, "config": to_dict(cfg)}
-    start_step, nonfinite_total = resume(cfg, run_dir, student, ema, optimizer, loss_state, env)
+    start_step, nonfinite_total = resume(cfg, run_dir, student, ema, optimizer, loss_state, env, gram)
     if start_step >= steps:
         say(f"run already finished ({start_step} >= train.steps={steps}); nothing to do")
         pdist.teardown()
@@ -328,7 +340,7 @@ def main(cfg: Config) -> dict:
         meta = {**meta_common, "nonfinite_total": nonfinite.total}
         folder = ckpt.save_checkpoint(run_dir / "checkpoints", step_done, student=student, ema=ema,
                                       optimizer=optimizer, loss_state=loss_state, meta=meta, rank=env.rank,
-                                      keep_last=cfg.train.keep_last, hold=pprobes.holds(cfg, step_done))
+                                      keep_last=cfg.train.keep_last, hold=pprobes.holds(cfg, step_done), gram=gram)
         say(f"checkpoint saved: {folder} (step {step_done})")
         if probes and (warning := probes.poll()):
             say(f"WARNING: {warning}")
@@ -339,7 +351,8 @@ def main(cfg: Config) -> dict:
         if step >= steps:
             break
         if cfg.data.device_augment:  # workers sent raw tiles; make the views here, batched on the device
-            crops = views(batch["tiles"].to(device, non_blocking=True), views_generator(cfg.train.seed, env.rank, step))
+            crops = views(batch["tiles"].to(device, non_blocking=True), views_generator(cfg.train.seed, env.rank, step),
+                          batch.get("fine_tiles"))
         else:  # the workers made the views
             crops = batch["tiles"]
         global_crops = crops["global_crops"].to(device, non_blocking=True)  # (2B, 3, G, G), crop-major
@@ -353,14 +366,21 @@ def main(cfg: Config) -> dict:
         set_hparams(optimizer, lr=lr, weight_decay=wd, freeze_last_layer=step < cfg.ssl.freeze_last_layer_steps)
         warming_up = step < head_warmup  # head warm-up: the backbone runs without gradients, only the heads learn
 
+        if gram is not None and snapshot_due(cfg.gram, step):  # Gram anchoring: the anchor taken, or refreshed, from the EMA
+            copy_backbone(gram, ema)
+
         # targets (global crops only, unmasked) -> losses of the student on all crops -> their weighted sum
         with autocast:
             if plan.frozen_teacher:  # distillation: its input resized so that its token grid is the student's
                 targets = compute_targets(plan, teacher, teacher_input(global_crops), masks, teacher_temp, loss_state)
             else:  # self-distillation: the student's EMA
                 targets = compute_targets(plan, ema, global_crops, masks, teacher_temp, loss_state)
+            if gram is not None and step >= cfg.gram.start_step:  # the Gram teacher's patch tokens, on the student's grid
+                images = crops["gram_crops"].to(device, non_blocking=True) if plan.gram_scale == 2 else global_crops
+                targets.gram = gram_patches(gram, images, views.grid)
             losses = compute_losses(plan, student, global_crops, local_crops, masks, targets, warming_up)
-        loss = sum(plan.weights[k] * v for k, v in losses.items())
+        weights = plan.weights | ({"gram": gram_weight(cfg.gram, step)} if "gram" in losses else {})  # Gram: ramped in
+        loss = sum(weights[k] * v for k, v in losses.items())
         timer.lap("forward")
 
         # a non-finite loss (on any rank) or gradient norm: skip the update everywhere; max_nonfinite in a row stop
@@ -411,6 +431,8 @@ def main(cfg: Config) -> dict:
                            "images_per_s": global_batch / max(timer.total(), 1e-9), "memory_gib": peak_memory_gib(device),
                            **(data_stats(index, run_dir, mpp_mix) if env.is_main else {}),
                            "nonfinite_steps": nonfinite.total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
+            if gram is not None:
+                values.update({"gram/weight": gram_weight(cfg.gram, step), "gram/refreshes": refreshes_done(cfg.gram, step)})
             if peak:
                 values["mfu"] = mfu(flops_per_step, timer.total(), peak)
             logger.log(step_done, values)

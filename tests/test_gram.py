@@ -2,10 +2,13 @@
 Gram teacher, and the token-map resize."""
 
 import math
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pathfm.config import ConfigError, load_config
 from pathfm.dist import DistEnv
@@ -143,3 +146,154 @@ def test_token_map_resize_is_bicubic_on_the_grid():
         for j in (1, 2):
             assert out[i, j].tolist() == pytest.approx([2 * i + 0.5, 2 * j + 0.5], abs=1e-5)
     assert resize_grid(tokens, 8) is tokens
+
+
+# ---------------------------------------------------------------- the inputs at gram.scale 2, on the real slides
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
+
+
+@pytest.fixture(scope="module")
+def real_index(tmp_path_factory):
+    if not REAL.exists():
+        pytest.skip(f"real slides not found in {REAL}")
+    from pathfm.data.index import IndexParams, build_index
+    from pathfm.data.slides import SlideEntry
+
+    # CMU-1: JPEG tiles (the fast reader, scaled decodes); TCGA: JPEG 2000 with 2 levels (OpenSlide), mpp given here
+    entries = [SlideEntry(str(REAL / "CMU-1-Small-Region.svs")), SlideEntry(str(REAL / "TCGA-CR-7395-01A-01-TS1.svs"), mpp=0.5)]
+    return build_index(entries, tmp_path_factory.mktemp("index"), IndexParams(64, (1.0, 2.0), 0.4), workers=1, progress=False)
+
+
+def real_dataset(index, **kw):
+    from pathfm.data.sampler import SlideTileDataset
+
+    return SlideTileDataset(index, batch_size=8, tile_size=64, mpps=[1.0, 2.0], mpp_weights=None, seed=0, rank=0,
+                            world_size=1, tiles_per_visit=2, fine_from_step=2, **kw)
+
+
+def test_fine_tiles_are_the_same_tissue_at_twice_the_pixels(real_index, caplog):
+    ds = real_dataset(real_index)
+    assert "fine_tiles" not in ds.batch(1)  # before gram.start_step nothing extra is read
+    slides = set()
+    for step in (2, 3):
+        b = ds.batch(step)
+        assert b["fine_tiles"].shape == (8, 3, 128, 128) and b["fine_tiles"].dtype == torch.uint8
+        tiles, fine = b["tiles"].float(), b["fine_tiles"].float()
+        slides |= {loc[0] for loc in b["locations"]}
+        # averaged 2 x 2, the fine tile is the tile (within a few grey levels: other decodes and resamplings), and
+        # moved by 1 or 2 fine pixels either way it is further off: same field of view, same place; another tile of
+        # the batch is far off
+        err = {(dx, dy): (F.avg_pool2d(fine.roll((dy, dx), (2, 3)), 2) - tiles)[..., 2:-2, 2:-2].abs().mean().item()
+               for dx in range(-2, 3) for dy in range(-2, 3)}
+        assert err[0, 0] < 8 and min(err, key=err.get) == (0, 0), err
+        assert (F.avg_pool2d(fine, 2) - tiles.roll(1, 0)).abs().mean() > 3 * err[0, 0]
+    assert slides == {0, 1}  # both readers took part
+    assert "twice the pixels failed" not in caplog.text  # read, not the upsampled stand-in of a failed read
+
+
+def test_gram_crops_are_the_global_crops_regions_without_colour_ops(real_index):
+    from pathfm.data.loader import Views
+
+    # with the colour ops off, the Gram crops (2G px) averaged 2 x 2 are the global crops: same box, flips, rotation
+    off = ["crops.color_jitter=0", "crops.grayscale=0", "crops.blur_global=0", "crops.blur_local=0", "crops.solarize=0"]
+    views = Views(load_config("configs/smoke.yaml", off), SimpleNamespace(mask_crops=True))
+    crops = real_dataset(real_index, transform=views).batch(2)["tiles"]
+    g, gram = crops["global_crops"], crops["gram_crops"]
+    assert g.shape == (16, 3, 64, 64) and gram.shape == (16, 3, 128, 128)
+    err = (F.avg_pool2d(gram, 2) - g).abs().mean(dim=(1, 2, 3))  # normalised units: 0.04 is 5 grey levels
+    assert err.max() < 0.12 and (F.avg_pool2d(gram, 2) - g.roll(1, 0)).abs().mean() > 3 * err.mean(), err
+    # the views of the tiles themselves are those of a run without Gram anchoring, bit for bit
+    plain = real_dataset(real_index, transform=views)
+    plain.fine_from_step = None
+    assert all(torch.equal(plain.batch(2)["tiles"][k], crops[k]) for k in ("global_crops", "local_crops", "masks"))
+
+
+# ---------------------------------------------------------------- in the step (pathfm/train.py), 1, 2 and 4 ranks
+
+RUN = ["data.source=random", "ssl.koleo_weight=0", "model.drop_path=0", "train.log_every=1", "train.rankme_every=0",
+       "data.num_workers=0", "optim.warmup_steps=0", "optim.base_lr=0.02", "gram.weight=1", "model.arch=vit_tiny_d6",
+       "ssl.prototypes=64", "ssl.ibot_prototypes=64", "ssl.head_hidden=64", "ssl.head_bottleneck=32",
+       "ssl.teacher_temp_warmup_steps=0"]  # the schedules at step 1 do not depend on train.steps
+
+
+def checkpoint_tensors(step_dir: Path) -> dict:
+    """{"ema": {...}, "gram": {...}, ...} of a checkpoint folder, read back whole (DCP's own converter)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step_dir, step_dir.parent / f"{step_dir.name}.pt")
+    return torch.load(step_dir.parent / f"{step_dir.name}.pt", weights_only=False)
+
+
+# anchor = the EMA at the top of step 1, refreshed at the top of step 3; Gram crops at twice the pixels (random ones:
+# data.source=random, whose image i of a step is the same on any number of ranks) with their 8 x 8 token map resized
+# to the student's 4 x 4. optim.batch_size: the global batch of 8 split over the ranks
+GRAM_RUN = [*RUN, "gram.start_step=1", "gram.refresh_every=2", "gram.max_refreshes=1", "gram.scale=2", "train.steps=4",
+            "train.ckpt_every=1", "train.keep_last=10"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    from ranks import train_ranks
+
+    run_dir = tmp_path_factory.mktemp("gram") / "whole"
+    return run_dir, train_ranks(run_dir, 1, [*GRAM_RUN, "optim.batch_size=8"])
+
+
+def test_gram_teacher_snapshot_refresh_and_a_resume_across_the_refresh(whole_run, tmp_path):
+    from ranks import train_ranks
+
+    run_dir, whole = whole_run
+
+    assert "loss/gram" not in whole[1] and all(whole[s]["loss/gram"] > 0 for s in (2, 3, 4))
+    assert [whole[s]["gram/weight"] for s in (1, 2)] == [0.0, 1.0]
+    assert [whole[s]["gram/refreshes"] for s in (2, 3, 4)] == [0, 0, 1]  # logged after steps 1, 2, 3
+    ckpts = {s: checkpoint_tensors(run_dir / "checkpoints" / f"step_{s:07d}") for s in range(1, 5)}
+    gram = {s: ckpts[s]["gram"] for s in ckpts}
+    ema = {s: {k.removeprefix("backbone."): v for k, v in ckpts[s]["ema"].items() if k.startswith("backbone.")} for s in ckpts}
+
+    def same(a, b):
+        return a.keys() == {f"backbone.{k}" for k in b} and all(torch.equal(a[f"backbone.{k}"], v) for k, v in b.items())
+
+    assert all(t.isnan().all() for t in gram[1].values())  # nothing taken before the start step
+    assert same(gram[2], ema[1]) and not same(gram[2], ema[2])  # the EMA as it was at the top of step 1
+    assert all(torch.equal(gram[3][k], gram[2][k]) for k in gram[2])  # bit-identical until its refresh
+    assert same(gram[4], ema[3]) and not same(gram[4], ema[1])  # refreshed at the top of step 3
+    # resumed from the step-2 checkpoint (between the anchor and its refresh): the refresh count is recomputed, the
+    # refresh happens on time, and every loss is the uninterrupted run's, bit for bit
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / "step_0000002", tmp_path / "resumed" / "checkpoints" / "step_0000002")
+    resumed = train_ranks(tmp_path / "resumed", 1, [*GRAM_RUN, "optim.batch_size=8"])
+    assert sorted(resumed) == [3, 4]
+    for s in (3, 4):
+        assert {k: resumed[s][k] for k in ("loss/total", "loss/gram", "gram/refreshes")} == \
+               {k: whole[s][k] for k in ("loss/total", "loss/gram", "gram/refreshes")}, s
+    again = checkpoint_tensors(tmp_path / "resumed" / "checkpoints" / "step_0000004")["gram"]
+    assert all(torch.equal(again[k], gram[4][k]) for k in gram[4])
+
+
+def test_gram_loss_is_the_same_on_1_2_and_4_ranks(whole_run, tmp_path):
+    from ranks import train_ranks
+
+    # FSDP2 shards the Gram teacher like the student and the anchor is copied shard by shard at the top of step 1;
+    # each rank's loss is a mean over its images, the logged one the mean over ranks
+    whole = whole_run[1]
+    for n in (2, 4):
+        got = train_ranks(tmp_path / f"ranks{n}", n, [*GRAM_RUN, f"optim.batch_size={8 // n}", "train.steps=2",
+                                                       "train.ckpt_every=100"])
+        for k in ("loss/gram", "loss/total"):
+            assert got[2][k] == pytest.approx(whole[2][k], rel=1e-4), (n, k)
+
+
+def test_step_flops_count_the_gram_teacher_at_its_input_size():
+    from pathfm.flops import analytic_vit_flops, step_flops
+    from pathfm.plan import make_plan
+
+    args = ViTArgs(arch="vit_tiny", patch_size=16, img_size=64)
+    for scale, grid in ((1, 4), (2, 8)):  # 64 px global crops; smoke's batch of 8: 16 crops
+        cfg = load_config("configs/smoke.yaml", ["gram.weight=1", f"gram.scale={scale}"])
+        counted = step_flops(cfg, make_plan(cfg))
+        assert counted["gram_forward"] == pytest.approx(analytic_vit_flops(args, grid * grid + 1, 16), rel=1e-9)
+        assert counted["total"] == counted["teacher_forward"] + 3 * counted["student_forward"] + counted["gram_forward"]
+    off = step_flops(load_config("configs/smoke.yaml"))
+    assert off["gram_forward"] == 0 and off["total"] == off["teacher_forward"] + 3 * off["student_forward"]

@@ -22,6 +22,7 @@ from pathfm.data.index import (IndexParams, SlideIndex, build_part, cpu_count, i
 from pathfm.data.sampler import SlideTileDataset, views_generator, worker_steps
 from pathfm.data.slides import SlideEntry, read_manifest
 from pathfm.data.synthetic import ensure_synthetic_slides
+from pathfm.gram import fine_tiles_from
 
 
 def multicrop(crops_cfg) -> MultiCrop:
@@ -47,8 +48,14 @@ class Views:
         s = cfg.ssl
         self.mask_args = (s.mask_ratio_min, s.mask_ratio_max, s.mask_probability)
 
-    def __call__(self, tiles: torch.Tensor, generator: torch.Generator) -> dict:
-        out = self.multicrop(tiles, generator)
+    def __call__(self, tiles: torch.Tensor, generator: torch.Generator, fine: torch.Tensor | None = None) -> dict:
+        """fine: the same tiles at twice the pixels (gram.scale 2): "gram_crops" (2B, 3, 2G, 2G) are then the global
+        crops' regions cut from them, with their flips and rotations but no colour op (pathfm/gram.py)."""
+        params = self.multicrop.sample_params(tiles.shape[0], tiles.shape[2], tiles.shape[3], generator)
+        out = self.multicrop.apply(tiles, params)
+        if fine is not None:
+            g = self.multicrop.global_size
+            out["gram_crops"] = self.multicrop.geometric(fine.to(tiles.device), params[0], 2 * g, fine.shape[-1] // tiles.shape[-1])
         n_global = out["global_crops"].shape[0]
         if self.mask_crops:
             out["masks"] = block_masks(n_global, self.grid, *self.mask_args, generator).to(tiles.device)
@@ -67,16 +74,19 @@ class RandomViews(torch.utils.data.IterableDataset):
 
     def batch(self, step: int) -> dict:
         c, B, grid = self.cfg.crops, self.cfg.optim.batch_size, self.views.grid
-        g_crops, l_crops, masks = [], [], []
+        g_crops, l_crops, masks, gram_crops = [], [], [], []
+        fine_from = fine_tiles_from(self.cfg)  # gram.scale 2: random Gram crops at twice the pixels too
         for i in range(self.rank * B, (self.rank + 1) * B):
             g = views_generator(self.cfg.train.seed, i, step)
             g_crops.append(torch.randn(2, 3, c.global_size, c.global_size, generator=g))
             l_crops.append(torch.randn(c.n_local, 3, c.local_size, c.local_size, generator=g))
             masked = self.views.mask_crops
             masks.append(block_masks(2, grid, *self.views.mask_args, g) if masked else torch.zeros(2, grid * grid, dtype=torch.bool))
+            if fine_from is not None and step >= fine_from:
+                gram_crops.append(torch.randn(2, 3, 2 * c.global_size, 2 * c.global_size, generator=g))
         # (crops, B, ...) -> crop-major (crops * B, ...), as Views returns
         crops = {k: torch.stack(v, 1).flatten(0, 1) for k, v in
-                 (("global_crops", g_crops), ("local_crops", l_crops), ("masks", masks))}
+                 (("global_crops", g_crops), ("local_crops", l_crops), ("masks", masks), ("gram_crops", gram_crops)) if v}
         return {"step": step, "tiles": crops, "skipped": 0}
 
     def __iter__(self):
@@ -133,7 +143,8 @@ def slide_index(cfg, *, rank: int = 0, world_size: int = 1, wait=lambda: None) -
 
 
 def tile_dataset(cfg, index: SlideIndex, *, rank: int, world_size: int, start_step: int = 0, transform=None,
-                 seed: int | None = None, batch_size: int | None = None, failures_dir=None) -> SlideTileDataset:
+                 seed: int | None = None, batch_size: int | None = None, failures_dir=None,
+                 fine_from_step: int | None = None) -> SlideTileDataset:
     """The config's tile stream; the RankMe held-out batch uses it too, so it sees the same filters."""
     d = cfg.data
     return SlideTileDataset(
@@ -142,7 +153,8 @@ def tile_dataset(cfg, index: SlideIndex, *, rank: int, world_size: int, start_st
         world_size=world_size, start_step=start_step, reader=d.reader, grid_aligned=d.grid_aligned,
         hsv_filter=d.hsv_filter, group_balance=d.group_balance, transform=transform,
         tiles_per_visit=d.tiles_per_visit, failures_dir=failures_dir,
-        excluded=killed_slides(failures_dir) if failures_dir else (), read_ahead_bytes=int(d.read_ahead_mb * 2**20), read_threads=d.read_threads)
+        excluded=killed_slides(failures_dir) if failures_dir else (), read_ahead_bytes=int(d.read_ahead_mb * 2**20), read_threads=d.read_threads,
+        fine_from_step=fine_from_step)
 
 
 def build_loader(cfg, index: SlideIndex | None, *, rank: int, world_size: int, start_step: int, views: Views,
@@ -152,7 +164,8 @@ def build_loader(cfg, index: SlideIndex | None, *, rank: int, world_size: int, s
         dataset = RandomViews(cfg, views, rank=rank, world_size=world_size, start_step=start_step)
     else:
         dataset = tile_dataset(cfg, index, rank=rank, world_size=world_size, start_step=start_step,
-                               transform=None if d.device_augment else views, failures_dir=failures_dir)
+                               transform=None if d.device_augment else views, failures_dir=failures_dir,
+                               fine_from_step=fine_tiles_from(cfg))
         for stale in Path(failures_dir).glob(f"rank{rank:05d}-*.reading") if failures_dir else ():
             stale.unlink(missing_ok=True)  # an earlier launch's workers: never name their slides in this one
     # a private generator: creating the loader must not consume the global RNG (exact resume). timeout: the
