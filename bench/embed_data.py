@@ -103,7 +103,7 @@ def forward_bound() -> list[str]:
 def main(argv=None):
     import torch
 
-    from eval.embed_slides import SlideGridTiles, grid_coords, tile_loader
+    from eval.embed_slides import SlideGridTiles, grid_coords, threaded_batches, tile_loader
     from pathfm.data.index import IndexParams, build_index
     from pathfm.data.sampler import TileReader
     from pathfm.data.slides import read_manifest
@@ -115,6 +115,8 @@ def main(argv=None):
     p.add_argument("--tiles", type=int, default=400, help="tiles per slide (a seeded subset of its grid; 0: all)")
     p.add_argument("--synthetic", type=int, default=2, help="synthetic 8192 px slides (0.5 µm/px, JPEG q80)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers for both")
+    p.add_argument("--threads", type=int, default=0, help="pathfm reads on this many threads of its process instead "
+                   "of DataLoader workers (eval.embed_slides --read-threads); the baseline keeps --workers")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both (the best round of each is kept)")
     p.add_argument("--jpeg-only", action="store_true", help="only the slides with JPEG-tiled levels (TCGA's usual "
                    "Aperio SVS); without it, also the JPEG 2000 TCGA slide, which both read with OpenSlide")
@@ -141,10 +143,12 @@ def main(argv=None):
         base_ds = OpenSlideTiles(items, a.size)
         results = {"pathfm": [], "baseline": []}
         for _ in range(a.rounds):
-            results["pathfm"].append(timed(tile_loader(ours_ds, a.workers)))
+            results["pathfm"].append(timed(threaded_batches(ours_ds, a.threads) if a.threads else
+                                           tile_loader(ours_ds, a.workers)))
             results["baseline"].append(timed(torch.utils.data.DataLoader(base_ds, batch_size=64, num_workers=a.workers)))
     load = open("/proc/loadavg").read().strip()
-    print(f"{len(items)} tiles of {len(slides)} slides ({', '.join(Path(s).name for s, _ in slides)}) at {a.mpp} µm/px, {a.size} px, {a.workers} worker(s); load {load}")
+    print(f"{len(items)} tiles of {len(slides)} slides ({', '.join(Path(s).name for s, _ in slides)}) at {a.mpp} µm/px, "
+          f"{a.size} px, {a.workers} worker(s){f', pathfm on {a.threads} thread(s)' if a.threads else ''}; load {load}")
     best = {}
     for name, runs in results.items():
         assert all(n == len(items) for n, _, _ in runs), (name, [n for n, _, _ in runs], len(items))

@@ -200,8 +200,8 @@ def submit_embed(embed_argv: list[str], tasks: int, res, out: Path):
 
     from launch import slurm
 
-    if res.cpus_per_task > 1 and "--num-workers" not in embed_argv:
-        embed_argv = [*embed_argv, "--num-workers", str(res.cpus_per_task - 1)]  # one core for the main process
+    if res.cpus_per_task > 1 and "--read-threads" not in embed_argv:
+        embed_argv = [*embed_argv, "--read-threads", str(res.cpus_per_task - 1)]  # one core for the main thread
     if res.gpus_per_node and "--device" not in embed_argv:
         embed_argv = [*embed_argv, "--device", "cuda"]
     ex = submitit.SlurmExecutor(folder=out / "slurm", max_num_timeout=res.max_requeues)

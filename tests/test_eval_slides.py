@@ -169,6 +169,14 @@ def test_embed_slides_files_coords_resume_and_failures(synthetic_index, tmp_path
     assert not list(out.glob(".*tmp"))
     again = embed_slides(_backbone(), index, out, mpp=2.0, tile_size=32, max_tiles=12, num_workers=0, progress=False)
     assert again["written"] == 0 and again["skipped"] == 2
+    threads = tmp_path / "threads"  # read on 3 threads of this process instead of 2 DataLoader workers: the same files
+    embed_slides(_backbone(), index, threads, mpp=2.0, tile_size=32, max_tiles=12, batch_size=5, read_threads=3,
+                 progress=False)
+    for i in range(2):
+        name = f"{Path(index.path(i)).stem}.h5"
+        a, b = read_slide(out / name), read_slide(threads / name)
+        np.testing.assert_array_equal(a["coords"], b["coords"])
+        np.testing.assert_array_equal(a["features"], b["features"])
     (out / f"{Path(index.path(1)).stem}.h5").unlink()
     redo = embed_slides(_backbone(), index, out, mpp=2.0, tile_size=32, max_tiles=12, num_workers=0, progress=False)
     assert redo["written"] == 1 and redo["skipped"] == 1
