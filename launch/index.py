@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 class BuildTask:
     """Array task k of n: describes manifest rows i with i % n == k, with every CPU of its allocation."""
 
-    def __init__(self, manifest: str, out: str, params, n_tasks: int, mask_dir: str | None, timeout_s: float = 600.0):
+    def __init__(self, manifest: str, out: str, params, n_tasks: int, mask_dir: str | None, timeout_s: float = 120.0):
         self.manifest, self.out, self.params, self.n_tasks, self.mask_dir = manifest, out, params, n_tasks, mask_dir
         self.timeout_s = timeout_s
 
@@ -45,7 +45,7 @@ class MergeTask:
         return summary(merge_parts(read_manifest(self.manifest), self.out, self.params, manifest_path=self.manifest))
 
 
-def submit(manifest: str, out: str, params, *, tasks: int, res, mask_dir=None, timeout_s: float = 600.0):
+def submit(manifest: str, out: str, params, *, tasks: int, res, mask_dir=None, timeout_s: float = 120.0):
     """-> (array jobs, merge job). Each task is one SLURM task on one node (no GPUs asked for)."""
     import submitit
 

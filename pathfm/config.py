@@ -78,7 +78,8 @@ class DataConfig:
     manifest: str = ""  # CSV: path[, mpp][, weight][, group]
     index: str = ""  # a built slide index (python -m pathfm.data.index); "" = built from the manifest on first use
     index_workers: int = 0  # processes per rank that build the index when it is missing (0: the rank's CPUs)
-    index_timeout_s: float = 600.0  # seconds one slide may take to open, read and describe in the index build; over it: unusable (0: no limit)
+    index_timeout_s: float = 120.0  # seconds one slide may take to open, read and describe in the index build; over it: unusable
+                                    # (0: no limit). A pyramidal slide takes under 2 s of CPU (BENCHMARKS.md, "Describe time")
     stall_timeout_s: float = 600.0  # a loader with no batch for this long ends the run (exit 75, requeue) naming the slides (0: no limit; needs num_workers > 0)
     tiles_per_visit: int = 8  # tiles read from a slide per visit (one file open per visit; visits are shuffled)
     read_ahead_mb: float = 16.0  # per loader worker: stored JPEG tiles read ahead of their decode, at most this many MB

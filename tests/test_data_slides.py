@@ -186,6 +186,21 @@ def test_tissue_mask_is_the_same_through_the_jpeg_path_and_openslide(which, synt
     assert fast.any() and np.array_equal(fast, slow)
 
 
+def test_tissue_mask_decodes_each_stored_tile_once(tmp_path, monkeypatch):
+    """A single-level 8192 px slide at 0.5 µm/px: the mask is read in bands of 7 mask rows (112 level rows), thinner
+    than a row of 256 px stored tiles; each of its 32 x 32 stored tiles is decoded once, not once per band."""
+    path = write_synthetic_slide(tmp_path / "single.svs", 8192, seed=1, min_level_size=8193)
+    slide = openslide.OpenSlide(str(path))
+    info = S.SlideInfo(str(path), 0.5, list(slide.level_dimensions), [float(d) for d in slide.level_downsamples], "")
+    assert len(info.dimensions) == 1
+    decoded = []
+    real = JpegTiffReader.decode_tile
+    monkeypatch.setattr(JpegTiffReader, "decode_tile", lambda self, *a: decoded.append(a[:3]) or real(self, *a))
+    mask = S.compute_tissue_mask(info, slide)
+    assert mask.shape == (512, 512) and mask.any()
+    assert len(decoded) == len(set(decoded)) == 32 * 32
+
+
 @pytest.mark.parametrize("which", ["synthetic", "bigtiff", "cmu", "tcga"])
 def test_tiff_directories_read_as_tifffile_reads_them(which, synth, tmp_path):
     """The JPEG reader's own TIFF directory parsing gives tifffile's tile grid, offsets, counts and tables."""

@@ -51,7 +51,7 @@ from pathfm.data.slides import (MASK_MAX_SIDE, MASK_MPP, MASK_VERSION, ReadPlan,
                                 file_identity, load_or_compute_tissue_mask, mask_scale, open_slide, plan_read,
                                 read_manifest, slide_mpp, truncated, usable_mpps)
 
-DESCRIBE_TIMEOUT_S = 600.0  # default limit for opening, reading and describing one slide in the build
+DESCRIBE_TIMEOUT_S = 120.0  # default limit for opening, reading and describing one slide in the build (data.index_timeout_s)
 FORMAT = 2  # bump when the folder layout changes (it is part of cached index folders' names)
 
 SLIDE_DTYPE = np.dtype([("row", "i8"), ("mpp", "f8"), ("weight", "f8"), ("group", "i4"), ("mask_scale", "f8"),
