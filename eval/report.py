@@ -150,7 +150,8 @@ def plot(rows, out: Path) -> list[Path]:
                       rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{task} ({protocol})")
         ax.set_ylabel(rs[0]["metric"])
-        written.append(save_figure(fig, out / f"{task}_{protocol}.png"))
+        name = re.sub(r"[^\w.-]+", "_", task).strip("_")  # a file name: 'subtype (slide)' -> subtype_slide
+        written.append(save_figure(fig, out / f"{name}_{protocol}.png"))
     by_protocol = defaultdict(list)
     for r in rows:
         if r["step"] is not None:

@@ -181,6 +181,10 @@ def test_slide_probe_command_line_results_and_report(tmp_path):
                                 "headline": {"metric": "test/k20/balanced_accuracy", "mean": 0.5, "stdev": 0.0}}))
     table = markdown(load_rows([tile, tmp_path / "r" / "abmil" / "results.json"]))
     assert table.splitlines()[0] == "| model | kind | protocol | embedding | crc | rare (slide) |"
+    from eval.report import main as report
+
+    report([str(tmp_path / "r"), str(tile), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "rare_slide_abmil.png").is_file()  # the column's mark kept out of file names
     with pytest.raises(SystemExit, match=r"results.json exists; pass --overwrite"):
         main(["--features", str(tmp_path), "--labels", str(labels), "--out", str(tmp_path / "r")])
     labels.write_text("slide,label\ns00,a\nmissing,b\n")
