@@ -160,6 +160,8 @@ class TrainConfig:
     head_warmup_steps: int = -1  # continued pretraining: the backbone and its EMA untouched this many steps while fresh
                                  # heads learn; -1 = auto: train.steps // 10 (at most 2500) when model.init_weights
                                  # gives a backbone without heads, else 0
+    backbone_ramp_steps: int = -1  # after a head warm-up the backbone's lr ramps from 0 over this many steps (AdamW
+                                   # starts it with no moments); -1 = the warm-up's length (at least 1), 0 = no ramp
     init_checkpoint: str = ""  # start from a pathfm checkpoint (weights only), e.g. high-res post-training
     allow_resume_changes: bool = False  # resume even when steps / schedules / batch / world size differ from the
                                         # checkpoint's run (refused otherwise); recorded in the run folder
@@ -439,6 +441,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config keys '{lo}' and '{hi}' must satisfy 0 <= min <= max <= 1, got {a} and {b}")
     if cfg.train.head_warmup_steps < -1:
         raise ConfigError(f"config key 'train.head_warmup_steps' must be >= 0, or -1 (auto), got {cfg.train.head_warmup_steps}")
+    if cfg.train.backbone_ramp_steps < -1:
+        raise ConfigError(f"config key 'train.backbone_ramp_steps' must be >= 0, or -1 (the head warm-up's length), got "
+                          f"{cfg.train.backbone_ramp_steps}")
     if cfg.train.plateau_warn_steps < 0:
         raise ConfigError(f"config key 'train.plateau_warn_steps' must be >= 0 (0 = no warning), got {cfg.train.plateau_warn_steps}")
     if cfg.train.keep_last < 1:

@@ -37,7 +37,9 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, p
     and lower, times patch_embed_lr_mult (a pretrained stem is the first thing to
     break). wd_mult = 0 for biases, norms, LayerScale (ndim <= 1), and for the tokens unless decay_tokens.
     The prototype layers (`*.last_layer.weight`) form their own groups so they can be
-    frozen. Parameters with equal (lr_mult, wd_mult, is_last_layer) share one group.
+    frozen. The backbone's parameters (`backbone.*`) never share a group with the heads', so their lr can be scaled
+    on its own (the ramp after a head warm-up). Parameters with equal (lr_mult, wd_mult, is_last_layer, is_backbone)
+    share one group.
     """
     groups: dict[tuple, dict] = {}
     for full_name, p in model.named_parameters():
@@ -51,17 +53,21 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, p
             lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if p.ndim <= 1 or (not decay_tokens and name.startswith(_TOKENS)) else 1.0
         is_last_layer = "last_layer" in name.split(".")
-        key = (lr_mult, wd_mult, is_last_layer)
+        is_backbone = full_name.replace("_orig_mod.", "").startswith("backbone.")
+        key = (lr_mult, wd_mult, is_last_layer, is_backbone)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult,
-                           "is_last_layer": is_last_layer, "weight_decay": weight_decay * wd_mult}
+                           "is_last_layer": is_last_layer, "is_backbone": is_backbone,
+                           "weight_decay": weight_decay * wd_mult}
         groups[key]["params"].append(p)
         groups[key]["names"].append(full_name)
     return list(groups.values())
 
 
-def set_hparams(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float, freeze_last_layer: bool) -> None:
-    """Write this step's lr and weight decay into every group, scaled by its multipliers.
+def set_hparams(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float, freeze_last_layer: bool,
+                backbone_scale: float = 1.0) -> None:
+    """Write this step's lr and weight decay into every group, scaled by its multipliers; the backbone's lr also by
+    backbone_scale (backbone_lr_scale: 0 in a head warm-up, then a ramp).
 
     A frozen prototype layer gets lr 0 (as in DINOv2): AdamW then changes nothing,
     neither the Adam step (scaled by lr) nor the decoupled decay (p *= 1 - lr * wd).
@@ -72,8 +78,20 @@ def set_hparams(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: fl
             raise KeyError(f"optimizer param group {i} has no {missing}: build the optimizer from "
                            f"pathfm.optim.param_groups(...)")
         frozen = freeze_last_layer and group["is_last_layer"]
-        group["lr"] = 0.0 if frozen else lr * group["lr_mult"]
+        group["lr"] = 0.0 if frozen else lr * group["lr_mult"] * (backbone_scale if group.get("is_backbone") else 1.0)
         group["weight_decay"] = weight_decay * group["wd_mult"]
+
+
+def backbone_lr_scale(step: int, warmup: int, ramp: int) -> float:
+    """The backbone's lr factor at step: 0 during a head warm-up of `warmup` steps (no gradient reaches it), then a
+    linear ramp over `ramp` steps (1 / ramp at the first step after the warm-up, 1 from step warmup + ramp - 1 on).
+    AdamW keeps no moments for the backbone during the warm-up: without the ramp its first update would be a
+    full-lr sign step on a pretrained backbone. warmup 0 or ramp 0: always 1."""
+    if not warmup:
+        return 1.0
+    if step < warmup:
+        return 0.0
+    return min(1.0, (step - warmup + 1) / ramp) if ramp > 0 else 1.0
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,

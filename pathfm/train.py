@@ -38,6 +38,7 @@ from pathfm.data.failures import summarise as summarise_read_failures
 from pathfm.data.index import summary as index_summary
 from pathfm.data.loader import (LoaderFault, Views, batches, build_loader, loader_fault, slide_index, tile_dataset,
                                 views_generator)
+from pathfm.data.masking import block_masks
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
 from pathfm.distill import TeacherInput, cosine_distance, feature_cls_loss, load_teacher
@@ -48,7 +49,7 @@ from pathfm.gram import (build_gram_teacher, check_resumable, copy_backbone, gra
 from pathfm.losses import Centering, dino_loss, ibot_loss, kde_loss, koleo_loss, sinkhorn_knopp
 from pathfm.metrics import (CollapseWatch, Logger, PlateauWatch, StepTimer, peak_memory_gib, rankme,
                             relative_entropy, spread, student_teacher_kl)
-from pathfm.optim import cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
+from pathfm.optim import backbone_lr_scale, cosine_schedule, param_groups, scaled_lr, set_hparams, teacher_temp_schedule
 from pathfm.plan import StepPlan, make_plan
 from pathfm.runfolder import STOPPED_EXIT, check_device, check_inputs, prepare_run_folder, write_status
 from pathfm.student import build_student, init_heads_file, vit_args
@@ -268,6 +269,66 @@ def compute_losses(plan: StepPlan, student: nn.ModuleDict, global_crops: torch.T
     return losses
 
 
+def memory_step(cfg: Config, env: pdist.DistEnv, tracker, teacher_spec=None, steps: int = 2) -> None:
+    """The loop's step for pathfm.memory (an estimate on fake tensors, or a measurement on real ones).
+
+    The models are built and wrapped as main builds them; then `steps` steps on random crops with the views' iBOT
+    masks, in the loop's order and through the loop's functions: targets, losses, backward, clip, optimizer step,
+    EMA and centres. The tracker's window opens at the last step, once the optimizer state exists. teacher_spec:
+    a distillation teacher built without reading its weights (a file that is elsewhere). Change it with the loop.
+    """
+    c, B = cfg.crops, cfg.optim.batch_size
+    student, ema, loss_state = build_models(cfg, env)
+    teacher = load_teacher(cfg, env, teacher_spec)
+    plan = make_plan(cfg, teacher.spec if teacher is not None else None)
+    gram = build_gram_teacher(cfg, env)
+    optimizer, (_, _, momentum_sched, temp_sched) = build_optimizer(cfg, student, B * env.world_size)
+    for name, model in (("student", student), ("EMA", ema), ("teacher", teacher), ("Gram teacher", gram),
+                        ("centres", loss_state)):
+        if model is not None:
+            tracker.label("parameters", [*model.parameters(), *model.buffers()], name)
+    views = Views(cfg, plan)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    teacher_input = TeacherInput(cfg, teacher.spec) if teacher is not None else None
+    for step in range(steps):
+        if step == steps - 1:
+            tracker.start_window()
+        global_crops = torch.randn(2 * B, 3, c.global_size, c.global_size, device=env.device)  # (2B, 3, G, G)
+        local_crops = torch.randn(c.n_local * B, 3, c.local_size, c.local_size, device=env.device)
+        with tracker.values():  # the masks decide how many patch rows iBOT scores: real values even in an estimate
+            masks = block_masks(2 * B, views.grid, *views.mask_args, torch.Generator().manual_seed(step)) \
+                if plan.mask_crops else torch.zeros(2 * B, views.grid**2, dtype=torch.bool)
+        masks = masks.to(env.device)
+        with autocast:
+            with tracker.phase("targets"):
+                if plan.frozen_teacher:
+                    targets = compute_targets(plan, teacher, teacher_input(global_crops), masks, temp_sched[step], loss_state)
+                else:
+                    targets = compute_targets(plan, ema, global_crops, masks, temp_sched[step], loss_state)
+                if gram is not None:
+                    images = torch.randn(2 * B, 3, 2 * c.global_size, 2 * c.global_size, device=env.device) \
+                        if plan.gram_scale == 2 else global_crops
+                    targets.gram = gram_patches(gram, images, views.grid)
+            with tracker.phase("student forward"):
+                losses = compute_losses(plan, student, global_crops, local_crops, masks, targets)
+        loss = sum(plan.weights[k] * v for k, v in losses.items())
+        with tracker.phase("backward"):
+            loss.backward()
+        tracker.label("gradients", [p.grad for p in student.parameters() if p.grad is not None])
+        with tracker.phase("clip"):
+            clip_gradients(student, cfg.optim.clip_grad, per_module=cfg.optim.clip_grad_mode == "per_module")
+        with tracker.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        tracker.label("optimizer state", [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)])
+        with tracker.phase("EMA"):
+            update_ema(ema, student, momentum_sched[step])
+            if plan.update_centres:
+                loss_state.dino_center.update(targets.cls_logits)
+                if plan.ibot:
+                    loss_state.ibot_center.update(targets.patch_logits)
+
+
 def main(cfg: Config) -> dict:
     check_device(cfg)
     check_inputs(cfg)
@@ -302,6 +363,8 @@ def main(cfg: Config) -> dict:
         say(f"Gram anchoring: weight {cfg.gram.weight} from step {cfg.gram.start_step}, anchor {cfg.gram.anchor}, "
             f"its input at {cfg.gram.scale}x the global crops' pixels")
     head_warmup = head_warmup_steps(cfg)  # continued pretraining: the backbone and its EMA wait while fresh heads learn
+    # then the backbone's lr ramps up from 0: AdamW has no moments for it yet, a full-lr first step would jolt it
+    ramp = (max(head_warmup, 1) if cfg.train.backbone_ramp_steps < 0 else cfg.train.backbone_ramp_steps) if head_warmup else 0
 
     # --- optimizer and schedules (plain arrays indexed by step)
     global_batch = cfg.optim.batch_size * env.world_size
@@ -329,7 +392,10 @@ def main(cfg: Config) -> dict:
     probes = pprobes.start_probes(cfg, run_dir, say) if env.is_main else None  # a process beside the run; never waited for
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite, nonfinite_total)
     plateau = PlateauWatch(cfg.ssl.prototypes, cfg.train.plateau_warn_steps, after_step=cfg.optim.warmup_steps)  # once
-    collapse = CollapseWatch("the teacher's CLS embeddings of this batch")  # warns once if they lose their spread
+    # the model being trained, watched for a collapse: the EMA (the targets' model in self-distillation; beside a
+    # frozen teacher, which cannot collapse, its CLS tokens are computed on logging steps); warns once
+    watched = "ema" if plan.frozen_teacher else "teacher"
+    collapse = CollapseWatch(f"the {'student EMA' if plan.frozen_teacher else 'teacher'}'s CLS embeddings of this batch")
     status, step = "finished", start_step
     timer = StepTimer(device, sync=cfg.train.sync_timing)
     flops_per_step, peak = step_flops(cfg, plan)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
@@ -363,7 +429,9 @@ def main(cfg: Config) -> dict:
             logger.images("crops/first_batch", crop_grid(global_crops, local_crops, cfg.crops), step)
 
         lr, wd, momentum, teacher_temp = lr_sched[step], wd_sched[step], momentum_sched[step], temp_sched[step]
-        set_hparams(optimizer, lr=lr, weight_decay=wd, freeze_last_layer=step < cfg.ssl.freeze_last_layer_steps)
+        backbone_scale = backbone_lr_scale(step, head_warmup, ramp)  # 0 in a head warm-up, then a ramp to 1
+        set_hparams(optimizer, lr=lr, weight_decay=wd, freeze_last_layer=step < cfg.ssl.freeze_last_layer_steps,
+                    backbone_scale=backbone_scale)
         warming_up = step < head_warmup  # head warm-up: the backbone runs without gradients, only the heads learn
 
         if gram is not None and snapshot_due(cfg.gram, step):  # Gram anchoring: the anchor taken, or refreshed, from the EMA
@@ -414,18 +482,24 @@ def main(cfg: Config) -> dict:
         if step_done % cfg.train.log_every == 0 or step_done == steps or step == start_step:
             # stuck or learning: teacher entropy / ln K (1 = flat targets), KL(teacher || student), RankMe of the
             # teacher's CLS tokens on this batch (1 = every image the same embedding; at most 2B)
-            t_cls = targets.tokens[:, 0].float()
-            diag = {"diag/teacher_rankme_batch": rankme(t_cls), "diag/teacher_spread": spread(t_cls)}  # 0: all alike
+            if plan.frozen_teacher:
+                with torch.no_grad(), autocast:
+                    cls = ema.backbone.forward_features(global_crops)[:, 0].float()  # (2B, D)
+            else:
+                cls = targets.tokens[:, 0].float()
+            diag = {f"diag/{watched}_rankme_batch": rankme(cls), f"diag/{watched}_spread": spread(cls)}  # 0: all alike
             if "dino" in losses:
                 diag |= {"diag/teacher_entropy": relative_entropy(targets.cls_probs),
                          "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), targets.cls_probs)}
             values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}, **diag}, env)
-            collapsed, warning = collapse.update(step_done, values["diag/teacher_spread"], values["diag/teacher_rankme_batch"])
+            collapsed, warning = collapse.update(step_done, values[f"diag/{watched}_spread"],
+                                                 values[f"diag/{watched}_rankme_batch"])
             values["diag/collapsed"] = float(collapsed is not None)
             if warning:
                 say(f"WARNING: {warning}")
                 logger.event(step_done, {"collapse": collapsed})
-            values.update({"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
+            values.update({"lr": lr, **({"lr_backbone_scale": backbone_scale} if head_warmup else {}),
+                           "weight_decay": wd, "teacher_momentum": momentum,
                            "teacher_temp": teacher_temp, "grad_norm": grad_norm,
                            **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
                            "images_per_s": global_batch / max(timer.total(), 1e-9), "memory_gib": peak_memory_gib(device),

@@ -280,3 +280,53 @@ def test_only_heads_a_loss_trains_are_built_and_exported(teacher, tmp_path):
     cls_only = config(tmp_path, "x", "model.arch=vit_tiny_d6", f"distill.teacher={teacher}", "distill.patch_targets=false",
                       "ssl.ibot_separate_head=true")
     assert set(build_student(cls_only)) == {"backbone", "dino_head"}
+
+
+def test_after_a_head_warmup_the_backbone_lr_ramps_up_and_a_resume_inside_the_warmup_is_exact(tmp_path):
+    from pathfm.optim import backbone_lr_scale
+    from pathfm.student import build_student
+    from pathfm.train import main
+    from pathfm.weights import load_ema
+
+    assert [backbone_lr_scale(s, 2, 2) for s in range(5)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert [backbone_lr_scale(s, 0, 3) for s in range(2)] == [1.0, 1.0]  # no warm-up: no ramp
+    common = ["model.arch=vit_tiny_d6", "train.head_warmup_steps=2", "train.steps=5", "optim.warmup_steps=0"]
+    straight = main(config(tmp_path, "straight", *common))
+    main(config(tmp_path, "split", *common, "train.stop_after=1"))  # stops inside the warm-up
+    split = main(config(tmp_path, "split", *common))
+
+    def rows(run):
+        return {r["step"]: r for r in map(json.loads, (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines())
+                if "loss/total" in r}
+
+    a, b = rows(straight), rows(split)
+    assert [a[s]["lr_backbone_scale"] for s in range(1, 6)] == [0.0, 0.0, 0.5, 1.0, 1.0]  # the default ramp: 2 steps
+    assert [a[s]["loss/total"] for s in range(2, 6)] == [b[s]["loss/total"] for s in range(2, 6)]
+    cfg = config(tmp_path, "x", *common)
+    ema_a, ema_b = build_student(cfg), build_student(cfg)
+    load_ema(Path(straight["run_dir"]), ema_a)
+    load_ema(Path(split["run_dir"]), ema_b)
+    assert_same(state(ema_a), state(ema_b))  # bit-exact after a resume inside the warm-up
+
+
+def test_in_distillation_the_collapse_warning_watches_the_student_ema(teacher, tmp_path, capsys):
+    """The frozen teacher cannot collapse; a student pushed by a huge lr can, and its EMA (what is exported) with it.
+    The student starts spread out (a patch embedding x1000 makes each random image's CLS token its own)."""
+    from pathfm.train import main
+    from pathfm.vit import ViTArgs, build_vit
+
+    torch.manual_seed(0)
+    start = build_vit(ViTArgs(arch="vit_tiny_d6", patch_size=16, img_size=64, layerscale=0))
+    with torch.no_grad():
+        start.patch_embed.proj.weight.mul_(1000)
+    torch.save(start.state_dict(), tmp_path / "spread.pth")
+    run = main(config(tmp_path, "boom", "model.arch=vit_tiny_d6", "model.layerscale=0", f"model.init_weights={tmp_path / 'spread.pth'}",
+                      "train.head_warmup_steps=0", f"distill.teacher={teacher}", "distill.loss=features", "train.steps=4",
+                      "optim.base_lr=50",
+                      "optim.lr_ref_batch=4", "ssl.momentum_teacher=0", "ssl.momentum_teacher_final=0", "optim.clip_grad=0"))
+    rows = [r for r in map(json.loads, (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()) if "loss/total" in r]
+    assert "diag/ema_spread" in rows[0] and "diag/teacher_spread" not in rows[0]
+    spreads = [r["diag/ema_spread"] for r in rows]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line and "collapsed" in line]
+    assert spreads[0] > 1e-3 and min(spreads) < 1e-3, spreads
+    assert len(warnings) == 1 and "the student EMA's CLS embeddings" in warnings[0], warnings

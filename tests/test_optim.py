@@ -72,11 +72,16 @@ def test_layer_decay_and_weight_decay_by_name():
         assert (g[name]["lr_mult"], g[name]["wd_mult"], g[name]["is_last_layer"]) == \
             pytest.approx((lr_mult, wd_mult, last)), name
         assert g[name]["weight_decay"] == pytest.approx(0.04 * wd_mult)
-    # every trainable parameter exactly once; groups merged to the 10 distinct (lr, wd, last) keys
+    # every trainable parameter exactly once; groups merged to the 11 distinct (lr, wd, last, backbone) keys (the
+    # backbone's final norm and the heads' biases share (1.0, 0, False) but not a group: the backbone's lr ramps alone)
     listed = [p for grp in groups for p in grp["params"]]
     assert len(listed) == len(list(model.parameters())) == len({id(p) for p in listed})
-    assert len(groups) == 10
-    assert len({(x["lr_mult"], x["wd_mult"], x["is_last_layer"]) for x in groups}) == 10
+    assert len(groups) == 11
+    assert len({(x["lr_mult"], x["wd_mult"], x["is_last_layer"], x["is_backbone"]) for x in groups}) == 11
+    assert all(x["is_backbone"] == all(n.startswith("backbone.") for n in x["names"]) for x in groups)
+    opt = torch.optim.AdamW(groups)
+    set_hparams(opt, lr=2.0, weight_decay=0.1, freeze_last_layer=False, backbone_scale=0.25)  # after a head warm-up
+    assert all(x["lr"] == pytest.approx(2.0 * x["lr_mult"] * (0.25 if x["is_backbone"] else 1.0)) for x in opt.param_groups)
 
 
 def test_plain_vit_names_and_frozen_params():
