@@ -58,6 +58,8 @@ class Resources:
     account: str = ""
     qos: str = ""
     constraint: str = ""
+    gpu: str = ""  # the GPU model (H100, A100, ...): its bf16 peak for the step time on paper (pathfm.flops)
+    gpu_memory_gib: int = 0  # memory per GPU; launch/train.py refuses a config whose estimated step does not fit it
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: time to save a checkpoint
     max_requeues: int = 20  # time limits + preemptions before the job gives up
     sbatch: dict = field(default_factory=dict)  # other sbatch options, e.g. {exclusive: true, reservation: x}

@@ -5,11 +5,13 @@
     python launch/train.py --config configs/smoke.yaml --local --nproc 2    # 2 processes (torchrun, gloo)
     python launch/train.py --nodes 8 --profile gpu-8x --config vitg14.yaml data.manifest=/data/tcga.csv
     python launch/train.py --nodes 2 --profile cpu-ci --config smoke.yaml --dry-run
+    python launch/train.py --nodes 8 --profile gpu-8x --config vitg14.yaml --estimate   # will it fit? (no GPU needed)
 
 A SLURM launch creates the run folder first (resolved config.yaml, and submit.sbatch, the same
 job as a plain sbatch script), then submits with submitit and prints the job id and the logs.
 A time limit or preemption makes the job save a checkpoint and requeue itself; the requeued job
-resumes from it. Cluster settings come from --profile (slurm/profiles/NAME.yaml); the flags
+resumes from it. Before submitting to GPUs it estimates one step's peak memory per GPU (launch/estimate.py) and
+refuses, in one line, a config that will not fit the profile's gpu_memory_gib (--force submits anyway). Cluster settings come from --profile (slurm/profiles/NAME.yaml); the flags
 below override it. No torch import here: --help and --dry-run stay fast and need no GPU stack.
 """
 
@@ -43,6 +45,13 @@ def parse_args(argv=None):
     slurm.add_resource_flags(s)
     s.add_argument("--global-batch", type=int, help="images per step over all tasks; sets optim.batch_size")
     s.add_argument("--dry-run", action="store_true", help="print the job (executor parameters, sbatch script); submit nothing")
+    e = p.add_argument_group("will it fit (launch/estimate.py: the real step on fake tensors, no GPU needed)")
+    e.add_argument("--estimate", action="store_true", help="print the peak memory per GPU by category, the largest batch "
+                   "that fits --gpu-memory and the step time on paper; submit nothing")
+    e.add_argument("--gpu-memory", type=float, help="GiB per GPU to plan against (default: the profile's gpu_memory_gib)")
+    e.add_argument("--teacher-config", default="", help="the config distill.teacher was trained with, when its file is "
+                   "not on this machine (the estimate builds that architecture)")
+    e.add_argument("--force", action="store_true", help="submit even when the estimate says one step does not fit")
     p.add_argument("overrides", nargs="*", help="dotted config overrides: optim.base_lr=1e-3 train.steps=100")
     return p.parse_known_args(argv)
 
@@ -58,7 +67,9 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     name = args.name or cfg.train.name or Path(args.config).stem
     overrides.append(f"train.name={name}")
-    check_probes(cfg, warn_only=args.dry_run)
+    check_probes(cfg, warn_only=args.dry_run or args.estimate)
+    if args.estimate and args.local:
+        return print_estimate(cfg, args.nproc, args.gpu_memory, "", args.teacher_config)
     if args.local:
         return run_local(args, cfg, name, overrides)
     from launch.slurm import LaunchError
@@ -109,6 +120,14 @@ def submit_probes(cfg, res, run_dir: Path, train_job_id: str, dry_run: bool = Fa
     print(f"submitted probe job {job.job_id}: {len(cfg.probes.tasks)} task(s) on each checkpoint "
           f"(log {job.paths.stderr})", flush=True)
     return job
+
+
+def print_estimate(cfg, world_size: int, gpu_memory_gib, gpu: str, teacher_config: str) -> int:
+    from launch.estimate import report
+
+    text, _ = report(cfg, world_size, gpu_memory_gib, gpu, teacher_config=teacher_config)
+    print(text)
+    return 0
 
 
 def run_local(args, cfg, name, overrides):
@@ -217,6 +236,14 @@ def run_slurm(args, cfg, name):
     run_dir = Path(cfg.train.output_dir) / name
     job_name = f"pathfm-{name}"
     config_path = run_dir / "config.yaml"
+    gpu_memory = args.gpu_memory or res.gpu_memory_gib
+    if args.estimate:
+        return print_estimate(cfg, res.world_size, gpu_memory, res.gpu, args.teacher_config)
+    if gpu_memory and res.gpus_per_node and not (args.force or args.dry_run):  # before any folder or job exists
+        from launch.estimate import refusal
+
+        if why := refusal(cfg, res.world_size, gpu_memory, args.teacher_config):
+            raise slurm.LaunchError(why)
     script = slurm.sbatch_script(res, job_name, ["--config", str(config_path)], run_dir / "slurm")
 
     if args.dry_run:

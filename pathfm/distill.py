@@ -262,18 +262,22 @@ def set_input_size(backbone: vit.VisionTransformer, size: int) -> None:
     backbone.args = dataclasses.replace(backbone.args, img_size=size)
 
 
-def load_teacher(cfg, env) -> nn.ModuleDict | None:
+def load_teacher(cfg, env, spec: TeacherSpec | None = None) -> nn.ModuleDict | None:
     """The frozen teacher (backbone [+ dino_head, ibot_head]) on env.device, wrapped like the student; None
-    without distill.teacher. Its parameters never change: requires_grad False, eval mode, no optimizer."""
+    without distill.teacher. Its parameters never change: requires_grad False, eval mode, no optimizer.
+    spec: this teacher, built without reading any weights (pathfm.memory's estimate, for a file that is elsewhere)."""
     if not cfg.distill.teacher:
         return None
-    spec = inspect_teacher(cfg.distill.teacher)
+    weights = spec is None
+    spec = spec or inspect_teacher(cfg.distill.teacher)
     mode = check_pairing(cfg, spec)
-    if spec.mean is None and not (cfg.distill.teacher_mean and cfg.distill.teacher_std) and env.is_main:
+    if weights and spec.mean is None and not (cfg.distill.teacher_mean and cfg.distill.teacher_std) and env.is_main:
         print(f"WARNING: distill.teacher '{spec.path}' records no mean / std, so it gets the student's "
               f"({list(cfg.crops.mean)}, {list(cfg.crops.std)}); set distill.teacher_mean and distill.teacher_std to "
               "those it was trained with", file=sys.stderr, flush=True)
-    model = teacher_modules(spec, teacher_size(cfg, spec), heads=mode == "heads")
+    model = teacher_modules(spec, teacher_size(cfg, spec), heads=mode == "heads", load=weights)
+    if not weights:
+        model = model.to_empty(device=env.device)
     model.requires_grad_(False)
     model.train(False)
     model = model.to(env.device)

@@ -389,17 +389,25 @@ WINDOW = "pathfm.memory.window"
 
 
 def allocator_peak(prof) -> int:
-    """Peak of the allocator's live bytes inside the window, from a profile(profile_memory=True)'s memory events
-    (what is alive when the window opens counts)."""
-    since_us = min((e.time_range.start for e in prof.events() if e.name == WINDOW), default=0)
-    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events()
-                    if e.name == "[memory]" and e.cpu_memory_usage)
-    total, peak = 0, 0
-    for t, delta in events:
-        total += delta
-        if t >= since_us:
-            peak = max(peak, total)
-    return peak
+    """The CPU allocator's largest live total inside the window, from a profile(profile_memory=True): each
+    allocation and free event carries the allocator's running total of live bytes (c10's profiled CPU memory
+    reporter), so the peak is the largest total after the window opened."""
+    from torch._C._profiler import _EventType
+
+    allocations, window = [], []
+
+    def walk(node):
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            allocations.append((node.start_time_ns, node.extra_fields.total_allocated))
+        elif node.tag == _EventType.TorchOp and node.name == WINDOW:
+            window.append(node.start_time_ns)
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    since = min(window, default=0)
+    return max((total for t, total in allocations if t >= since), default=0)
 
 
 # ---- what fits -----------------------------------------------------------------------------------------
