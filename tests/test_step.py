@@ -234,7 +234,9 @@ def test_distillation_step_from_a_frozen_teacher_file_matches_the_math(tmp_path)
     cfg = step_config(tmp_path, f"distill.teacher={tmp_path / 'teacher'}")
     s = cfg.ssl
     torch.manual_seed(123)
-    teacher = torch.nn.ModuleDict({"backbone": build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=64,
+    # built at the 48 px it sees (the student's global crops): the loaded teacher's position embeddings are then used
+    # as written (a teacher of another size is resampled once at load: tests/test_distill.py)
+    teacher = torch.nn.ModuleDict({"backbone": build_vit(ViTArgs(arch="vit_tiny", patch_size=16, img_size=48,
                                                                  layerscale=1.0))})
     args = {"objective": s.objective, "prototypes": s.prototypes, "head_hidden": s.head_hidden,
             "head_bottleneck": s.head_bottleneck, "head_layers": s.head_layers,
