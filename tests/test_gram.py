@@ -225,11 +225,12 @@ def checkpoint_tensors(step_dir: Path) -> dict:
     return torch.load(step_dir.parent / f"{step_dir.name}.pt", weights_only=False)
 
 
-# anchor = the EMA at the top of step 1, refreshed at the top of step 3; Gram crops at twice the pixels (random ones:
+# anchor = the EMA at the top of step 1, refreshed at the top of step 3, the weight ramped in over 2 steps (0.5, then 1);
+# Gram crops at twice the pixels (random ones:
 # data.source=random, whose image i of a step is the same on any number of ranks) with their 8 x 8 token map resized
 # to the student's 4 x 4. optim.batch_size: the global batch of 8 split over the ranks
-GRAM_RUN = [*RUN, "gram.start_step=1", "gram.refresh_every=2", "gram.max_refreshes=1", "gram.scale=2", "train.steps=4",
-            "train.ckpt_every=1", "train.keep_last=10"]
+GRAM_RUN = [*RUN, "gram.start_step=1", "gram.ramp_steps=2", "gram.refresh_every=2", "gram.max_refreshes=1", "gram.scale=2",
+            "train.steps=4", "train.ckpt_every=1", "train.keep_last=10"]
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +247,10 @@ def test_gram_teacher_snapshot_refresh_and_a_resume_across_the_refresh(whole_run
     run_dir, whole = whole_run
 
     assert "loss/gram" not in whole[1] and all(whole[s]["loss/gram"] > 0 for s in (2, 3, 4))
-    assert [whole[s]["gram/weight"] for s in (1, 2)] == [0.0, 1.0]
+    assert [whole[s]["gram/weight"] for s in (1, 2, 3)] == [0.0, 0.5, 1.0]
+    for s, w in ((2, 0.5), (3, 1.0)):  # the total weighs it as the ramp says (KoLeo off)
+        parts = whole[s]["loss/dino"] + whole[s]["loss/ibot"] + w * whole[s]["loss/gram"]
+        assert whole[s]["loss/total"] == pytest.approx(parts, rel=1e-6)
     assert [whole[s]["gram/refreshes"] for s in (2, 3, 4)] == [0, 0, 1]  # logged after steps 1, 2, 3
     ckpts = {s: checkpoint_tensors(run_dir / "checkpoints" / f"step_{s:07d}") for s in range(1, 5)}
     gram = {s: ckpts[s]["gram"] for s in ckpts}
