@@ -42,7 +42,8 @@ def test_every_shipped_config_has_a_plan_that_views_and_the_benchmark_follow(nam
     assert plan.mask_crops == (plan.ibot and (not distilled or cfg.distill.ibot_patches == "masked"))
     assert plan.ibot_head == ("ibot_head" if s.ibot_separate_head else "dino_head")
     assert plan.centering == s.centering
-    want = {"dino": s.dino_weight, "ibot": s.ibot_weight if plan.ibot else 0, "koleo": s.koleo_weight, "kde": s.kde_weight}
+    want = {"dino": s.dino_weight, "ibot": s.ibot_weight if plan.ibot else 0, "koleo": s.koleo_weight, "kde": s.kde_weight,
+            "gram": cfg.gram.weight}
     assert plan.weights == {k: w for k, w in want.items() if w or k == "dino"}
     # the views the trainer gets: iBOT masks exactly when the plan masks crops (the benchmark's views are these)
     views = step_views(cfg, plan)
