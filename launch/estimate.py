@@ -18,7 +18,7 @@ from pathlib import Path
 MFU = 0.4  # the model FLOPs utilisation the step time on paper assumes (docs/scaling.md)
 
 
-def teacher_spec_from_config(path: str):
+def teacher_spec_from_config(path: str, overrides: list | None = None):
     """A TeacherSpec for the teacher a config trains (its EMA backbone and heads, as its run folder would hold):
     what the estimate needs when distill.teacher's file is not on this machine."""
     from pathfm.config import load_config
@@ -26,7 +26,7 @@ def teacher_spec_from_config(path: str):
     from pathfm.heads import HEAD_KEYS
     from pathfm.student import vit_args
 
-    t = load_config(path)
+    t = load_config(path, overrides or [])
     heads = {k: getattr(t.ssl, k) for k in HEAD_KEYS}
     return TeacherSpec(path, "export", Path(path), vit_args(t), heads, list(t.crops.mean), list(t.crops.std))
 

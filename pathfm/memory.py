@@ -413,43 +413,41 @@ def allocator_peak(prof) -> int:
 # ---- what fits -----------------------------------------------------------------------------------------
 
 
-def largest_batch(peak_at, limit_bytes: int, start: int, upper: int = 4096) -> int:
-    """The largest per-device batch whose peak_at(batch) (bytes) is at most limit_bytes; 0 when not even 1 fits.
+def largest_batch(peak_at, limit_bytes: int, start: int, low: int = 2, upper: int = 4096) -> int:
+    """The largest per-device batch in [low, upper] whose peak_at(batch) (bytes) is at most limit_bytes; 0 when not
+    even `low` fits (2: KoLeo and KDE need two images per crop).
 
-    Peak memory grows about linearly with the batch: two estimates give a line, the line a guess, and a
-    bisection around the guess decides (a handful of estimates).
+    Peak memory grows about linearly with the batch: two estimates give a line, the line a guess, and steps from
+    the guess then a bisection decide (a handful of estimates).
     """
-    cache = {}
+    known = {}
 
     def fits(b):
-        if b not in cache:
-            cache[b] = peak_at(b) <= limit_bytes
-        return cache[b]
+        if b not in known:
+            known[b] = peak_at(b) <= limit_bytes
+        return known[b]
 
-    a = max(1, start // 2)
-    b = max(a + 1, start)
+    a, b = max(low, start // 2), max(low + 1, start)
     pa, pb = peak_at(a), peak_at(b)
-    cache[a], cache[b] = pa <= limit_bytes, pb <= limit_bytes
-    slope = max((pb - pa) / (b - a), 1.0)
-    guess = int(max(1, min(upper, a + (limit_bytes - pa) / slope)))
-    lo, hi = 0, upper + 1  # fits(lo) (0: nothing), not fits(hi)
-    for probe in (guess, guess + 1):
-        if fits(probe):
-            lo = max(lo, probe)
-        else:
-            hi = min(hi, probe)
-            break
-    if lo == 0 and hi > 1:
-        hi = min(hi, guess)
-    if lo and hi > upper:  # the guess fitted: step up until something does not
-        step = max(1, guess // 8)
-        while lo + step <= upper and fits(lo + step):
-            lo += step
-        hi = min(upper + 1, lo + step)
-    while hi - lo > 1:
+    known[a], known[b] = pa <= limit_bytes, pb <= limit_bytes
+    guess = int(min(upper, max(low, a + (limit_bytes - pa) / max((pb - pa) / (b - a), 1.0))))
+    step = max(1, guess // 16)
+    if fits(guess):
+        lo = hi = guess
+        while hi < upper and fits(hi):
+            lo, hi = hi, min(upper, hi + step)
+        if fits(hi):
+            return hi
+    else:
+        lo = hi = guess
+        while lo > low and not fits(lo):
+            hi, lo = lo, max(low, lo - step)
+        if not fits(lo):
+            return 0
+    while hi - lo > 1:  # fits(lo), not fits(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return min(lo, upper)
+    return lo
 
 
 # ---- the report -----------------------------------------------------------------------------------------
