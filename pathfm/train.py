@@ -39,7 +39,6 @@ from pathfm.data.index import summary as index_summary
 from pathfm.data.loader import (LoaderFault, Views, batches, build_loader, loader_fault, slide_index, tile_dataset,
                                 views_generator)
 from pathfm.data.masking import block_masks
-from pathfm.data.masking import block_masks
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
 from pathfm.distill import TeacherInput, cosine_distance, feature_cls_loss, load_teacher
@@ -268,66 +267,6 @@ def compute_losses(plan: StepPlan, student: nn.ModuleDict, global_crops: torch.T
     if targets.gram is not None:  # Gram anchoring: keep the patch-to-patch similarities of an earlier model (gram.py)
         losses["gram"] = gram_loss(s_global[:, n_prefix:], targets.gram, plan.gram_remove_negatives)
     return losses
-
-
-def memory_step(cfg: Config, env: pdist.DistEnv, tracker, teacher_spec=None, steps: int = 2) -> None:
-    """The loop's step for pathfm.memory (an estimate on fake tensors, or a measurement on real ones).
-
-    The models are built and wrapped as main builds them; then `steps` steps on random crops with the views' iBOT
-    masks, in the loop's order and through the loop's functions: targets, losses, backward, clip, optimizer step,
-    EMA and centres. The tracker's window opens at the last step, once the optimizer state exists. teacher_spec:
-    a distillation teacher built without reading its weights (a file that is elsewhere). Change it with the loop.
-    """
-    c, B = cfg.crops, cfg.optim.batch_size
-    student, ema, loss_state = build_models(cfg, env)
-    teacher = load_teacher(cfg, env, teacher_spec)
-    plan = make_plan(cfg, teacher.spec if teacher is not None else None)
-    gram = build_gram_teacher(cfg, env)
-    optimizer, (_, _, momentum_sched, temp_sched) = build_optimizer(cfg, student, B * env.world_size)
-    for name, model in (("student", student), ("EMA", ema), ("teacher", teacher), ("Gram teacher", gram),
-                        ("centres", loss_state)):
-        if model is not None:
-            tracker.label("parameters", [*model.parameters(), *model.buffers()], name)
-    views = Views(cfg, plan)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    teacher_input = TeacherInput(cfg, teacher.spec) if teacher is not None else None
-    for step in range(steps):
-        if step == steps - 1:
-            tracker.start_window()
-        global_crops = torch.randn(2 * B, 3, c.global_size, c.global_size, device=env.device)  # (2B, 3, G, G)
-        local_crops = torch.randn(c.n_local * B, 3, c.local_size, c.local_size, device=env.device)
-        with tracker.values():  # the masks decide how many patch rows iBOT scores: real values even in an estimate
-            masks = block_masks(2 * B, views.grid, *views.mask_args, torch.Generator().manual_seed(step)) \
-                if plan.mask_crops else torch.zeros(2 * B, views.grid**2, dtype=torch.bool)
-        masks = masks.to(env.device)
-        with autocast:
-            with tracker.phase("targets"):
-                if plan.frozen_teacher:
-                    targets = compute_targets(plan, teacher, teacher_input(global_crops), masks, temp_sched[step], loss_state)
-                else:
-                    targets = compute_targets(plan, ema, global_crops, masks, temp_sched[step], loss_state)
-                if gram is not None:
-                    images = torch.randn(2 * B, 3, 2 * c.global_size, 2 * c.global_size, device=env.device) \
-                        if plan.gram_scale == 2 else global_crops
-                    targets.gram = gram_patches(gram, images, views.grid)
-            with tracker.phase("student forward"):
-                losses = compute_losses(plan, student, global_crops, local_crops, masks, targets)
-        loss = sum(plan.weights[k] * v for k, v in losses.items())
-        with tracker.phase("backward"):
-            loss.backward()
-        tracker.label("gradients", [p.grad for p in student.parameters() if p.grad is not None])
-        with tracker.phase("clip"):
-            clip_gradients(student, cfg.optim.clip_grad, per_module=cfg.optim.clip_grad_mode == "per_module")
-        with tracker.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        tracker.label("optimizer state", [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)])
-        with tracker.phase("EMA"):
-            update_ema(ema, student, momentum_sched[step])
-            if plan.update_centres:
-                loss_state.dino_center.update(targets.cls_logits)
-                if plan.ibot:
-                    loss_state.ibot_center.update(targets.patch_logits)
 
 
 def memory_step(cfg: Config, env: pdist.DistEnv, tracker, teacher_spec=None, steps: int = 2) -> None:
