@@ -274,14 +274,16 @@ def rank_disk_full(tmp: Path):
         _, err = p.communicate()
         wall = time.monotonic() - start
         lines = sorted({line for line in err.splitlines() if line.startswith("error:")})
+        assert (run / "status.json").is_file(), err[-3000:]  # the run ended before it wrote one: say why
         status = (run / "status.json").read_text().strip()
         kept = last_checkpoint(run)
         subprocess.run(["mount", "-o", "remount,size=400m", str(run / "checkpoints")], check=True)
         r = launch(tmp, "d", 2)
-        r.communicate()
+        r_err = r.communicate()[1]
+        why = "" if r.returncode == 0 else f" ({next((x for x in r_err.splitlines() if 'rror' in x), r_err[-300:])[:300]})"
         row("disk full while checkpointing", "2", f"exit {p.returncode}; every rank: `{lines[0][:200] if lines else '?'}` "
             f"({len(lines)} distinct error line(s)); status.json `{status[:120]}...`", f"{wall:.1f} s for the whole run",
-            f"{kept} loads; resumed after freeing space: exit {r.returncode}")
+            f"{kept} loads; resumed after freeing space: exit {r.returncode}{why}")
     finally:
         subprocess.run(["umount", str(run / "checkpoints")])
 
