@@ -41,7 +41,7 @@ from pathfm.data.loader import (LoaderFault, Views, batches, build_loader, loade
 from pathfm.data.masking import block_masks
 from pathfm.data.sampler import FAILURES_TO_DROP
 from pathfm.data.slides import SlideError
-from pathfm.distill import TeacherInput, cosine_distance, feature_cls_loss, load_teacher
+from pathfm.distill import TeacherInput, cosine_distance, feature_cls_loss, inspect_teacher, load_teacher
 from pathfm.export import save_export, save_heads
 from pathfm.flops import mfu, peak_flops, step_flops
 from pathfm.gram import (build_gram_teacher, check_resumable, copy_backbone, gram_loss, gram_patches, gram_weight,
@@ -141,12 +141,12 @@ def update_ema(ema: nn.Module, student: nn.Module, momentum: float, skip: tuple 
             p_ema.lerp_(p_s.detach(), 1.0 - momentum)
 
 
-def build_models(cfg: Config, env: pdist.DistEnv):
+def build_models(cfg: Config, env: pdist.DistEnv, plan: StepPlan | None = None):
     """(student, ema, loss_state): the student and its EMA start equal (and equal on every rank), wrapped for this
-    device; the EMA never gets gradients."""
+    device; the EMA never gets gradients. plan: the step plan (default: read from cfg and the teacher file)."""
     ssl, device = cfg.ssl, env.device
     torch.manual_seed(cfg.train.seed)
-    student = build_student(cfg).to(device)
+    student = build_student(cfg, plan).to(device)
     ema = copy.deepcopy(student)
     ema.requires_grad_(False)
     ema.train(False)  # no stochastic depth in the EMA
@@ -274,13 +274,15 @@ def memory_step(cfg: Config, env: pdist.DistEnv, tracker, teacher_spec=None, ste
 
     The models are built and wrapped as main builds them; then `steps` steps on random crops with the views' iBOT
     masks, in the loop's order and through the loop's functions: targets, losses, backward, clip, optimizer step,
-    EMA and centres. The tracker's window opens at the last step, once the optimizer state exists. teacher_spec:
-    a distillation teacher built without reading its weights (a file that is elsewhere). Change it with the loop.
+    EMA and centres. The tracker's window opens at the last step, once the optimizer state exists. A distillation
+    teacher is built without reading its weights (memory does not depend on them): from teacher_spec when given (a
+    file that is elsewhere), else from distill.teacher's file. Change this function with the loop.
     """
     c, B = cfg.crops, cfg.optim.batch_size
-    student, ema, loss_state = build_models(cfg, env)
+    teacher_spec = teacher_spec or (inspect_teacher(cfg.distill.teacher) if cfg.distill.teacher else None)
+    plan = make_plan(cfg, teacher_spec)
+    student, ema, loss_state = build_models(cfg, env, plan)
     teacher = load_teacher(cfg, env, teacher_spec)
-    plan = make_plan(cfg, teacher.spec if teacher is not None else None)
     gram = build_gram_teacher(cfg, env)
     optimizer, (_, _, momentum_sched, temp_sched) = build_optimizer(cfg, student, B * env.world_size)
     for name, model in (("student", student), ("EMA", ema), ("teacher", teacher), ("Gram teacher", gram),
