@@ -323,12 +323,13 @@ def projection(d_in: int, d_out: int) -> nn.Sequential:
     return proj
 
 
-def add_projections(cfg, student: nn.ModuleDict) -> None:
-    """The feature loss's projections, built into the student (trained, EMA'd and checkpointed with it)."""
-    if not cfg.distill.teacher:
+def add_projections(cfg, student: nn.ModuleDict, plan: StepPlan | None = None) -> None:
+    """The feature loss's projections, built into the student (trained, EMA'd and checkpointed with it). plan: the
+    step plan when known (the teacher file is then read only for features targets)."""
+    if not cfg.distill.teacher or (plan is not None and not plan.features):
         return
     spec = inspect_teacher(cfg.distill.teacher)
-    plan = make_plan(cfg, spec)
+    plan = plan or make_plan(cfg, spec)
     if not plan.features:
         return
     d_s, d_t = student.backbone.embed_dim, spec.embed_dim

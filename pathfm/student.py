@@ -43,7 +43,7 @@ def build_student(cfg: Config, plan=None) -> nn.ModuleDict:
         model["ibot_head"] = head(ssl.ibot_prototypes)
     if init_heads_file(cfg):
         load_heads_into(model, load_heads(cfg.model.init_weights)[0], cfg.model.init_weights)
-    add_projections(cfg, model)
+    add_projections(cfg, model, plan)
     return model
 
 
