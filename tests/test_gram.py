@@ -301,3 +301,33 @@ def test_step_flops_count_the_gram_teacher_at_its_input_size():
         assert counted["total"] == counted["teacher_forward"] + 3 * counted["student_forward"] + counted["gram_forward"]
     off = step_flops(load_config("configs/smoke.yaml"))
     assert off["gram_forward"] == 0 and off["total"] == off["teacher_forward"] + 3 * off["student_forward"]
+
+
+def test_a_fixed_anchor_from_a_checkpoint_or_an_export_and_the_checks_on_it(whole_run, tmp_path):
+    from pathfm.export import save_export
+    from pathfm.gram import check_resumable
+    from pathfm.weights import load_ema_backbone
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), source="single")
+    tiny = ["model.arch=vit_tiny_d6", "model.drop_path=0"]
+    # a run folder: its last checkpoint's EMA backbone, exactly
+    gram = build_gram_teacher(load_config("configs/smoke.yaml", [*tiny, "gram.weight=1", f"gram.anchor={whole_run[0]}"]), env)
+    want = load_ema_backbone(whole_run[0])[0].state_dict()
+    assert all(torch.equal(gram.backbone.state_dict()[k], v) for k, v in want.items() if k != "mask_token")
+    # an export of another width (ViT-S/16): only the N x N similarities are compared, so it may anchor a ViT-Ti
+    vit = build_vit(ViTArgs(arch="vit_small", patch_size=16, img_size=64))
+    save_export(vit, tmp_path / "export", img_size=64)
+    gram = build_gram_teacher(load_config("configs/smoke.yaml", ["gram.weight=1", f"gram.anchor={tmp_path / 'export'}"]), env)
+    assert torch.equal(gram.backbone.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert gram_patches(gram, torch.randn(2, 3, 64, 64), 4).shape == (2, 16, 384)
+    # refreshes copy the EMA in: an anchor of another architecture cannot take them; other normalisation is refused
+    for extra, msg in ((["gram.refresh_every=5", "gram.max_refreshes=1"], "copies the EMA"),
+                       (["crops.mean=[0.485,0.456,0.406]"], "mean")):
+        with pytest.raises(ConfigError, match=msg):
+            build_gram_teacher(load_config("configs/smoke.yaml", ["gram.weight=1", f"gram.anchor={tmp_path / 'export'}", *extra]), env)
+    # a checkpoint without a Gram teacher (a run that had none) resumes only while no snapshot is due before its step
+    g = schedule(start_step=5)
+    check_resumable(g, 5, restored=False, where="ckpt")  # the snapshot is taken at the top of step 5: still to come
+    check_resumable(g, 9, restored=True, where="ckpt")
+    with pytest.raises(ConfigError, match="has no Gram teacher"):
+        check_resumable(g, 6, restored=False, where="ckpt")
