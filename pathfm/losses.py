@@ -109,12 +109,12 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iters: i
     so it is left out here (and with it a collective to count the rows).
     """
     n_protos = teacher_logits.shape[1]
-    x = teacher_logits / teacher_temp  # (N, K)
+    # one (N, K) fp32 matrix, then worked on in place: at 131k prototypes over every patch a copy is gigabytes
+    q = teacher_logits / teacher_temp  # (N, K)
     # subtract the global max so exp cannot overflow; a constant over all ranks cancels
     # in the first normalisation. A rank with no rows (iBOT, nothing masked) offers -inf.
-    x_max = x.max() if x.numel() else x.new_tensor(float("-inf"))
-    x = x - _all_reduce(x_max.reshape(1), op=dist.ReduceOp.MAX)
-    q = torch.exp(x).t()  # (K, N)
+    q_max = q.max() if q.numel() else q.new_tensor(float("-inf"))
+    q = q.sub_(_all_reduce(q_max.reshape(1), op=dist.ReduceOp.MAX)).exp_().t()  # (K, N)
     q /= _all_reduce(q.sum().reshape(1))
     for _ in range(n_iters):
         q /= _all_reduce(q.sum(dim=1, keepdim=True))  # (K, 1): each prototype has mass 1 ...

@@ -72,6 +72,7 @@ class Usage:
     world_size: int = 1
     fake: bool = True
     notes: list = field(default_factory=list)
+    phase_peaks: dict = field(default_factory=dict)  # {phase: the largest total while in it}
 
     @property
     def peak_gib(self) -> float:
@@ -256,10 +257,14 @@ class Tracker(TorchDispatchMode):
     def usage(self, world_size: int = 1) -> Usage:
         """Replay the log: the peak inside the window, and what was alive at that moment."""
         total, peak, at = 0, -1, self._window
+        starts, current, phase_peaks = dict(self.phases), "build", {}  # event index -> the phase entered there
         for i, (_, delta) in enumerate(self.events):
+            current = starts.get(i, current)
             total += delta
-            if i >= self._window and total > peak:
-                peak, at = total, i
+            if i >= self._window:
+                phase_peaks[current] = max(phase_peaks.get(current, 0), total)
+                if total > peak:
+                    peak, at = total, i
         live: dict[int, int] = {}
         for index, delta in self.events[: at + 1]:
             live[index] = live.get(index, 0) + delta
@@ -281,7 +286,7 @@ class Tracker(TorchDispatchMode):
         items = sorted(((n, c, w) for (c, w), n in groups.items()), reverse=True)
         op = self.allocs[self.events[at][0]].op if self.events else ""
         return Usage(peak=max(peak, 0), phase=phase, op=op, by_category=by_category, items=items,
-                     world_size=world_size, fake=self.fake_mode is not None)
+                     world_size=world_size, fake=self.fake_mode is not None, phase_peaks=phase_peaks)
 
 
 def _tensors(x):

@@ -205,7 +205,7 @@ class Targets:
     prefix: int  # its class + register tokens
     cls_logits: torch.Tensor | None = None  # (2B, K) heads targets: its DINO head on the CLS tokens
     cls_probs: torch.Tensor | None = None  # (2B, K) the DINO targets (centred or Sinkhorn-Knopp)
-    patch_logits: torch.Tensor | None = None  # (M, K') iBOT: its iBOT head on the M scored patches, image by image
+    patch_logits: torch.Tensor | None = None  # (M, K') iBOT with EMA centering (the centre's update): its iBOT head on the M scored patches
     patch_probs: torch.Tensor | None = None  # (M, K') the iBOT targets
     gram: torch.Tensor | None = None  # (2B, N, D_g) Gram anchoring: the Gram teacher's patch tokens on the student's grid
 
@@ -228,8 +228,11 @@ def compute_targets(plan: StepPlan, model: nn.ModuleDict, images: torch.Tensor, 
         out.cls_probs = head_targets(plan, out.cls_logits, teacher_temp, centres.dino_center)
     if plan.ibot:
         patches = tokens[:, out.prefix:][plan.scored(masks)]  # (M, D_t)
-        out.patch_logits = getattr(model, plan.ibot_head)(patches)  # (M, K')
-        out.patch_probs = head_targets(plan, out.patch_logits, teacher_temp, centres.ibot_center)
+        logits = getattr(model, plan.ibot_head)(patches)  # (M, K')
+        out.patch_probs = head_targets(plan, logits, teacher_temp, centres.ibot_center)
+        # kept only for the EMA centre's update after the step; Sinkhorn-Knopp keeps no state, so they die here
+        # instead of living through the student's forward and backward (an (M, K') matrix: gigabytes at 131k)
+        out.patch_logits = logits if plan.update_centres else None
     return out
 
 
