@@ -145,7 +145,7 @@ class Tracker(TorchDispatchMode):
             return out
 
         torch.UntypedStorage.resize_ = resize_
-        self._module_to = torch.nn.Module.to
+        self._module_to, self._module_to_empty = torch.nn.Module.to, torch.nn.Module.to_empty
         if self.fake_mode is not None:
             def to(module, *args, **kwargs):
                 # On fake tensors Module.to() swaps every parameter (swap_tensors), which the fake mode's weak memo
@@ -156,12 +156,23 @@ class Tracker(TorchDispatchMode):
                     return module
                 return tracker._module_to(module, *args, **kwargs)
 
+            def to_empty(module, *, device, recurse=True):  # the same refusal; nothing holds these tensors yet
+                for m in module.modules() if recurse else [module]:
+                    for name, p in m._parameters.items():
+                        if p is not None:
+                            m._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+                    for name, b in m._buffers.items():
+                        if b is not None:
+                            m._buffers[name] = torch.empty_like(b, device=device)
+                return module
+
             torch.nn.Module.to = to
+            torch.nn.Module.to_empty = to_empty
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.UntypedStorage.resize_ = self._resize
-        torch.nn.Module.to = self._module_to
+        torch.nn.Module.to, torch.nn.Module.to_empty = self._module_to, self._module_to_empty
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
