@@ -125,7 +125,8 @@ def test_trainer_says_each_phase_once(tmp_path, capsys):
     from pathfm.train import main
 
     main(load_config("smoke", [f"train.output_dir={tmp_path}", "train.name=run", "data.source=random",
-                               "train.steps=2", "train.rankme_every=0", "data.num_workers=0"]))
+                               "train.steps=2", "train.rankme_every=0", "data.num_workers=0", "optim.batch_size=2",
+                               "crops.global_size=32", "crops.local_size=16"]))
     err = capsys.readouterr().err
     for phase in ("models: vit_tiny/16", "training steps 1-2", "checkpoint saved:", "export written:"):
         assert err.count(phase) == 1, (phase, err)
