@@ -41,7 +41,9 @@ def manifest(tmp_path_factory):
 
 def overrides(manifest, out: Path, name: str) -> list[str]:
     cache = ROOT / ".cache" / "pathfm-tests-configs"  # its own index cache: other tests build theirs at the same time
-    data = [f"data.manifest={manifest}"] if name != "smoke" else []
+    from pathfm.config import load_config
+
+    data = [f"data.manifest={manifest}"] if load_config(name).data.source == "manifest" else []  # smoke, gram_cpu: synthetic
     return [*SHRINK, *data, f"data.cache_dir={cache}", f"train.output_dir={out}", f"train.name={name}"]
 
 
