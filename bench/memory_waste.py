@@ -3,6 +3,7 @@
 "Will it fit"): the smoke ViT with Sinkhorn-Knopp centring and 16,384 prototypes, batch 8, fp32, one rank.
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/memory_waste.py
+    python bench/memory_waste.py --at-scale configs/distill_vits16_from_vitg14.yaml 8 configs/vitg14.yaml   # estimator
 
 "before" runs the same step (pathfm.train.memory_step) with the previous Sinkhorn-Knopp (three (N, K) fp32 copies:
 logits / T, minus the max, exp) and the previous compute_targets (the teacher's iBOT logits kept in the targets
@@ -58,6 +59,24 @@ def compute_targets_before(plan, model, images, masks, teacher_temp, centres):
     return out
 
 
+def at_scale(config: str, world: int, teacher: str) -> int:
+    """The same before / after with the estimator alone, at a shipped config's size (GPU dtypes, fake ranks)."""
+    from launch.estimate import peak, teacher_spec_from_config
+    from pathfm import train
+    from pathfm.config import load_config
+
+    cfg, spec = load_config(config), teacher_spec_from_config(teacher) if teacher else None
+    after = (train.sinkhorn_knopp, train.compute_targets)
+    print(f"{config} on {world} GPUs: peak GiB (phase) / targets-phase peak GiB")
+    for name, (sk, targets) in {"before": (sinkhorn_knopp_before, compute_targets_before),
+                                "SK in place": (after[0], compute_targets_before), "after": after}.items():
+        train.sinkhorn_knopp, train.compute_targets = sk, targets
+        u = peak(cfg, world, spec)
+        print(f"  {name}: {u.peak_gib:.2f} ({u.phase}) / {u.phase_peaks.get('targets', 0) / 2**30:.2f}", flush=True)
+    train.sinkhorn_knopp, train.compute_targets = after
+    return 0
+
+
 def main() -> int:
     import torch
 
@@ -65,6 +84,8 @@ def main() -> int:
     from pathfm.config import load_config
     from pathfm.dist import DistEnv
 
+    if len(sys.argv) > 1 and sys.argv[1] == "--at-scale":  # --at-scale CONFIG WORLD [TEACHER_CONFIG]
+        return at_scale(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")
     cfg = load_config(ROOT / "configs/smoke.yaml", OVERRIDES + sys.argv[1:])
     env = DistEnv(0, 1, 0, torch.device("cpu"), "single")
     after = (train.sinkhorn_knopp, train.compute_targets)
