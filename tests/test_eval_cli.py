@@ -81,8 +81,10 @@ def test_knn_and_linear_scripts_on_real_crc_tiles(shared_data, tmp_path):
     r = json.loads((lin / "results.json").read_text())
     acc = r["metrics"]["test"]["balanced_accuracy"]
     assert len(acc["values"]) == 2 and set(acc) == {"mean", "stdev", "values"} and r["val_is_test"]
-    p = _run("eval/linear.py", "--embeddings", emb, "--out", lin, ok=False)  # nothing overwritten silently
-    assert "--overwrite" in p.stderr
+    from eval.linear import main as linear  # in this process: the refusal comes before any work
+
+    with pytest.raises(SystemExit, match="results.json exists; pass --overwrite"):  # nothing overwritten silently
+        linear(["--embeddings", str(emb), "--out", str(lin)])
 
     _run("eval/report.py", tmp_path / "run" / "eval", lin, "--out", tmp_path / "report")
     assert f"| run | pathfm | knn | cls | {knn_accuracy:.3f} |" in (tmp_path / "report" / "report.md").read_text()
