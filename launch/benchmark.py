@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--data-only", action="store_true", help="iterate the config's DataLoader, no model: samples/s")
     p.add_argument("--overwrite", action="store_true", help="rerun points that already have a result in --out")
     p.add_argument("--memory-gib", type=float, help="memory per device to plan against (default: what the device has)")
+    p.add_argument("--estimate", action="store_true", help="print each point's peak memory per GPU (the real step on "
+                   "fake tensors, launch/estimate.py), the largest batch that fits --memory-gib and the step time on "
+                   "paper; run nothing")
     p.add_argument("--point-timeout", type=float, default=3600, help="seconds a point may take, queueing included")
     p.add_argument("--local", action="store_true", help="run on this machine (torchrun), no SLURM")
     p.add_argument("--nproc", default="1", help="with --local: process counts, e.g. 1,2")
@@ -115,6 +118,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {e}")
         points = [(f"nodes-{r.nodes}", r.nodes, r) for r in res]
 
+    if args.estimate:  # will each point fit? no job, no GPU
+        from launch.estimate import report
+
+        for key, nodes, how in points:
+            world, res_ = (how, None) if args.local else (how.world_size, how)
+            memory_gib = args.memory_gib or (res_.gpu_memory_gib if res_ else None) or None
+            print(f"{key} ({world} rank(s)):\n" + report(cfg, world, memory_gib, res_.gpu if res_ else "")[0], flush=True)
+        return 0
     for key, nodes, how in points:
         if key in results["points"] and results["points"][key]["status"] == "ok":
             print(f"{key}: done before, skipped (--overwrite reruns it)")

@@ -50,7 +50,9 @@ def count_params(cfg) -> int:
 
 
 def memory_estimate_gib(n_params: int, world_size: int, fsdp: bool) -> float:
-    """Parameter + optimizer bytes per device; FSDP shards all of them over the ranks. No activations."""
+    """A lower bound, to skip a point that cannot run at all: parameter + optimizer bytes per device (FSDP shards
+    them over the ranks). The step's real peak (activations, iBOT logits and targets, the frozen teacher, FSDP's
+    all-gathered blocks) is pathfm.memory's estimate: launch/benchmark.py --estimate, launch/train.py --estimate."""
     shards = world_size if fsdp and world_size > 1 else 1
     return BYTES_PER_PARAM * n_params / shards / 2**30
 
