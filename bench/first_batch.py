@@ -9,6 +9,7 @@ and how far each view differs, split between tiles that are identical and tiles 
     cd /tmp/old && PYTHONPATH=/tmp/old python /work/main/bench/first_batch.py dump /tmp/fb_old.pt
     cd /tmp/new && PYTHONPATH=/tmp/new python /work/main/bench/first_batch.py dump /tmp/fb_new.pt
     python bench/first_batch.py compare /tmp/fb_old.pt /tmp/fb_new.pt
+    cd /tmp/new && PYTHONPATH=/tmp/new python /work/main/bench/first_batch.py dump /tmp/fb_off.pt --full-decode --torch-colour
 """
 
 import argparse
@@ -20,13 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SLIDES = (("slides/CMU-1-Small-Region.svs", ""), ("slides/TCGA-CR-7395-01A-01-TS1.svs", "0.5"))  # as bench/learn.py
 
 
-def dump(out: str, data: str, seed: int) -> None:
+def dump(out: str, data: str, seed: int, full_decode: bool = False, torch_colour: bool = False) -> None:
     import torch
 
     import pathfm
     from pathfm.config import load_config
     from pathfm.data import loader
 
+    if full_decode:  # before 058d27a: full-size decode + resize at the drawn position (bench/learn_switch.py)
+        import pathfm.data.sampler as sampler
+        sampler.decode_scale = lambda region, size: 1
+    if torch_colour:  # before c136d15: MultiCrop's torch hue and blur
+        from pathfm.data import augment
+        augment.OPENCV = False
     work = Path(tempfile.mkdtemp(prefix="first_batch_"))  # its own index and masks: nothing shared between trees
     manifest = work / "manifest.csv"
     manifest.write_text("path,mpp\n" + "".join(f"{Path(data, p).resolve()},{mpp}\n" for p, mpp in SLIDES))
@@ -73,11 +80,13 @@ def main(argv=None) -> None:
     d.add_argument("out")
     d.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the folder with slides/")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--full-decode", action="store_true", help="sampler.decode_scale -> 1 (trees after 058d27a)")
+    d.add_argument("--torch-colour", action="store_true", help="augment.OPENCV = False (trees after c136d15)")
     c = sub.add_parser("compare", help="compare two dumps")
     c.add_argument("a")
     c.add_argument("b")
     a = p.parse_args(argv)
-    dump(a.out, a.data, a.seed) if a.cmd == "dump" else compare(a.a, a.b)
+    dump(a.out, a.data, a.seed, a.full_decode, a.torch_colour) if a.cmd == "dump" else compare(a.a, a.b)
 
 
 if __name__ == "__main__":
