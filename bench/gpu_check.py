@@ -11,8 +11,8 @@ is that item's result and the check goes on:
   cuda_tests      pytest on the tests that skip without CUDA (chosen by their skip reason), with outcomes
   throughput      the real loop (pathfm.train.main, run as launch/benchmark runs a point) on random pixels,
                   one GPU, the shipped ViT-S/16, ViT-L/14 and ViT-g/14 recipes: images/s per GPU after the
-                  warm-up, MFU (pathfm.flops), peak memory, the step split; a batch that does not fit is
-                  halved, and the item says so
+                  warm-up, MFU (pathfm.flops), peak memory (torch.cuda.max_memory_allocated) over pathfm.memory's
+                  estimate of the same step, the step split; a batch that does not fit is halved, and the item says so
   fast_paths      ViT-L/14 from a plain baseline (SDPA with PyTorch's kernel choice, eager, foreach AdamW,
                   no activation checkpointing, no stochastic depth), one key changed per item: images/s
                   against the baseline, and the loss after the measured steps equal to the baseline's
@@ -205,7 +205,25 @@ def throughput(out: Path, name: str, mode: str, clock: Clock) -> dict:
         batch, error = rec["batch"] // 2, rec.get("error", "")
         rec = train_point(out, name, config, overrides + [f"optim.batch_size={batch}"], mode, clock)
         rec["note"] = f"batch shrunk to {batch}: batch {2 * batch} ran out of memory ({error[:120]})"
+    if mode == "gpu" and rec.get("memory_gib"):  # torch.cuda.max_memory_allocated against the estimate of that step
+        overrides = rec["overrides"] + [f"optim.batch_size={rec['batch']}"]
+        rec.update(memory_estimate(point_config(config, overrides, mode), rec["memory_gib"]))
+        if "estimate_gib" in rec:
+            rec["note"] = (rec.get("note", "") + f" peak {rec['memory_gib']:.1f} GiB = {rec['measured_over_estimate']:.2f}"
+                           f" x the estimate ({rec['estimate_gib']:.1f} GiB, eager)").strip()
     return rec
+
+
+def memory_estimate(cfg, measured_gib: float) -> dict:
+    """pathfm.memory's estimate of one step of cfg on one GPU (launch/estimate.py: the real step on fake tensors,
+    eager), beside the measured peak; this is the check of the estimator that no CPU can do."""
+    from launch.estimate import peak
+
+    try:
+        estimate = peak(cfg, 1).peak_gib
+    except Exception as e:  # noqa: BLE001  (recorded: the item's throughput result stands)
+        return {"estimate_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
+    return {"estimate_gib": estimate, "measured_over_estimate": measured_gib / estimate}
 
 
 def fast_path(out: Path, name: str, baseline: dict | None, mode: str, clock: Clock) -> dict:
