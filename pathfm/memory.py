@@ -379,9 +379,9 @@ def estimate(run, world_size: int) -> Usage:
 def measure(run, env: DistEnv) -> tuple[Usage, int]:
     """run(env, tracker) on real tensors: (the tracker's usage, the allocator's peak bytes over the same window).
 
-    The allocator's figure comes from the profiler's memory events: every allocation and free the c10 CPU
-    allocator reports (kernels' internal buffers included), replayed in order. Neither RSS (pages the C
-    allocator keeps after a free) nor tracemalloc (Python's own allocator only) measures that.
+    The allocator's figure comes from the profiler's allocation events: at every allocation and free the c10 CPU
+    allocator reports its running total of live bytes (kernels' internal buffers included). Neither RSS (pages the
+    C allocator keeps after a free) nor tracemalloc (Python's own allocator only) measures that.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -480,7 +480,7 @@ def report(usage: Usage, device_gib: float | None = None, title: str = "", top: 
             lines.append(f"  {c:<26} {usage.by_category[c] / GIB:8.2f} GiB")
     lines.append("  largest at the peak:")
     for nbytes, category, what in usage.items[:top]:
-        lines.append(f"    {nbytes / GIB:7.2f} GiB  {category:<12.12} {what}")
+        lines.append(f"    {nbytes / GIB:7.2f} GiB  {category:<15.15} {what}")
     lines += [f"  note: {n}" for n in usage.notes]
     return "\n".join(lines)
 
