@@ -75,7 +75,8 @@ def test_every_shipped_config_trains_two_steps(name, manifest, tmp_path, monkeyp
     from pathfm.config import load_config
     from pathfm.train import main
 
-    monkeypatch.setattr(vit, "ARCHS", {**vit.ARCHS, **SMALL})
+    for arch, dims in SMALL.items():  # in place: modules that imported ARCHS by name see the shrink too
+        monkeypatch.setitem(vit.ARCHS, arch, dims)
     cfg = load_config(name, overrides(manifest, tmp_path, name))
     if cfg.distill.teacher:  # a distillation config: a shrunk ViT/14 with registers as the teacher file
         teacher = vit.build_vit(vit.ViTArgs(arch="vit_small", patch_size=14, img_size=56, num_registers=4, ffn="swiglu"))
@@ -109,5 +110,6 @@ def test_vitg14_recipe_trains_on_two_fsdp_ranks(manifest, tmp_path, monkeypatch)
            "--config", "vitg14", *overrides(manifest, tmp_path, "vitg14")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-4000:]
-    monkeypatch.setattr(vit, "ARCHS", {**vit.ARCHS, **SMALL})  # to rebuild the shrunk teacher here
+    for arch, dims in SMALL.items():  # to rebuild the shrunk teacher here (in place, as above)
+        monkeypatch.setitem(vit.ARCHS, arch, dims)
     check_run(tmp_path / "vitg14", world_size=2)
