@@ -120,6 +120,7 @@ def anchor_vit(cfg):
     from pathfm.weights import load_backbone, load_ema_backbone, resolve_weights
 
     spec = inspect_teacher(cfg.gram.anchor)
+    no_hub(spec)
     if spec.kind == "checkpoint":
         vit, _ = load_ema_backbone(spec.source)
     else:
@@ -151,7 +152,20 @@ def anchor_args(cfg):
         return _student_args(cfg)
     from pathfm.distill import inspect_teacher
 
-    return inspect_teacher(cfg.gram.anchor).vit_args
+    spec = inspect_teacher(cfg.gram.anchor)
+    try:
+        no_hub(spec)
+    except ValueError as e:
+        raise ConfigError(f"config key 'gram.anchor' ({cfg.gram.anchor}): {e}") from None
+    return spec.vit_args
+
+
+def no_hub(spec) -> None:
+    """A Gram anchor is a pathfm ViT (its EMA is copied in on refreshes, its tokens read by pathfm's forward): refuse a
+    public model folder that timm builds, in one line."""
+    if spec.vit_args is None:
+        raise ValueError(f"it is a {spec.describe()}, built by timm; a Gram anchor is a pathfm ViT: a run folder, "
+                         "checkpoint, export or backbone state dict")
 
 
 def _student_args(cfg):

@@ -325,6 +325,13 @@ def test_a_fixed_anchor_from_a_checkpoint_or_an_export_and_the_checks_on_it(whol
                        (["crops.mean=[0.485,0.456,0.406]"], "mean")):
         with pytest.raises(ConfigError, match=msg):
             build_gram_teacher(load_config("configs/smoke.yaml", ["gram.weight=1", f"gram.anchor={tmp_path / 'export'}", *extra]), env)
+    # a public model folder (timm builds it) cannot anchor: one line, not an AttributeError
+    from timm.models import save_for_hf
+    import timm
+    hub = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=56, depth=1)
+    save_for_hf(hub, tmp_path / "hub", safe_serialization=True)
+    with pytest.raises(ConfigError, match="built by timm"):
+        build_gram_teacher(load_config("configs/smoke.yaml", ["gram.weight=1", f"gram.anchor=local-dir:{tmp_path / 'hub'}"]), env)
     # a checkpoint without a Gram teacher (a run that had none) resumes only while no snapshot is due before its step
     g = schedule(start_step=5)
     check_resumable(g, 5, restored=False, where="ckpt")  # the snapshot is taken at the top of step 5: still to come
