@@ -334,6 +334,30 @@ def memory_step(cfg: Config, env: pdist.DistEnv, tracker, teacher_spec=None, ste
                     loss_state.ibot_center.update(targets.patch_logits)
 
 
+def setup_models(cfg: Config, env: pdist.DistEnv, say):
+    """(student, ema, loss_state, teacher, teacher_input, gram, plan) for main. The student and its EMA start equal
+    (and equal on every rank); the EMA never gets gradients. The targets come from the EMA (self-distillation) or from
+    a frozen teacher (distill.teacher: distillation; teacher_input resizes the global crops to its token grid)."""
+    student, ema, loss_state = build_models(cfg, env)
+    say(f"models: {cfg.model.arch}/{cfg.model.patch_size}, "
+        f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f} M student parameters, {env.world_size} rank(s)")
+    teacher = load_teacher(cfg, env)  # None: self-distillation
+    plan = make_plan(cfg, teacher.spec if teacher is not None else None)
+    teacher_input = None
+    if plan.frozen_teacher:
+        teacher_input = TeacherInput(cfg, teacher.spec)
+        say(f"distilling from the frozen {teacher.spec.describe()}, {plan.targets} targets at {teacher_input.size} px")
+        if plan.features and cfg.distill.loss == "auto":
+            say("WARNING: the teacher has no heads, so the student regresses its features; fitting its heads first "
+                "distilled better (README: teachers without heads): train.head_warmup_steps=N train.steps=N "
+                "model.init_weights=TEACHER with the teacher's model.* keys, then distill.teacher=that run")
+    gram = build_gram_teacher(cfg, env)  # Gram anchoring (pathfm/gram.py): a frozen backbone; None when gram.weight is 0
+    if gram is not None:
+        say(f"Gram anchoring: weight {cfg.gram.weight} from step {cfg.gram.start_step}, anchor {cfg.gram.anchor}, "
+            f"its input at {cfg.gram.scale}x the global crops' pixels")
+    return student, ema, loss_state, teacher, teacher_input, gram, plan
+
+
 def main(cfg: Config) -> dict:
     check_device(cfg)
     check_inputs(cfg)
@@ -348,25 +372,9 @@ def main(cfg: Config) -> dict:
     if index is not None:
         say(index_summary(index))
 
-    # --- models: the student and its EMA start equal (and equal on every rank); the EMA never gets gradients.
-    # The targets come from the EMA (self-distillation) or from a frozen teacher (distill.teacher: distillation)
-    student, ema, loss_state = build_models(cfg, env)
-    say(f"models: {cfg.model.arch}/{cfg.model.patch_size}, "
-        f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f} M student parameters, {env.world_size} rank(s)")
-    teacher = load_teacher(cfg, env)  # None: self-distillation
-    # --- the step plan: which targets, losses, masks and weights (pathfm/plan.py); decided here, once
-    plan = make_plan(cfg, teacher.spec if teacher is not None else None)
-    if plan.frozen_teacher:
-        teacher_input = TeacherInput(cfg, teacher.spec)  # global crops resized to the student's token grid
-        say(f"distilling from the frozen {teacher.spec.describe()}, {plan.targets} targets at {teacher_input.size} px")
-        if plan.features and cfg.distill.loss == "auto":
-            say("WARNING: the teacher has no heads, so the student regresses its features; fitting its heads first "
-                "distilled better (README: teachers without heads): train.head_warmup_steps=N train.steps=N "
-                "model.init_weights=TEACHER with the teacher's model.* keys, then distill.teacher=that run")
-    gram = build_gram_teacher(cfg, env)  # Gram anchoring (pathfm/gram.py): a frozen backbone; None when gram.weight is 0
-    if gram is not None:
-        say(f"Gram anchoring: weight {cfg.gram.weight} from step {cfg.gram.start_step}, anchor {cfg.gram.anchor}, "
-            f"its input at {cfg.gram.scale}x the global crops' pixels")
+    # --- models: the student, its EMA, a frozen teacher (distillation) or None, the Gram teacher or None, and the
+    # step plan (pathfm/plan.py: which targets, losses, masks and weights), decided here, once
+    student, ema, loss_state, teacher, teacher_input, gram, plan = setup_models(cfg, env, say)
     head_warmup = head_warmup_steps(cfg)  # continued pretraining: the backbone and its EMA wait while fresh heads learn
     # then the backbone's lr ramps up from 0: AdamW has no moments for it yet, a full-lr first step would jolt it
     ramp = (max(head_warmup, 1) if cfg.train.backbone_ramp_steps < 0 else cfg.train.backbone_ramp_steps) if head_warmup else 0
@@ -388,24 +396,12 @@ def main(cfg: Config) -> dict:
     loader = build_loader(cfg, index, rank=env.rank, world_size=env.world_size, start_step=start_step, views=views,
                           failures_dir=run_dir / "read_failures")
     heldout = heldout_batch(cfg, index, views, env, loader) if cfg.train.rankme_every else None
-    mpp_mix = Counter()  # magnifications of the tiles this rank trained on since the last log
-    logger = Logger(run_dir, steps, enabled=env.is_main, resume_step=start_step if start_step else None)
-    if restart_file:  # where this launch took over, and with which settings
-        logger.event(start_step, {"restart": restart_file, "argv": sys.argv,
-                                  **({"resume_changes": resume_changes} if resume_changes else {})})
+    log = RunLog(cfg, env, run_dir, index, plan, start_step, restart_file, resume_changes, say)  # metrics, warnings
     stop = StopSignal()
     probes = pprobes.start_probes(cfg, run_dir, say) if env.is_main else None  # a process beside the run; never waited for
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite, nonfinite_total)
-    plateau = PlateauWatch(cfg.ssl.prototypes, cfg.train.plateau_warn_steps, after_step=cfg.optim.warmup_steps)  # once
-    # the model being trained, watched for a collapse: the EMA (the targets' model in self-distillation; beside a
-    # frozen teacher, which cannot collapse, its CLS tokens are computed on logging steps); warns once
-    watched = "ema" if plan.frozen_teacher else "teacher"
-    collapse = CollapseWatch(f"the {'student EMA' if plan.frozen_teacher else 'teacher'}'s CLS embeddings of this batch")
-    status, step = "finished", start_step
-    timer = StepTimer(device, sync=cfg.train.sync_timing)
-    flops_per_step, peak = step_flops(cfg, plan)["total"], peak_flops(device)  # for MFU (GPUs with a known peak)
+    status, step, timer = "finished", start_step, log.timer
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-
 
     def save(step_done):
         meta = {**meta_common, "nonfinite_total": nonfinite.total}
@@ -418,20 +414,14 @@ def main(cfg: Config) -> dict:
 
     for batch in batches(loader, failures_dir=run_dir / "read_failures", rank=env.rank, start_step=start_step):
         step = batch["step"]
-        mpp_mix.update(location[1] for location in batch.get("locations", ()))
+        log.mpp_mix.update(location[1] for location in batch.get("locations", ()))
         if step >= steps:
             break
-        if cfg.data.device_augment:  # workers sent raw tiles; make the views here, batched on the device
-            crops = views(batch["tiles"].to(device, non_blocking=True), views_generator(cfg.train.seed, env.rank, step),
-                          batch.get("fine_tiles"))
-        else:  # the workers made the views
-            crops = batch["tiles"]
-        global_crops = crops["global_crops"].to(device, non_blocking=True)  # (2B, 3, G, G), crop-major
-        local_crops = crops["local_crops"].to(device, non_blocking=True)  # (n_local*B, 3, L, L)
-        masks = crops["masks"].to(device, non_blocking=True)  # (2B, N) bool, True = masked patch (plan.mask_crops)
+        crops = batch_crops(cfg, batch, views, env)
+        global_crops, local_crops, masks = crops["global_crops"], crops["local_crops"], crops["masks"]
         timer.lap("data")
         if step == start_step and env.is_main:
-            logger.images("crops/first_batch", crop_grid(global_crops, local_crops, cfg.crops), step)
+            log.logger.images("crops/first_batch", crop_grid(global_crops, local_crops, cfg.crops), step)
 
         lr, wd, momentum, teacher_temp = lr_sched[step], wd_sched[step], momentum_sched[step], temp_sched[step]
         backbone_scale = backbone_lr_scale(step, head_warmup, ramp)  # 0 in a head warm-up, then a ramp to 1
@@ -449,7 +439,7 @@ def main(cfg: Config) -> dict:
             else:  # self-distillation: the student's EMA
                 targets = compute_targets(plan, ema, global_crops, masks, teacher_temp, loss_state)
             if gram is not None and step >= cfg.gram.start_step:  # the Gram teacher's patch tokens, on the student's grid
-                images = crops["gram_crops"].to(device, non_blocking=True) if plan.gram_scale == 2 else global_crops
+                images = crops["gram_crops"] if plan.gram_scale == 2 else global_crops
                 targets.gram = gram_patches(gram, images, views.grid)
             losses = compute_losses(plan, student, global_crops, local_crops, masks, targets, warming_up)
         weights = plan.weights | ({"gram": gram_weight(cfg.gram, step)} if "gram" in losses else {})  # Gram: ramped in
@@ -466,12 +456,11 @@ def main(cfg: Config) -> dict:
             grad_norm = math.sqrt(sum(float(n) ** 2 for n in grad_norms.values()))  # the same on every rank
             if not math.isfinite(grad_norm):  # a finite loss can still give inf / NaN gradients: never apply them
                 problem = "gradient norm of " + ", ".join(k for k, n in grad_norms.items() if not math.isfinite(float(n)))
-        if nonfinite.skipped(step, problem, optimizer, logger):
+        if nonfinite.skipped(step, problem, optimizer, log.logger):
             timer.start()
             continue
-        if "dino" in losses and (warning := plateau.update(step, float(losses["dino"].detach()))):
-            say(f"WARNING: {warning}")
-            logger.event(step, {"warning": warning})
+        if "dino" in losses:
+            log.plateau(step, float(losses["dino"].detach()))  # warns once if stuck at ln K
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -484,40 +473,13 @@ def main(cfg: Config) -> dict:
         timer.lap("optimizer")
 
         step_done = step + 1
-        if step_done % cfg.train.log_every == 0 or step_done == steps or step == start_step:
-            # stuck or learning: teacher entropy / ln K (1 = flat targets), KL(teacher || student), RankMe of the
-            # teacher's CLS tokens on this batch (1 = every image the same embedding; at most 2B)
-            if plan.frozen_teacher:
-                with torch.no_grad(), autocast:
-                    cls = ema.backbone.forward_features(global_crops)[:, 0].float()  # (2B, D)
-            else:
-                cls = targets.tokens[:, 0].float()
-            diag = {f"diag/{watched}_rankme_batch": rankme(cls), f"diag/{watched}_spread": spread(cls)}  # 0: all alike
-            if "dino" in losses:
-                diag |= {"diag/teacher_entropy": relative_entropy(targets.cls_probs),
-                         "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), targets.cls_probs)}
-            values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}, **diag}, env)
-            collapsed, warning = collapse.update(step_done, values[f"diag/{watched}_spread"],
-                                                 values[f"diag/{watched}_rankme_batch"])
-            values["diag/collapsed"] = float(collapsed is not None)
-            if warning:
-                say(f"WARNING: {warning}")
-                logger.event(step_done, {"collapse": collapsed})
-            values.update({"lr": lr, **({"lr_backbone_scale": backbone_scale} if head_warmup else {}),
-                           "weight_decay": wd, "teacher_momentum": momentum,
-                           "teacher_temp": teacher_temp, "grad_norm": grad_norm,
-                           **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
-                           "images_per_s": global_batch / max(timer.total(), 1e-9), "memory_gib": peak_memory_gib(device),
-                           **(data_stats(index, run_dir, mpp_mix) if env.is_main else {}),
-                           "nonfinite_steps": nonfinite.total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
-            if gram is not None:
-                values.update({"gram/weight": gram_weight(cfg.gram, step), "gram/refreshes": refreshes_done(cfg.gram, step)})
-            if peak:
-                values["mfu"] = mfu(flops_per_step, timer.total(), peak)
-            logger.log(step_done, values)
-            logger.progress(step_done, values)
+        if log.due(step_done):
+            hparams = {"lr": lr, **({"lr_backbone_scale": backbone_scale} if head_warmup else {}), "weight_decay": wd,
+                       "teacher_momentum": momentum, "teacher_temp": teacher_temp, "grad_norm": grad_norm}
+            log.step(step, loss, losses, targets, watched_cls(plan, ema, targets, global_crops, autocast), grad_norms,
+                     hparams, nonfinite.total)
         if heldout is not None and step_done % cfg.train.rankme_every == 0:
-            logger.log(step_done, {"rankme/teacher_cls": ema_rankme(ema, heldout, autocast)})
+            log.logger.log(step_done, {"rankme/teacher_cls": ema_rankme(ema, heldout, autocast)})
 
         if cfg.train.stop_after and step_done - start_step >= cfg.train.stop_after:
             stop.received = stop.received or "train.stop_after"
@@ -532,20 +494,112 @@ def main(cfg: Config) -> dict:
         step = step_done
 
     if status == "finished" and env.is_main:
-        # from the final checkpoint, so a sharded (FSDP) EMA exports the same way as a plain one
-        vit, _ = load_ema_backbone(run_dir / "checkpoints")
-        save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
-                    img_size=cfg.crops.global_size, run_dir=run_dir)  # at the resolution they trained at; card from the run
-        if heads := checkpoint_heads(run_dir / "checkpoints"):  # heads.safetensors: to continue or distil from it
-            save_heads(run_dir / "export", *heads)
-        say(f"export written: {run_dir / 'export'} (timm weights of the EMA backbone, and its heads, step {step})")
+        export_run(cfg, run_dir, step, say)
     if env.is_main:  # for scripts and launchers (torchrun turns a worker's exit status 75 into 1)
         write_status(run_dir, status=status, step=step)
     if probes and (warning := probes.poll()):  # it finishes the queue by itself once we are gone
         say(f"WARNING: {warning}")
-    logger.close()
+    log.logger.close()
     pdist.teardown()
     return {"run_dir": str(run_dir), "step": step, "status": status}
+
+
+def batch_crops(cfg: Config, batch: dict, views: Views, env: pdist.DistEnv) -> dict:
+    """The step's crops on the device: global_crops (2B, 3, G, G), crop-major; local_crops (n_local*B, 3, L, L);
+    masks (2B, N) bool, True = a masked patch (plan.mask_crops); gram_crops (2B, 3, 2G, 2G) when Gram anchoring reads
+    the tiles at twice the pixels. With data.device_augment the workers sent raw tiles and the views are made here,
+    batched on the device; else the workers made them."""
+    if cfg.data.device_augment:
+        crops = views(batch["tiles"].to(env.device, non_blocking=True),
+                      views_generator(cfg.train.seed, env.rank, batch["step"]), batch.get("fine_tiles"))
+    else:
+        crops = batch["tiles"]
+    return {k: v.to(env.device, non_blocking=True) for k, v in crops.items()
+            if k in ("global_crops", "local_crops", "masks", "gram_crops")}
+
+
+def export_run(cfg: Config, run_dir: Path, step: int, say) -> None:
+    """run_dir/export: timm weights of the EMA backbone (and its heads, to continue or distil from), from the final
+    checkpoint, so a sharded (FSDP) EMA exports the same way as a plain one; at the resolution they trained at, with
+    a model card from the run."""
+    vit, _ = load_ema_backbone(run_dir / "checkpoints")
+    save_export(vit, run_dir / "export", mean=cfg.crops.mean, std=cfg.crops.std, extra={"step": step},
+                img_size=cfg.crops.global_size, run_dir=run_dir)
+    if heads := checkpoint_heads(run_dir / "checkpoints"):
+        save_heads(run_dir / "export", *heads)
+    say(f"export written: {run_dir / 'export'} (timm weights of the EMA backbone, and its heads, step {step})")
+
+
+@torch.no_grad()
+def watched_cls(plan: StepPlan, ema, targets: Targets, global_crops: torch.Tensor, autocast) -> torch.Tensor:
+    """(2B, D) fp32: the CLS tokens of the model being trained, for the batch diagnostics and the collapse warning.
+    Self-distillation: the targets' own (the EMA's). Beside a frozen teacher, which cannot collapse: the EMA's,
+    computed here (logging steps only)."""
+    if not plan.frozen_teacher:
+        return targets.tokens[:, 0].float()
+    with autocast:
+        return ema.backbone.forward_features(global_crops)[:, 0].float()
+
+
+class RunLog:
+    """What the loop reports on its run, kept out of the step: metrics.jsonl / TensorBoard (Logger), step times and
+    MFU, the data path's statistics, the ln K plateau and collapse warnings (once each)."""
+
+    def __init__(self, cfg: Config, env: pdist.DistEnv, run_dir: Path, index, plan: StepPlan, start_step: int,
+                 restart_file: str, resume_changes: dict, say):
+        self.cfg, self.env, self.run_dir, self.index, self.say = cfg, env, run_dir, index, say
+        self.start_step, self.gram = start_step, cfg.gram if cfg.gram.weight else None
+        self.logger = Logger(run_dir, cfg.train.steps, enabled=env.is_main, resume_step=start_step or None)
+        if restart_file:  # where this launch took over, and with which settings
+            self.logger.event(start_step, {"restart": restart_file, "argv": sys.argv,
+                                           **({"resume_changes": resume_changes} if resume_changes else {})})
+        self.timer = StepTimer(env.device, sync=cfg.train.sync_timing)
+        self.mpp_mix = Counter()  # magnifications of the tiles this rank trained on since the last log
+        self.plateau_watch = PlateauWatch(cfg.ssl.prototypes, cfg.train.plateau_warn_steps, after_step=cfg.optim.warmup_steps)
+        # the model being trained, watched for a collapse: the EMA (the targets' model in self-distillation; beside a
+        # frozen teacher, which cannot collapse, watched_cls computes its CLS tokens on logging steps); warns once
+        self.watched = "ema" if plan.frozen_teacher else "teacher"
+        self.collapse = CollapseWatch(f"the {'student EMA' if plan.frozen_teacher else 'teacher'}'s CLS embeddings of this batch")
+        self.flops_per_step, self.peak = step_flops(cfg, plan)["total"], peak_flops(env.device)  # MFU on known GPUs
+        self.global_batch = cfg.optim.batch_size * env.world_size
+
+    def due(self, step_done: int) -> bool:
+        return (step_done % self.cfg.train.log_every == 0 or step_done == self.cfg.train.steps
+                or step_done - 1 == self.start_step)
+
+    def plateau(self, step: int, dino_loss_value: float) -> None:
+        if warning := self.plateau_watch.update(step, dino_loss_value):
+            self.say(f"WARNING: {warning}")
+            self.logger.event(step, {"warning": warning})
+
+    def step(self, step: int, loss, losses: dict, targets: Targets, cls: torch.Tensor, grad_norms: dict, hparams: dict,
+             nonfinite_total: int) -> None:
+        """Log step `step` (as step + 1, the steps done): losses, diagnostics, schedules, gradient norms, throughput."""
+        step_done, w = step + 1, self.watched
+        # stuck or learning: teacher entropy / ln K (1 = flat targets), KL(teacher || student), RankMe of the watched
+        # model's CLS tokens on this batch (1 = every image the same embedding; at most 2B), their spread (0: all alike)
+        diag = {f"diag/{w}_rankme_batch": rankme(cls), f"diag/{w}_spread": spread(cls)}
+        if "dino" in losses:
+            diag |= {"diag/teacher_entropy": relative_entropy(targets.cls_probs),
+                     "diag/student_teacher_kl": student_teacher_kl(float(losses["dino"].detach()), targets.cls_probs)}
+        values = pdist.mean_over_ranks({"loss/total": loss, **{f"loss/{k}": v for k, v in losses.items()}, **diag}, self.env)
+        collapsed, warning = self.collapse.update(step_done, values[f"diag/{w}_spread"], values[f"diag/{w}_rankme_batch"])
+        values["diag/collapsed"] = float(collapsed is not None)
+        if warning:
+            self.say(f"WARNING: {warning}")
+            self.logger.event(step_done, {"collapse": collapsed})
+        timer = self.timer
+        values.update({**hparams, **{f"grad_norm/{k}": float(n) for k, n in grad_norms.items() if len(grad_norms) > 1},
+                       "images_per_s": self.global_batch / max(timer.total(), 1e-9),
+                       "memory_gib": peak_memory_gib(self.env.device),
+                       **(data_stats(self.index, self.run_dir, self.mpp_mix) if self.env.is_main else {}),
+                       "nonfinite_steps": nonfinite_total, **{f"time/{k}_s": v for k, v in timer.laps.items()}})
+        if self.gram is not None:
+            values.update({"gram/weight": gram_weight(self.gram, step), "gram/refreshes": refreshes_done(self.gram, step)})
+        if self.peak:
+            values["mfu"] = mfu(self.flops_per_step, timer.total(), self.peak)
+        self.logger.log(step_done, values)
+        self.logger.progress(step_done, values)
 
 
 def data_stats(index, run_dir: Path, mpp_mix: Counter) -> dict:

@@ -57,7 +57,7 @@ MUTANTS = [
     Mutant("step: EMA with 1 - momentum", "pathfm/train.py",
            "p_ema.lerp_(p_s.detach(), 1.0 - momentum)", "p_ema.lerp_(p_s.detach(), momentum)", STEP),
     Mutant("step: a non-finite step applied", "pathfm/train.py",
-           "if nonfinite.skipped(step, problem, optimizer, logger):", 'if nonfinite.skipped(step, "", optimizer, logger):',
+           "if nonfinite.skipped(step, problem, optimizer, log.logger):", 'if nonfinite.skipped(step, "", optimizer, log.logger):',
            ["tests/test_train.py::test_a_single_nonfinite_step_changes_nothing"]),
     Mutant("Sinkhorn-Knopp: each rank scales by its own row count", "pathfm/losses.py",
            "        q /= q.sum(dim=0, keepdim=True)  # (1, N): each row has mass 1 (local: rows are not shared)\n",
