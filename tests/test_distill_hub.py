@@ -3,7 +3,6 @@ no_embed_class; a pathfm release), built by timm with their own layers, fed thei
 position embeddings resampled once at load; state-dict teachers that record no normalisation are warned about."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import timm
 import torch
 from PIL import Image
 from test_distill import config, single_env
-from test_release import _timm_folders
+from test_release import _hf_cache, _timm_folders
 
 from pathfm.flops import count_flops, step_flops
 from pathfm.distill import TeacherInput, check_teacher, inspect_teacher, load_teacher
@@ -70,14 +69,7 @@ def test_hub_folders_teach_with_their_own_layers_prefix_tokens_and_normalisation
         assert counted <= step_flops(cfg)["teacher_forward"] < 1.015 * counted, name
 
     # hf-hub:ORG/NAME from the local cache (a snapshot as huggingface_hub lays it out), never downloaded
-    cache = tmp_path / "hf"
-    snap = cache / "models--someorg--swiglu" / "snapshots" / "abc123"
-    snap.parent.mkdir(parents=True)
-    os.symlink(folders["swiglu"][0], snap)
-    (cache / "models--someorg--swiglu" / "refs").mkdir()
-    (cache / "models--someorg--swiglu" / "refs" / "main").write_text("abc123")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snap = _hf_cache(tmp_path / "hf", "someorg/swiglu", folders["swiglu"][0], monkeypatch)
     cfg = config(tmp_path, "s", "model.arch=vit_tiny_d6", "distill.teacher=hf-hub:someorg/swiglu", *CASES["swiglu"][0])
     assert inspect_teacher(cfg.distill.teacher).source == snap
     with pytest.raises(SystemExit, match="distill.teacher': hf-hub:someorg/absent: not in the local Hugging Face cache"):

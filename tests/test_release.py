@@ -105,6 +105,20 @@ def test_giant_release_config_builds_the_same_timm_model():
     assert set(sd) == set(theirs) and all(sd[k].shape == theirs[k].shape for k in sd)
 
 
+def _hf_cache(cache: Path, name: str, folder: Path, monkeypatch) -> Path:
+    """A local Hugging Face cache holding `folder` as the snapshot of hub model `name` (ORG/NAME), laid out as
+    huggingface_hub lays it out, offline; returns the snapshot's path."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    snap = repo / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    os.symlink(folder, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return snap
+
+
 def _timm_folders(root: Path) -> dict:
     """Public-model folders as the hub holds them, written by timm's save_for_hf: {name: (folder, source model)}."""
     from timm.layers import SwiGLUPacked
@@ -143,14 +157,7 @@ def test_public_model_folders_probe_as_baselines(tmp_path, monkeypatch, shared_d
             assert type(bb.model.blocks[0].mlp).__name__ == "GluMlp"  # timm.layers.SwiGLUPacked, from its string
 
     # hf-hub: read from the local cache only (a snapshot as huggingface_hub lays it out), never downloaded
-    cache = tmp_path / "hf"
-    snap = cache / "models--someorg--vits-reg" / "snapshots" / "abc123"
-    snap.parent.mkdir(parents=True)
-    os.symlink(folders["vits-reg"][0], snap)
-    (cache / "models--someorg--vits-reg" / "refs").mkdir()
-    (cache / "models--someorg--vits-reg" / "refs" / "main").write_text("abc123")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hf_cache(tmp_path / "hf", "someorg/vits-reg", folders["vits-reg"][0], monkeypatch)
 
     # every eval script takes them; each model at its own input size, its own mean / std
     tiles = shared_data / "tiles" / "nct_crc_he_100k_sample9"
