@@ -95,7 +95,8 @@ class DataConfig:
     tissue_threshold: float = 0.4
     group_balance: bool = False
     reader: str = "auto"  # auto | openslide | jpeg (fast tiled-TIFF path)
-    grid_aligned: bool = False  # decode exactly one stored tile per sample (jpeg reader)
+    grid_aligned: bool = True  # a tile inside one stored tile where it fits (one JPEG decode, 4x fewer than a free
+                               # position); where that leaves the tissue, the drawn position. false: free positions
     hsv_filter: bool = False  # Virchow's colour filter (Midnight): keep a tile when >= 60% of its pixels have H 180-360 deg, S 8-255, V 103-255
     num_workers: int = 2
     device_augment: bool = False  # workers only read; crops run batched on the device

@@ -192,14 +192,39 @@ def test_index_refuses_other_parameters(prepared):
         dataset(prepared, tile_size=224)
 
 
-def test_grid_aligned_decodes_one_stored_tile(prepared, monkeypatch):
-    ds = dataset(prepared, grid_aligned=True, reader="jpeg", mpps=[0.5, 2.0], batch_size=16)
+def test_grid_aligned_decodes_one_stored_tile_and_never_leaves_the_tissue(prepared, monkeypatch):
+    """The default: a tile inside one stored tile (one decode), unless that snap moved its top-left to a mask cell
+    the index does not allow (below the tissue threshold): then the drawn position, several decodes."""
+    ds = dataset(prepared, reader="jpeg", mpps=[0.5, 2.0], batch_size=64)
+    assert ds.grid_aligned  # the default
     decoded = []
     real = P.JpegTiffReader.decode_tile
-    monkeypatch.setattr(P.JpegTiffReader, "decode_tile",
-                        lambda self, *a: decoded.append(a) or real(self, *a))
-    ds.batch(0)
-    assert len(decoded) == 16
+    monkeypatch.setattr(P.JpegTiffReader, "decode_tile", lambda self, *a: decoded.append(a) or real(self, *a))
+    locations = ds.batch(0)["locations"]
+    fallbacks = 0
+    for i, mpp, x, y in locations:
+        slide, j = prepared.slide(i), prepared.mpp_column(mpp)
+        assert prepared.valid(i, j, int(y // slide.mask_scale), int(x // slide.mask_scale))  # on the tissue
+        plan, (tw, th) = slide.plans[mpp], slide.tile_grid[slide.plans[mpp].level]
+        lx, ly = x / plan.downsample, y / plan.downsample
+        if lx // tw != (lx + plan.region - 1) // tw or ly // th != (ly + plan.region - 1) // th:  # more than one
+            fallbacks += 1  # stored tile: the drawn position, kept because the snap (here: of the same start) was off
+            sx, sy = (v * plan.downsample for v in ds._place(slide, plan, lx, ly, True))
+            assert not prepared.valid(i, j, int(sy // slide.mask_scale), int(sx // slide.mask_scale))
+    assert 0 < fallbacks < len(locations) // 4  # this test's small slides have tissue edges everywhere
+    assert len(decoded) < len(locations) + 4 * fallbacks
+
+
+def test_index_valid_agrees_with_the_cells(prepared):
+    for i in range(len(prepared)):
+        for j in range(len(prepared.params.mpps)):
+            cells = prepared.cells(i, j)
+            if not len(cells):
+                continue
+            valid = np.zeros(cells.max(0) + 2, bool)
+            valid[cells[:, 0], cells[:, 1]] = True
+            got = np.array([[prepared.valid(i, j, r, c) for c in range(valid.shape[1])] for r in range(valid.shape[0])])
+            assert np.array_equal(got, valid)
 
 
 def test_grid_aligned_starts_spread_evenly_over_the_offsets_that_keep_one_stored_tile():

@@ -277,6 +277,17 @@ class SlideIndex:
         row, col = self.runs[a + k].tolist()
         return row, col + target - (int(ends[k - 1]) if k else 0)
 
+    def valid(self, i: int, j: int, row: int, col: int) -> bool:
+        """Whether mask cell (row, col) of slide i may hold a tile's top-left at mpp column j: O(log runs)."""
+        a, b = self.segments[i, j: j + 2].tolist()
+        rows = self.runs[a:b, 0]
+        lo, hi = int(rows.searchsorted(row, "left")), int(rows.searchsorted(row, "right"))  # the row's runs
+        k = lo + int(self.runs[a + lo:a + hi, 1].searchsorted(col, "right")) - 1  # the last run starting at or before col
+        if k < lo:
+            return False
+        length = int(self.ends[a + k]) - (int(self.ends[a + k - 1]) if k else 0)
+        return col < int(self.runs[a + k, 1]) + length
+
     def cells(self, i: int, j: int) -> np.ndarray:
         """Every valid cell of slide i at mpp column j as (n, 2) (row, column): for tests and tools."""
         a, b = int(self.segments[i, j]), int(self.segments[i, j + 1])

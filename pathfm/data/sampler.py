@@ -323,7 +323,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, index: SlideIndex, *, batch_size: int, tile_size: int, mpps: list[float],
                  mpp_weights: list[float] | None, seed: int, rank: int, world_size: int, start_step: int = 0,
-                 reader: str = "auto", grid_aligned: bool = False, hsv_filter: bool = False,
+                 reader: str = "auto", grid_aligned: bool = True, hsv_filter: bool = False,
                  group_balance: bool = False, transform=None, tiles_per_visit: int = 8, failures_dir=None, excluded=(),
                  read_ahead_bytes: int = 0, read_threads: int = 128, fine_from_step: int | None = None):
         if not len(index):
@@ -575,7 +575,12 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         jx, jy = rng.random(2).tolist()  # a uniform point inside the chosen mask cell, in level-0 pixels
         x, y = (col + jx) * slide.mask_scale, (row + jy) * slide.mask_scale
         plan = slide.plans[mpp]
-        lx, ly = self._place(slide, plan, x / plan.downsample, y / plan.downsample)
+        if self.grid_aligned:  # snapped to the stored tiles, unless that moved the top-left off the tissue
+            lx, ly = self._place(slide, plan, x / plan.downsample, y / plan.downsample, aligned=True)
+            ax, ay = round(lx * plan.downsample), round(ly * plan.downsample)
+            if self.index.valid(index, j, int(ay // slide.mask_scale), int(ax // slide.mask_scale)):
+                return index, mpp, ax, ay
+        lx, ly = self._place(slide, plan, x / plan.downsample, y / plan.downsample, aligned=False)
         return index, mpp, round(lx * plan.downsample), round(ly * plan.downsample)
 
     def slide(self, index: int) -> tuple[IndexedSlide, np.ndarray]:
@@ -594,14 +599,14 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             self._views.move_to_end(index)
         return got
 
-    def _place(self, slide: IndexedSlide, plan: ReadPlan, lx: float, ly: float) -> tuple[int, int]:
-        """Integer top-left in the read level's pixels, inside the level; with grid_aligned, inside
-        one stored tile when the region fits in one (one JPEG decode per sample)."""
+    def _place(self, slide: IndexedSlide, plan: ReadPlan, lx: float, ly: float, aligned: bool) -> tuple[int, int]:
+        """Integer top-left in the read level's pixels, inside the level; aligned: inside one stored tile when the
+        region fits in one (one JPEG decode per sample), else in as few as it can be (_snap)."""
         lw, lh = slide.info.dimensions[plan.level]
         r = plan.region
         lx, ly = min(int(lx), lw - r), min(int(ly), lh - r)
         tw, th = slide.tile_grid[plan.level] if slide.tile_grid else (0, 0)
-        if self.grid_aligned and tw and th:
+        if aligned and tw and th:
             lx, ly = _snap(lx, tw, r, lw), _snap(ly, th, r, lh)
         scale = decode_scale(r, self.tile_size)  # a scaled JPEG decode starts on its grid (< 1 output px away)
         return lx - lx % scale, ly - ly % scale
