@@ -54,7 +54,8 @@ TRAJECTORY_KEYS = ("train.steps", "optim.batch_size", "optim.base_lr", "optim.lr
                    "ssl.momentum_teacher", "ssl.momentum_teacher_final", "ssl.teacher_temp",
                    "ssl.teacher_temp_warmup_start", "ssl.teacher_temp_warmup_steps", "ssl.freeze_last_layer_steps",
                    "train.head_warmup_steps", "distill.teacher", "distill.loss", "gram.weight", "gram.start_step",
-                   "gram.ramp_steps", "gram.anchor", "gram.refresh_every", "gram.max_refreshes", "gram.scale")
+                   "gram.ramp_steps", "gram.anchor", "gram.refresh_every", "gram.max_refreshes", "gram.scale",
+                   "data.grid_aligned")  # the data stream's positions (its default changed in issue 31)
 
 
 def trajectory_changes(saved: dict, cfg: Config, saved_world: int, world: int) -> dict:
@@ -95,7 +96,7 @@ def check_resume(cfg: Config, run_dir: Path, world_size: int) -> dict:
     if changes and not cfg.train.allow_resume_changes:
         said = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
         raise SystemExit(f"error: run folder '{run_dir}' was trained (to its step {meta['step']}) with other "
-                         f"settings ({said}); resuming would change its schedules mid-run. Add "
+                         f"settings ({said}); resuming would change its schedules or data stream mid-run. Add "
                          "train.allow_resume_changes=true to continue with the new values, or pick a new "
                          "train.name")
     return changes

@@ -43,3 +43,24 @@ def test_resume_on_another_world_size_is_refused_before_torchrun(tmp_path):
                   f"train.output_dir={tmp_path}")
     assert "world size: 4 -> 2" in msg and "allow_resume_changes" in msg and "\n" not in msg, msg
     assert sorted(p.name for p in run.rglob("*")) == before  # nothing written, no torchrun report
+
+
+def test_resume_of_a_run_drawn_at_free_positions_is_refused_under_the_grid_aligned_default(tmp_path):
+    """data.grid_aligned became the default in issue 31: a run checkpointed with free positions must not switch
+    its data stream silently when resumed with today's defaults."""
+    from pathfm import runfolder
+    from pathfm.config import load_config, to_dict, to_yaml
+
+    cfg = load_config("smoke", [f"train.output_dir={tmp_path}", "train.name=run"])
+    assert cfg.data.grid_aligned
+    saved = to_dict(cfg)
+    saved["data"]["grid_aligned"] = False  # as the run was launched before
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000004").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "checkpoints" / "step_0000004" / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1, "config": saved}))
+    (run / "checkpoints" / "last").write_text("step_0000004\n")
+    with pytest.raises(SystemExit, match=r"data.grid_aligned: False -> True"):
+        runfolder.check_resume(cfg, run, 1)
+    cfg.data.grid_aligned = False
+    assert runfolder.check_resume(cfg, run, 1) == {}
