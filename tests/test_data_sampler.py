@@ -228,13 +228,17 @@ def test_index_valid_agrees_with_the_cells(prepared):
 
 
 def test_grid_aligned_starts_spread_evenly_over_the_offsets_that_keep_one_stored_tile():
-    """224 px in 256 px stored tiles: the 256 drawn starts of a stored tile map onto its 33 offsets 0..32, each
-    7 or 8 times (256 / 33), never leaving it; 448 px (a 1 µm/px tile read at 0.5): 65 offsets in two tiles a side."""
-    for region, tiles, offsets in ((224, 1, 33), (448, 2, 65)):
-        starts = [P._snap(s, 256, region, 10**6) for s in range(512, 768)]  # every start drawn in stored tile 2
+    """224 px in 256 px stored tiles: 256 consecutive drawn starts map onto stored tile 2's 33 offsets 0..32, each
+    7 or 8 times (256 / 33), never leaving it; 448 px (a 1 µm/px tile read at 0.5): 65 offsets in two tiles a side.
+    The moves are centred on the drawn start: mean 0, at most half the largest move (111 px; 95 at 448 px) either
+    way (mapping the start itself moved tiles 111 px up-left on average, off the tissue's top and left edges)."""
+    for region, tiles, offsets, half in ((224, 1, 33, 111), (448, 2, 65, 95)):
+        starts = [P._snap(s, 256, region, 10**6) for s in range(512 - half, 768 - half)]
         assert all(512 <= a and a + region <= 512 + tiles * 256 for a in starts)
         counts = Counter(a - 512 for a in starts)
         assert sorted(counts) == list(range(offsets)) and set(counts.values()) <= {256 // offsets, 256 // offsets + 1}
+        moves = np.array([P._snap(s, 256, region, 10**6) - s for s in range(1000, 1000 + 256 * 8)])
+        assert abs(moves.mean()) < 1 and np.abs(moves).max() <= half + 1
     assert P._snap(39_950, 256, 224, 40_000) == 40_000 - 224  # the last stored tile is cut by the level's edge
 
 

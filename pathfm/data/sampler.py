@@ -703,12 +703,15 @@ def _pick(cumulative: np.ndarray, rng: np.random.Generator) -> int:
 
 def _snap(start: int, tile: int, region: int, limit: int) -> int:
     """Move a region start so that [start, start + region) covers as few stored tiles as it can (one when
-    region <= tile, two a side when region <= 2 tiles, ...), keeping the stored tile the drawn start lies in and
-    spreading the start evenly over the offsets that keep it there: the drawn start's place in its stored tile,
-    uniform in [0, tile), maps onto [0, slack] (33 offsets, each 1/33, for 224 px in 256 px tiles). Until issue 31
-    a start was clamped to the last such offset instead (offset 32 with probability 7/8), so a stored tile's first
-    column was in 1 of its 256 draws and its middle in all (now 1 in 33; no offset of one decode covers all evenly)."""
-    col = start // tile
+    region <= tile, two a side when region <= 2 tiles, ...), spreading the starts evenly over the offsets that
+    keep it there: the place of start + half the move in its stored tile, uniform in [0, tile), maps onto [0,
+    slack] (33 offsets, each 1/33, for 224 px in 256 px tiles). The half move (111 px there) centres the moves
+    on the drawn start (-111 to +111 px, mean 0): mapping the start itself moved every tile towards its stored
+    tile's corner (up to 223 px, 111 on average, always up and left), which near the tissue's top and left
+    edges moved tiles off it (bench/grid.py). No offset scheme with one decode covers a stored tile's edge
+    pixels as often as its middle ones (1 draw in 33 against all)."""
     slack = -(-region // tile) * tile - region  # room left in the fewest whole stored tiles that hold the region
-    start = col * tile + (start - col * tile) * (slack + 1) // tile
+    shifted = start + (tile - slack - 1) // 2
+    col = shifted // tile
+    start = col * tile + (shifted - col * tile) * (slack + 1) // tile
     return max(0, min(start, limit - region))
