@@ -141,6 +141,21 @@ def test_opencv_cpu_ops_equal_the_torch_ops(monkeypatch):
         torch.testing.assert_close(views_cv[k], views[k], atol=6e-6, rtol=0)
 
 
+def test_cpu_render_is_the_plain_ops_bit_for_bit():
+    """render's CPU shortcuts (crops sorted by op and cut in chunks, OpenCV's transposed tiles, the normalisation as a
+    multiply then an add) give the views of the plain ops on all crops at once, bit for bit at the shipped mean and std."""
+    tiles = real_tiles(3)
+    mc = MultiCrop(global_size=48, local_size=24, n_local=3)
+    g, loc = mc.sample_params(3, 64, 64, torch.Generator().manual_seed(6))
+    out = mc.apply(tiles, (g, loc))
+    channels_last = lambda t: t.contiguous(memory_format=torch.channels_last)
+    scale, offset = mc._normalisation("cpu")
+    for p, size, key in ((g, 48, "global_crops"), (loc, 24, "local_crops")):
+        x = A.resized_crops(channels_last(tiles), channels_last(tiles.transpose(-2, -1)), p.src, p.box, p.transpose, size)
+        x = mc._colour(A.flips(x, p.hflip, p.vflip).contiguous().float() / 255, p)
+        assert torch.equal(out[key], torch.addcmul(offset, x, scale)), key
+
+
 def test_solarize_threshold_is_128():
     u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     ours = A.solarize(u.float() / 255)

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, fields
 
 import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -223,9 +224,18 @@ def batched_resized_crops(tiles: torch.Tensor, params: CropParams, size: int) ->
 
 
 def transposed_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """tiles with rows and columns swapped; on the CPU a channels-last copy, for the fast resize."""
+    """tiles with rows and columns swapped; on the CPU a channels-last copy, for the fast resize (with OPENCV
+    one cv2.transpose a tile: 8x faster than torch's strided copy, the same bytes)."""
     tiles_t = tiles.transpose(-2, -1)
-    return tiles_t.contiguous(memory_format=torch.channels_last) if tiles.device.type == "cpu" else tiles_t
+    if tiles.device.type != "cpu":
+        return tiles_t
+    if not OPENCV:
+        return tiles_t.contiguous(memory_format=torch.channels_last)
+    src = tiles.permute(0, 2, 3, 1).numpy()  # (B, H, W, 3) view
+    out = np.empty((src.shape[0], src.shape[2], src.shape[1], src.shape[3]), dtype=src.dtype)  # (B, W, H, 3)
+    for tile, t in zip(src, out):
+        cv2.transpose(tile, t)
+    return torch.from_numpy(out).permute(0, 3, 1, 2)  # (B, 3, W, H), channels-last
 
 
 def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *params: torch.Tensor) -> torch.Tensor:
@@ -317,8 +327,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     planes only, lerp for the case split: a third fewer passes than a (n, 3, H, W) form, 1.5-2x faster.
     """
     if _opencv(x):
-        for i, turns in enumerate(shift.tolist()):
-            planes = [x[i, c].numpy() for c in range(3)]  # views of x's (H, W) planes
+        for crop, turns in zip(x.numpy(), shift.tolist()):
+            planes = list(crop)  # views of x's (H, W) planes
             hsv = cv2.cvtColor(cv2.merge(planes), cv2.COLOR_RGB2HSV)  # interleaved; H in degrees, S and V in [0, 1]
             cv2.add(hsv, (360.0 * (turns % 1.0), 0.0, 0.0, 0.0), dst=hsv)  # a shift >= 0: HSV2RGB wraps >= 360, not < 0
             # back into x's planes (merge / split: twice as fast as torch's permuted copies)
@@ -359,9 +369,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_
     """
     if _opencv(x):  # one plane at a time: the same kernel (OpenCV's reflect-101 border is torch's "reflect")
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        for i, s in enumerate(sigma.tolist()):
+        for src, dst, s in zip(x.numpy(), y.numpy(), sigma.tolist()):
             for c in range(x.shape[1]):
-                cv2.GaussianBlur(x[i, c].numpy(), (kernel_size, kernel_size), s, dst=y[i, c].numpy(), sigmaY=s,
+                cv2.GaussianBlur(src[c], (kernel_size, kernel_size), s, dst=dst[c], sigmaY=s,
                                  borderType=cv2.BORDER_REFLECT_101)
         return y
     n, c, h, w = x.shape
@@ -468,17 +478,19 @@ class MultiCrop:
         chunk = CPU_CHUNK if tiles.device.type == "cpu" else max(len(params), 1)
         scale, offset = self._normalisation(tiles.device)
         order = _group_by_ops(params)
+        params = params[order]  # once: a chunk is then a slice
         for start in range(0, len(params), chunk):
-            idx = order[start : start + chunk]
-            p = params[idx]
+            idx, p = order[start : start + chunk], params[start : start + chunk]
             x = resized_crops(tiles, tiles_t, p.src, p.box, p.transpose, size)  # (c, 3, S, S) uint8
             x = flips(x, p.hflip, p.vflip)
             # one copy makes it float32 and NCHW (the colour ops work on channel planes): on the CPU
             # 1.5x faster than changing the uint8 layout first
             x = self._colour(torch.empty(x.shape, device=x.device).copy_(x).div_(255), p)
-            if tiles.device.type == "cpu":  # row by row: 2.5x faster than index_copy_ on the CPU
+            if tiles.device.type == "cpu":  # row by row: 2.5x faster than index_copy_ on the CPU; a multiply, then
+                # an add in cache: 2.6x faster than torch.addcmul's broadcast (the same values where 1 / std is a
+                # power of two, as the shipped 0.5; else within an ulp: addcmul rounds once)
                 for j, i in enumerate(idx.tolist()):
-                    torch.addcmul(offset, x[j], scale, out=out[i])
+                    torch.mul(x[j], scale, out=out[i]).add_(offset)
             else:
                 out.index_copy_(0, idx.to(out.device), torch.addcmul(offset, x, scale))
         return out
