@@ -560,7 +560,8 @@ class RunLog:
         # frozen teacher, which cannot collapse, watched_cls computes its CLS tokens on logging steps); warns once
         self.watched = "ema" if plan.frozen_teacher else "teacher"
         self.collapse = CollapseWatch(f"the {'student EMA' if plan.frozen_teacher else 'teacher'}'s CLS embeddings of this batch")
-        self.flops_per_step, self.peak = step_flops(cfg, plan)["total"], peak_flops(env.device)  # MFU on known GPUs
+        self.peak = peak_flops(env.device)  # MFU on known GPUs; the count (0.6 s of CPU at start-up) only there
+        self.flops_per_step = step_flops(cfg, plan)["total"] if self.peak else None
         self.global_batch = cfg.optim.batch_size * env.world_size
 
     def due(self, step_done: int) -> bool:
