@@ -281,8 +281,11 @@ def main(argv=None):
     p.add_argument("--task", help="task name (default: the train folder's parent's name)")
     p.add_argument("--out", help="results folder")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(embeddings=None)
+    p.set_defaults(embeddings=None, embedding=None)
     args = p.parse_args(argv)
+    if args.embedding not in (None, "patches"):  # add_model_args offers it for the tile probes
+        raise SystemExit(f"error: --embedding {args.embedding}: the segmentation probe always reads the patch tokens; "
+                         "leave --embedding out")
     args.task = args.task or Path(args.train).resolve().parent.name
     if args.img_size is None:  # the images' own size
         from PIL import Image

@@ -152,6 +152,8 @@ def test_seg_probe_command_line_on_a_timm_model(seg_fixture, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: image size 36 px is not a multiple of the model's patch size 16; "
                                          r"give --img-size 32 or 48$"):
         main([*args[:-2], "--img-size", "36", "--out", str(tmp_path / "r2")])
+    with pytest.raises(SystemExit, match=r"^error: --embedding cls_mean: the segmentation probe always reads the patch"):
+        main([*args[:-2], "--embedding", "cls_mean", "--out", str(tmp_path / "r3")])  # was taken and ignored
 
 
 def test_slide_probe_command_line_results_and_report(tmp_path):
