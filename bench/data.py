@@ -10,11 +10,14 @@ the 1-process rate over the CPU time it used, a per-core rate that a loaded mach
                   simplejpeg: the limit for any reader
   openslide 224/256  OpenSlide read_region of random tissue regions at level 0
   pathfm tiles    SlideTileDataset batches, JPEG fast path, grid-aligned, 224 px at 0.5 µm/px
-  pathfm tiles mix   the same, magnification mix 0.5/1/2 µm/px, unaligned (auto reader)
-  ... full decodes   the mix as before issue 22: 1 µm/px tiles from full-size decodes + resize (no scaled IDCT)
-  ... mix aligned    the mix with data.grid_aligned (every magnification snapped to the stored-tile grid)
-  full samples    pathfm tiles (mix) + MultiCrop (2 x 224 + 8 x 96) + iBOT masks (pathfm.data.loader.Views)
-  ... torch colour   the same with MultiCrop's torch hue and blur (before OpenCV; augment.OPENCV = False)
+  pathfm tiles mix   the same, magnification mix 0.5/1/2 µm/px, at the defaults (auto reader; grid_aligned, the
+                  default since issue 31: every magnification snapped to the stored-tile grid)
+  ... free positions  the mix with grid_aligned=False (the default before issue 31: unaligned draws)
+  ... full decodes   the mix at free positions as before issue 22: 1 µm/px tiles from full-size decodes + resize
+  full samples    pathfm tiles (mix, defaults) + MultiCrop (2 x 224 + 8 x 96) + iBOT masks (pathfm.data.loader.Views)
+  ... free positions  the same with grid_aligned=False (the previous default)
+  ... torch colour   the same with augment.OPENCV = False: MultiCrop's torch hue, blur, flips and tile transposes
+                  (before OpenCV)
   ... unmapped    the same with glibc's default allocator thresholds (before issue 31): every batch
                   page-faults its views in afresh (sampler.keep_freed_memory, which loader workers call)
   baseline        OpenSlide read + torchvision/PIL DINOv2-style multi-crop, one sample at a time
@@ -23,8 +26,9 @@ resident memory of a rank with an index of 1, 1,000 and 100,000 slides, tiles/s 
 1, 100 and 10,000 slides from its first batch, and the files it opened per tile.
 The slide is written once to .cache/pathfm/bench and reused. Every row runs in processes forked for it, stand-ins
 for loader workers (they call sampler.keep_freed_memory as workers do). The SUMMARY lines at the end give each
-target (issue 31: full samples / baseline >= 5x in 1 process; mix / grid-aligned >= 0.5) with pass or fail and the
-load average: a run at load above 1.5 does not count. --rows NAME,NAME runs only the rows whose names contain one.
+target (issue 31: full samples / baseline >= 5x in 1 process; mix / grid-aligned >= 0.5; both at the defaults, and the
+first also at free positions, the previous default) with pass or fail and the load average: a run at load above 1.5
+does not count. --rows NAME,NAME runs only the rows whose names contain one.
 """
 
 from __future__ import annotations
@@ -116,11 +120,11 @@ def multicrop_transform():
     return Views(cfg, make_plan(cfg))  # DINOv2: iBOT masks on the global crops
 
 
-def bench_full(opencv=True, unmapped=False):
+def bench_full(opencv=True, unmapped=False, **kw):
     def run(seconds):
         from pathfm.data import augment
         augment.OPENCV = opencv
-        ds, step = tile_dataset(transform=multicrop_transform()), iter(range(1 << 62))
+        ds, step = tile_dataset(transform=multicrop_transform(), **kw), iter(range(1 << 62))
         return rate(lambda: len(ds.batch(next(step))["tiles"]["global_crops"]) // 2, seconds)
     run.glibc_defaults = unmapped  # _single and _worker leave this row's processes with glibc's allocator defaults
     return run
@@ -205,10 +209,12 @@ def main():
             ("OpenSlide read_region 224 px", "regions/s", bench_openslide(224)),
             ("OpenSlide read_region 256 px", "regions/s", bench_openslide(256)),
             ("pathfm tiles, 0.5 µm/px grid-aligned (jpeg)", "tiles/s", bench_pathfm(mpps=[0.5], grid_aligned=True)),
-            ("pathfm tiles, mix 0.5/1/2 µm/px (auto)", "tiles/s", bench_pathfm()),
-            ("... mix, full decodes + resize (before)", "tiles/s", bench_pathfm(before=True)),
-            ("... mix, grid-aligned", "tiles/s", bench_pathfm(grid_aligned=True)),
-            ("full samples: pathfm mix + MultiCrop", "samples/s", bench_full()),
+            ("pathfm tiles, mix 0.5/1/2 µm/px (defaults: grid-aligned)", "tiles/s", bench_pathfm()),
+            ("... mix at free positions (the default before)", "tiles/s", bench_pathfm(grid_aligned=False)),
+            ("... mix at free positions, full decodes + resize (before)", "tiles/s",
+             bench_pathfm(before=True, grid_aligned=False)),
+            ("full samples: pathfm mix + MultiCrop (defaults)", "samples/s", bench_full()),
+            ("... full samples at free positions (the default before)", "samples/s", bench_full(grid_aligned=False)),
             ("... torch colour ops (before)", "samples/s", bench_full(opencv=False)),
             ("... freed memory unmapped (before)", "samples/s", bench_full(unmapped=True)),
             ("baseline: OpenSlide + torchvision multi-crop", "samples/s", bench_baseline)]
@@ -233,9 +239,10 @@ def main():
     for what, a, b, target in [("grid-aligned tiles / raw decode limit", "grid-aligned (jpeg)", "raw JPEG", None),
                                ("mix tiles / raw decode limit", "mix 0.5/1/2", "raw JPEG", None),
                                ("mix / grid-aligned", "mix 0.5/1/2", "grid-aligned (jpeg)", 0.5),
+                               ("mix at free positions / grid-aligned", "mix at free positions (the", "grid-aligned (jpeg)", None),
                                ("mix before (full decodes) / grid-aligned", "full decodes", "grid-aligned (jpeg)", None),
-                               ("mix grid-aligned / grid-aligned 0.5 µm/px", "mix, grid-aligned", "grid-aligned (jpeg)", None),
-                               ("full samples / baseline", "full samples", "baseline", 5.0),
+                               ("full samples / baseline", "full samples: pathfm", "baseline", 5.0),
+                               ("full samples at free positions / baseline", "full samples at free", "baseline", 5.0),
                                ("full samples before OpenCV / baseline", "torch colour", "baseline", None),
                                ("full samples, freed memory unmapped (before) / baseline", "unmapped", "baseline", None)]:
         top = next((n for n, _, _ in rows if a in n), None)

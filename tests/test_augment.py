@@ -99,6 +99,17 @@ def test_flips():
     assert out[0, 0].tolist() == [[3, 2], [1, 0]] and out[1, 0].tolist() == [[6, 7], [4, 5]]
 
 
+def test_opencv_flips_equal_torchs(monkeypatch):
+    """Channels-last uint8 crops (the resize's output on the CPU) flip in place with cv2.flip: the same bytes."""
+    x = real_tiles(4, size=24).contiguous(memory_format=torch.channels_last)
+    h, v = torch.tensor([False, True, False, True]), torch.tensor([False, False, True, True])
+    monkeypatch.setattr(A, "OPENCV", False)
+    ref = A.flips(x.clone(), h, v)
+    monkeypatch.setattr(A, "OPENCV", True)
+    assert torch.equal(A.flips(x.clone(), h, v), ref) and not torch.equal(ref[1:], x[1:])
+    assert torch.equal(A.flips(x.contiguous(), h, v), ref)  # NCHW crops: torch's flips
+
+
 @pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
 def test_colour_ops_match_torchvision(name):
     x = torch.rand(3, 3, 9, 11, generator=torch.Generator().manual_seed(1))
