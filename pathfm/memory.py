@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import linecache
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,7 +369,9 @@ def estimate(run, world_size: int) -> Usage:
     """run(env, tracker) on fake tensors with a fake process group of world_size ranks: the peak on one rank."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with fake_world(world_size) as env, FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+    with fake_world(world_size) as env, FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, warnings.catch_warnings():
+        # deepcopy of a fake tensor (the EMA's copy of the student) reads its data pointer inside torch, which warns
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor", UserWarning)
         with Tracker(fake_mode) as tracker:
             run(env, tracker)
     usage = tracker.usage(world_size)
