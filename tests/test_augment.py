@@ -167,6 +167,16 @@ def test_cpu_render_is_the_plain_ops_bit_for_bit():
         assert torch.equal(out[key], torch.addcmul(offset, x, scale)), key
 
 
+def test_crops_are_chunked_by_the_ops_they_take():
+    """Crops sorted by their optional ops (stable), cut into chunks of at most CPU_CHUNK that each take the same ops."""
+    _, p = MultiCrop(**SMALL).sample_params(4, 64, 64, torch.Generator().manual_seed(0))  # 8 local crops
+    off = torch.zeros(8, dtype=torch.bool)
+    p = dataclasses.replace(p, jitter=torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool), blur=off, gray=off,
+                            solarize=off)
+    order, chunks = A._group_by_ops(p, 4)
+    assert order.tolist() == [1, 4, 0, 2, 3, 5, 6, 7]
+    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 6), (6, 8)]
+
 def test_solarize_threshold_is_128():
     u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     ours = A.solarize(u.float() / 255)
