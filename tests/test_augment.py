@@ -168,7 +168,7 @@ def test_cpu_render_is_the_plain_ops_bit_for_bit():
 
 
 def test_crops_are_chunked_by_the_ops_they_take():
-    """Crops sorted by their optional ops (stable), cut into chunks of at most CPU_CHUNK that each take the same ops."""
+    """Crops sorted by their optional ops (stable), cut into chunks of at most a given number that each take the same ops."""
     _, p = MultiCrop(**SMALL).sample_params(4, 64, 64, torch.Generator().manual_seed(0))  # 8 local crops
     off = torch.zeros(8, dtype=torch.bool)
     p = dataclasses.replace(p, jitter=torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool), blur=off, gray=off,
