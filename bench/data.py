@@ -2,6 +2,7 @@
 scale (hard-linked copies of that slide: distinct slides to pathfm, one file in the page cache).
 
     python bench/data.py [--size 40000] [--seconds 5] [--batch 32] [--rounds 1] [--no-cohort] [--rows full,baseline]
+    python bench/data.py --phases     # where a full sample's CPU time goes (reading, multi-crop and its ops, masks)
 
 Rows, each measured in 1 process and in 2 worker processes (fork, 1 torch thread each); with --rounds N
 the whole table is measured N times, rows alternating, and the medians are printed; "per CPU-second" is
@@ -159,6 +160,66 @@ def bench_baseline(seconds):
     return rate(one, seconds)
 
 
+def phases(batches: int = 20, warmup: int = 4) -> None:
+    """Where a full sample's CPU time goes (--phases): time.process_time around reading the tiles, MultiCrop and the
+    iBOT masks, in this process with 1 torch thread, and inside MultiCrop around each op (wrapped in place; the
+    uint8 -> float copy, the normalisation and the loop are what render has left), at the defaults and at free positions."""
+    import collections
+    from pathfm.data import augment
+    from pathfm.data.masking import block_masks
+
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    spent = collections.Counter()
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.process_time() - start
+        setattr(owner, name, wrapper)
+
+    inner = {"resized_crops": "resized crops", "flips": "flips", "transposed_tiles": "transposed tiles",
+             "adjust_hue": "hue rotation", "gaussian_blur": "blur", "adjust_brightness": "brightness",
+             "adjust_contrast": "contrast", "adjust_saturation": "saturation", "solarize": "solarisation"}
+    for name, label in inner.items():
+        timed(augment, name, label)
+    timed(augment.MultiCrop, "_colour", "colour ops (all)")
+    timed(augment.MultiCrop, "render", "render (all)")
+    views = multicrop_transform()
+    for where, kw in (("defaults", {}), ("free positions", dict(grid_aligned=False))):
+        ds, rows = tile_dataset(**kw), collections.Counter()
+        for step in range(warmup + batches):
+            spent.clear()
+            t0 = time.process_time()
+            tiles = ds.batch(step)["tiles"]
+            t1 = time.process_time()
+            generator = torch.Generator().manual_seed(step)
+            out = views.multicrop.apply(tiles, views.multicrop.sample_params(len(tiles), tiles.shape[2], tiles.shape[3],
+                                                                              generator))
+            t2 = time.process_time()
+            block_masks(len(out["global_crops"]), views.grid, *views.mask_args, generator)
+            t3 = time.process_time()
+            if step >= warmup:
+                rows.update({"reading the tiles": t1 - t0, "multi-crop": t2 - t1, "iBOT masks": t3 - t2, **spent})
+        n = batches * STATE["batch"]
+        total = rows["reading the tiles"] + rows["multi-crop"] + rows["iBOT masks"]
+        rest = rows["render (all)"] - rows["colour ops (all)"] - sum(rows[k] for k in ("resized crops", "flips"))
+        print(f"\n| a full sample's CPU time, {where} ({batches} batches of {STATE['batch']}, 1 thread, "
+              f"load average {os.getloadavg()[0]:.1f}) | ms | share |\n|---|---|---|")
+        for label, v in [("reading the tiles", rows["reading the tiles"]), ("multi-crop", rows["multi-crop"]),
+                         *((f"... {k}", rows[k]) for k in ("resized crops", "flips", "transposed tiles", "colour ops (all)")),
+                         *((f"... ... {k}", rows[k]) for k in ("hue rotation", "blur", "contrast", "saturation", "brightness",
+                                                             "solarisation")),
+                         ("... uint8 -> float copy, normalisation, loop", rest),
+                         ("iBOT masks", rows["iBOT masks"]), ("total", total)]:
+            print(f"| {label} | {1e3 * v / n:.3f} | {100 * v / total:.0f}% |")
+
+
 def _worker(args):
     row, seconds = args  # the row's function is found in the forked copy of STATE (closures do not pickle)
     torch.set_num_threads(1)
@@ -196,6 +257,7 @@ def main():
     parser.add_argument("--no-cohort", action="store_true", help="only the single-slide rows")
     parser.add_argument("--build-slides", type=int, default=8, help="slides indexed for the build rate")
     parser.add_argument("--rows", default="", help="comma-separated parts of row names: only those rows")
+    parser.add_argument("--phases", action="store_true", help="only where a full sample's CPU time goes, by phase")
     args = parser.parse_args()
     path = Path(args.cache) / f"synthetic-{args.size}.svs"
     if not path.exists():
@@ -205,6 +267,8 @@ def main():
     index = build_index([SlideEntry(str(path))], Path(args.cache) / f"index-{args.size}", IndexParams(224, tuple(MIX), 0.4),
                         workers=1, mask_dir=Path(args.cache) / "masks", progress=False)
     STATE.update(index=index, path=path, batch=args.batch)
+    if args.phases:
+        return phases()
     rows = [("raw JPEG decode (256 px stored tiles)", "tiles/s", bench_raw_decode),
             ("OpenSlide read_region 224 px", "regions/s", bench_openslide(224)),
             ("OpenSlide read_region 256 px", "regions/s", bench_openslide(256)),
