@@ -64,8 +64,8 @@ def tiles_for_device_path(n: int, size: int) -> tuple[list[Image.Image], str]:
 
 
 def tile_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> (B, 3, T, T) uint8."""
-    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+    """PIL images -> (B, 3, T, T) uint8, channels-last: a view of (B, T, T, 3), as the sampler yields tiles."""
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
 
 
 def time_interleaved(fns: dict, repeats: int) -> dict:
