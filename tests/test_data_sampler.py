@@ -2,6 +2,7 @@
 realised frequencies, bad slides and read failures shared between workers."""
 
 import math
+import os
 import shutil
 import threading
 import types
@@ -289,8 +290,33 @@ def test_reads_in_flight_keep_the_stream_bit_for_bit(prepared, hsv_filter, monke
         got = next(iter(resumed))
         assert got["step"] == 3 and torch.equal(got["tiles"], expected[3]["tiles"])
         for d in (ds, resumed):
-            d.reader.ahead.pool.shutdown()
+            d.reader.ahead.close()
     assert (True in redone) == hsv_filter  # the filter's redraws were exercised
+
+
+def test_a_row_of_stored_tiles_is_one_read_split_into_the_tiles_streams(prepared, tmp_path, monkeypatch):
+    """A region's stored tiles that lie back to back in the file (a row of them) are read with one os.pread and
+    split into exactly the streams that reading each tile alone gives; a run cut short names its first short tile."""
+    reader = P.JpegTiffReader(prepared.path(0), prepared.slide(0).info.dimensions)
+    lv = reader.levels[0]
+    region = (lv.tile_w // 2, lv.tile_h // 2, lv.tile_w, lv.tile_h)  # over 2 x 2 stored tiles
+    runs = reader.tile_runs(0, *region)
+    assert [[(c, r) for c, r, _ in tiles] for _, _, tiles in runs] == [[(0, 0), (1, 0)], [(0, 1), (1, 1)]]
+    preads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda *a: preads.append(a) or real(*a))
+    streams = reader.read_runs(0, runs)
+    assert len(preads) == 2  # one a row
+    monkeypatch.undo()
+    assert streams == {k: reader.tile_bytes(0, *k) for k in reader.stored_tiles(0, *region)}
+    (offset, size, ((_, _, first), _)), _ = runs  # the first row: cut the file in its second tile
+    short = tmp_path / "short.svs"
+    short.write_bytes(Path(prepared.path(0)).read_bytes()[:offset + first + 10])
+    os.close(reader._fd)
+    reader._fd = os.open(short, os.O_RDONLY)
+    with pytest.raises(OSError, match=r"level 0 tile \(1, 0\) is truncated"):
+        reader.read_runs(0, runs)
+    reader.close()
 
 
 def test_reads_in_flight_stay_within_their_memory_bound(prepared, monkeypatch):
@@ -305,7 +331,7 @@ def test_reads_in_flight_stay_within_their_memory_bound(prepared, monkeypatch):
     largest = max(int(c) for reader in readers for lv in reader.levels for c in lv.counts)
     assert 2 * largest < ahead.peak <= bound  # several reads in flight at once, never more than the bound
     assert 0 < ahead.held <= bound  # the next step's reads, started while this one was made
-    ahead.pool.shutdown()
+    ahead.close()
 
 
 class StorageClock:
@@ -321,13 +347,14 @@ class StorageClock:
         return getattr(self.local, "t", 0.0)
 
     def reads_take(self, monkeypatch, seconds: float) -> None:
-        real = P.JpegTiffReader.tile_bytes
+        """Each draw's reads (read ahead, or timed in turn) take `seconds`."""
+        real = P.JpegTiffReader.read_runs
 
-        def tile_bytes(*a):
+        def read_runs(*a):
             self.local.t = self.now() + seconds
             return real(*a)
 
-        monkeypatch.setattr(P.JpegTiffReader, "tile_bytes", tile_bytes)
+        monkeypatch.setattr(P.JpegTiffReader, "read_runs", read_runs)
 
 
 def test_reads_go_ahead_only_while_they_are_slow(prepared, monkeypatch):
@@ -338,28 +365,28 @@ def test_reads_go_ahead_only_while_they_are_slow(prepared, monkeypatch):
     clock.reads_take(monkeypatch, 50e-6)
     ds = dataset(prepared, batch_size=16, read_ahead_bytes=1 << 24)
     fast = ds.batch(0)
-    assert not ds.reader.ahead.active and ds.reader.ahead.pool is None
+    assert not ds.reader.ahead.active and not ds.reader.ahead.readers.threads
     monkeypatch.undo()  # the real tile_bytes and clock again, then the slow storage
     monkeypatch.setattr(P, "TIMED_EVERY", 1)
     clock = StorageClock(monkeypatch)
     clock.reads_take(monkeypatch, 0.02)
     slow = ds.batch(0)
-    assert ds.reader.ahead.active and ds.reader.ahead.pool is not None
+    assert ds.reader.ahead.active and ds.reader.ahead.readers.threads
     assert torch.equal(fast["tiles"], slow["tiles"])
-    ds.reader.ahead.pool.shutdown()
+    ds.reader.ahead.close()
 
 
 def test_reads_in_flight_follow_latency_times_decode_rate():
-    """Little's law: a read must be started latency / (decode time a read) reads before the decode needs it."""
+    """Little's law: a draw's reads must start latency / (decode time a draw) draws before the decode needs them."""
     ahead = P.ReadAhead(1 << 24, 128)
-    ahead.log_latency, ahead.busy = math.log(5e-3), 2e-4  # 5 ms a read, the decode takes one every 200 µs
+    ahead.log_latency, ahead.busy = math.log(5e-3), 2e-4  # 5 ms a draw's reads, the decode takes one every 200 µs
     assert ahead.depth == 42  # 1.5 x 25 + 4, rounded up
     ahead.log_latency = math.log(20e-3)
     assert ahead.depth == 128  # 154 wanted: the cap
     ahead.busy = 1e-3  # a decode 5x slower needs 5x fewer
     assert ahead.depth == 34
     ahead.busy, ahead.waited = 2e-4, 0.010
-    ahead.consumed(4, 0.014)  # 4 reads in 14 ms, of which 10 ms waiting for them: 1 ms of decode each
+    ahead.consumed(0.011)  # a draw in 11 ms, of which 10 ms waiting for its reads: 1 ms of decode
     assert ahead.busy == pytest.approx(2e-4 + 0.05 * (1e-3 - 2e-4)) and ahead.waited == 0  # a moving average
 
 
@@ -374,8 +401,8 @@ def test_slow_reads_keep_more_in_flight_than_a_fixed_count(prepared, monkeypatch
     for want in reference:
         got = next(it)
         assert got["locations"] == want["locations"] and torch.equal(got["tiles"], want["tiles"])
-    assert 30 <= ds.reader.ahead.most_pending <= 40 + 4  # (a draw's reads start together: up to 4 past the cap)
-    ds.reader.ahead.pool.shutdown()
+    assert 30 <= ds.reader.ahead.most_pending <= 40  # draws in flight
+    ds.reader.ahead.close()
 
 
 def _faults_of_a_later_batch(keep: bool, queue) -> None:
@@ -417,7 +444,7 @@ def test_reads_in_flight_give_the_same_failures_and_drops(tmp_path, slide_dir, m
     a, b = sync.batch(0), next(iter(ahead))
     assert a["locations"] == b["locations"] and torch.equal(a["tiles"], b["tiles"])
     assert b["skipped"] == P.FAILURES_TO_DROP and ahead.dropped[1]
-    ahead.reader.ahead.pool.shutdown()
+    ahead.reader.ahead.close()
 
 
 def test_tiles_from_the_index_are_the_readers_tiles_at_those_positions(prepared):

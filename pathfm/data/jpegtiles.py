@@ -165,8 +165,13 @@ class JpegTiffReader:
         """The complete JPEG stream of one stored tile."""
         lv = self.levels[level]
         i = row * lv.cols + col
-        data = os.pread(self._fd, int(lv.counts[i]), int(lv.offsets[i]))
-        if len(data) != lv.counts[i] or data[:2] != b"\xff\xd8":
+        count = int(lv.counts[i])
+        return self._stream(level, col, row, os.pread(self._fd, count, int(lv.offsets[i])), count)
+
+    def _stream(self, level: int, col: int, row: int, data: bytes, count: int) -> bytes:
+        """A stored tile's `count` bytes as read from the file -> its complete JPEG stream, checked."""
+        lv = self.levels[level]
+        if len(data) != count or data[:2] != b"\xff\xd8":
             raise OSError(f"{self.path}: level {level} tile ({col}, {row}) is truncated or not JPEG")
         stream = lv.prefix + data[2:]
         # the decoder allocates what the frame header (SOF) says: check it against the TIFF's tile size first
@@ -180,11 +185,39 @@ class JpegTiffReader:
                           f"the TIFF's tiles are {lv.tile_w}x{lv.tile_h}")
         return stream
 
-    def tile_range(self, level: int, col: int, row: int) -> tuple[int, int]:
-        """(offset, byte count) of one stored tile in the file: what a read ahead of the decode fetches."""
+    def tile_runs(self, level: int, x: int, y: int, w: int, h: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+        """The stored tiles that region (x, y, w, h) of a level covers, as runs that lie back to back in the
+        file: [(offset of the run, its bytes, [(col, row, byte count), ...])], in read order. Writers store a level's tiles
+        row by row, so a region's tiles in one row are usually one run: read_runs reads each run with one
+        os.pread (on a network file system a read costs milliseconds, whatever its size). Tiles stored with
+        zero bytes (never scanned, decoded as blank) are left out."""
         lv = self.levels[level]
-        i = row * lv.cols + col
-        return int(lv.offsets[i]), int(lv.counts[i])
+        runs, tiles, start, end = [], None, -1, -1
+        for col, row in self.stored_tiles(level, x, y, w, h):
+            i = row * lv.cols + col
+            offset, count = int(lv.offsets[i]), int(lv.counts[i])
+            if count == 0:
+                continue
+            if offset != end:  # not right after the previous tile: a new run
+                if tiles:
+                    runs.append((start, end - start, tiles))
+                start, tiles = offset, []
+            tiles.append((col, row, count))
+            end = offset + count
+        if tiles:
+            runs.append((start, end - start, tiles))
+        return runs
+
+    def read_runs(self, level: int, runs) -> dict[tuple[int, int], bytes]:
+        """{(col, row): JPEG stream} of the tiles of tile_runs(), one os.pread a run (errors as tile_bytes')."""
+        streams = {}
+        for offset, size, tiles in runs:
+            data = os.pread(self._fd, size, offset)
+            start = 0
+            for col, row, count in tiles:
+                streams[col, row] = self._stream(level, col, row, data[start:start + count], count)
+                start += count
+        return streams
 
     def stored_tiles(self, level: int, x: int, y: int, w: int, h: int) -> list[tuple[int, int]]:
         """(col, row) of the stored tiles that region (x, y, w, h) of a level covers, in read order."""
@@ -210,8 +243,8 @@ class JpegTiffReader:
     def read(self, level: int, x: int, y: int, w: int, h: int, *, scale: int = 1, fetched=None) -> np.ndarray:
         """(h, w, 3) uint8 region (possibly a strided view) whose top-left is (x, y) in level pixels;
         with scale s, the region decoded at 1/s of its size, (h/s, w/s, 3): x, y, w, h and the stored
-        tile size must then be multiples of s. fetched: {(col, row): a callable returning the tile's
-        stream} for tiles already read ahead; the others are read here.
+        tile size must then be multiples of s. fetched: {(col, row): the tile's stream} of tiles already
+        read (read_runs, ahead of the decode); the others are read here.
 
         The region must lie inside the level. One stored tile is decoded when it fits in one.
         """
@@ -221,18 +254,18 @@ class JpegTiffReader:
                              f"of size {lv.width}x{lv.height}")
         if (x | y | w | h | lv.tile_w | lv.tile_h) % scale:
             raise ValueError(f"{self.path}: region ({x}, {y}, {w}, {h}) not on the 1/{scale} grid of level {level}")
-        data = lambda col, row: fetched[col, row]() if fetched and (col, row) in fetched else None  # noqa: E731
+        data = (fetched or {}).get
         c0, c1 = x // lv.tile_w, (x + w - 1) // lv.tile_w
         r0, r1 = y // lv.tile_h, (y + h - 1) // lv.tile_h
         x, y, w, h, tw, th = x // scale, y // scale, w // scale, h // scale, lv.tile_w // scale, lv.tile_h // scale
         if c0 == c1 and r0 == r1:  # the grid-aligned case: no copy into a mosaic
-            tile = self.decode_tile(level, c0, r0, data(c0, r0), scale)
+            tile = self.decode_tile(level, c0, r0, data((c0, r0)), scale)
             ox, oy = x - c0 * tw, y - r0 * th
             return tile[oy:oy + h, ox:ox + w]  # a view: the caller's np.stack copies it once
         out = np.empty((h, w, 3), np.uint8)
         for row in range(r0, r1 + 1):
             for col in range(c0, c1 + 1):
-                tile = self.decode_tile(level, col, row, data(col, row), scale)
+                tile = self.decode_tile(level, col, row, data((col, row)), scale)
                 # overlap of this tile with the region, in (scaled) level coordinates
                 tx, ty = col * tw, row * th
                 ax, ay = max(x, tx), max(y, ty)

@@ -25,9 +25,10 @@ import functools
 import itertools
 import logging
 import math
+import queue
+import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,39 +57,46 @@ OPENS_AHEAD = 4  # slides opened at once ahead of their visits (an open reads th
 # Reads in flight: latency x the rate the decode takes them (Little's law), times this margin for the spread of
 # both, plus a few for the reads the decode has in hand; at most data.read_threads of them (the cap, see ReadAhead)
 IN_FLIGHT_MARGIN = 1.5
+THREAD_MARGIN = 1.5  # read threads: latency x decode rate, times this, plus 2 (see ReadAhead.threads_wanted)
 STEPS_AHEAD = 8  # a worker draws (and reads) up to this many of its next steps ahead when the depth asks for it
 
 
 class ReadAhead:
-    """Stored-tile reads kept in flight on threads, so that waiting on slow storage (a network file system,
+    """Reads of stored tiles kept in flight on threads, so that waiting on slow storage (a network file system,
     milliseconds a read) overlaps decoding instead of adding to it.
 
-    How many: enough that a read started now is done when the decode reaches it. The decode takes a read
-    every `busy` seconds (its own time per read, measured, waits excluded) and a read takes `latency` (a
-    geometric moving average of timed reads), so `depth` = IN_FLIGHT_MARGIN x latency / busy + 4 reads are
-    kept started and not yet decoded: 39 at 5 ms and 200 µs a read, 154 at 20 ms. It is capped at
-    `max_in_flight` (data.read_threads, 128 by default, a thread each): past a few hundred outstanding reads a
-    worker only queues in its file system client (an NFSv4.1 session has 64 slots, a Lustre client 8 RPCs
-    per storage target), so the cap bounds the threads without bounding the rate below max_in_flight /
-    latency (6,400 reads/s at 20 ms). At most `max_bytes` of tile streams are held at once, counting those
-    being read and those read but not decoded yet (one draw's tiles larger than that are still read, alone).
+    The unit is a draw's reads: one task on a read thread fetches all the stored tiles one drawn tile needs, with
+    one os.pread for each run of them that lies back to back in the file (JpegTiffReader.tile_runs: one for a
+    grid-aligned tile, one a row of stored tiles otherwise). How many: enough that a draw's reads started now are
+    done when the decode reaches it. The decode takes a draw every `busy` seconds (its own time per draw,
+    measured, waits excluded) and a draw's reads take `latency` (a geometric moving average of timed ones), so
+    `depth` = IN_FLIGHT_MARGIN x latency / busy + 4 draws are kept started and not yet decoded: 42 at 5 ms and
+    200 µs a draw, 154 at 20 ms. It is capped at `max_in_flight` (data.read_threads, 128 by default, a thread
+    each, so at most that many reads outstanding): past a few hundred outstanding reads a worker only queues in
+    its file system client (an NFSv4.1 session has 64 slots, a Lustre client 8 RPCs per storage target), so the
+    cap bounds the threads without bounding the rate below max_in_flight / latency (6,400 draws/s at 20 ms). At
+    most `max_bytes` of tile streams are held at once, counting those being read and those read but not decoded
+    yet (one draw's tiles larger than that are still read, alone).
 
-    The threads only call os.pread (which releases the GIL); decoding stays in the worker's own thread. Reads
-    ahead, and one draw's in TIMED_EVERY read in turn, are timed: reads go ahead only while they are slow
-    (`active`), so the page cache keeps its cheaper synchronous path.
+    The threads only read (os.pread releases the GIL) and check the streams; decoding stays in the worker's own
+    thread. A task is handed over through a queue and signals with one lock (_Task), cheaper than a
+    concurrent.futures pool's future, condition and semaphore: the hand-off's CPU was what reading ahead cost
+    (issue 31). Reads ahead, and one draw's in TIMED_EVERY read in turn, are timed: reads go ahead only while
+    they are slow (`active`), so the page cache keeps its cheaper synchronous path.
     """
 
     def __init__(self, max_bytes: int, max_in_flight: int):
         self.max_bytes, self.max_in_flight = max_bytes, max_in_flight
-        self.pool = None  # started on first use, in the process that reads (threads do not survive a fork)
+        # threads started as they are wanted, in the process that reads (threads do not survive a fork)
+        self.readers, self.openers = _Threads(), _Threads()
         self.held = self.peak = 0  # bytes held now, and the most ever held (tests check the bound)
-        self.pending: dict = {}  # future -> the handle it reads from, until consumed or dropped
-        self.most_pending = 0  # the most reads ever started and not yet decoded (bench/storage.py reports it)
-        # log of the seconds a read takes, moving average over about 10 reads: a geometric mean, so that a read
-        # that was descheduled on a busy node (milliseconds, now and then) does not make the page cache look slow
+        self.pending: dict = {}  # task -> the handle it reads from, until consumed or dropped
+        self.most_pending = 0  # the most draws ever started and not yet decoded (bench/storage.py reports it)
+        # log of the seconds a draw's reads take, moving average over about 10 draws: a geometric mean, so that a
+        # read that was descheduled on a busy node (milliseconds, now and then) does not make the page cache look slow
         self.log_latency = math.log(1e-5)
-        self.busy = 2e-4  # seconds of the decode's own work per read consumed (moving average; a first guess)
-        self.waited = 0.0  # seconds the decode waited for reads in flight (consume() takes it out of `busy`)
+        self.busy = 2e-4  # seconds of the decode's own work per draw consumed (moving average; a first guess)
+        self.waited = 0.0  # seconds the decode waited for reads in flight (consumed() takes it out of `busy`)
         self.waited_total = 0.0  # the same, summed over the worker's life (bench/storage.py reports it)
 
     @property
@@ -97,65 +105,145 @@ class ReadAhead:
 
     @property
     def depth(self) -> int:
-        """Reads to keep started and not yet decoded: latency x decode rate, with a margin, within the cap."""
+        """Draws to keep started and not yet decoded: latency x decode rate, with a margin, within the cap."""
         want = IN_FLIGHT_MARGIN * math.exp(self.log_latency) / self.busy + 4
         return max(1, min(self.max_in_flight, math.ceil(want)))
 
-    def timed(self, read, *args) -> bytes:
+    def timed(self, read, *args):
         start = time.perf_counter()
         data = read(*args)
         seconds = max(time.perf_counter() - start, 1e-7)
         self.log_latency += 0.1 * (math.log(seconds) - self.log_latency)  # from threads too: a lost update is harmless
         return data
 
-    def consumed(self, reads: int, seconds: float) -> None:
-        """The decode used `reads` stored-tile reads in `seconds` of wall time, waits for reads included."""
-        if reads > 0:
-            own = max(seconds - self.waited, 1e-6) / reads
-            self.busy += 0.05 * (own - self.busy)  # about the last 20 draws
+    def consumed(self, seconds: float) -> None:
+        """The decode used one draw's reads in `seconds` of wall time, waits for them included."""
+        own = max(seconds - self.waited, 1e-6)
+        self.busy += 0.05 * (own - self.busy)  # about the last 20 draws
         self.waited_total += self.waited
         self.waited = 0.0
 
-    def result(self, future) -> bytes:
-        """A read's stream, counting the time the decode waits for it."""
-        if future.done():
-            return future.result()
-        start = time.perf_counter()
-        try:
-            return future.result()
-        finally:
+    @property
+    def threads_wanted(self) -> int:
+        """Read threads: enough for the decode's rate (latency / busy draws being read at once), with the margin
+        of `depth`, within the cap: 2 fewer than `depth` (threads once started stay). A thread that finishes a read while draws wait in the queue takes the next without sleeping, so handing it
+        over wakes no thread (a wake and its GIL hand-over cost the decoding thread CPU time, issue 31)."""
+        want = THREAD_MARGIN * math.exp(self.log_latency) / self.busy + 2
+        return max(1, min(self.max_in_flight, math.ceil(want)))
+
+    def run(self, fn, *args) -> "_Task":
+        """fn(*args) on one of OPENS_AHEAD threads of its own (slides opened ahead of their visits)."""
+        return self.openers.run(fn, args, OPENS_AHEAD)
+
+    def close(self) -> None:
+        self.readers.close()
+        self.openers.close()
+
+    def wait(self, task: "_Task"):
+        """A draw's streams, counting the time the decode waits for them."""
+        if not task.done():
+            start = time.perf_counter()
+            task.wait()
             self.waited += time.perf_counter() - start
+        return task.result()
 
     def room(self, nbytes: int) -> bool:
         if len(self.pending) >= self.depth:
             return False
         return self.held == 0 or self.held + nbytes <= self.max_bytes
 
-    def start(self) -> None:
-        if self.pool is None:  # threads are made as reads need them, up to the cap (plus the opens ahead)
-            self.pool = ThreadPoolExecutor(self.max_in_flight + OPENS_AHEAD, thread_name_prefix="pathfm-read")
-
-    def submit(self, handle, level: int, col: int, row: int, nbytes: int):
-        self.start()
+    def submit(self, handle, level: int, runs: list, nbytes: int) -> "_Task":
+        """Start reading one draw's stored tiles (handle.tile_runs)."""
         self.held += nbytes
         self.peak = max(self.peak, self.held)
-        future = self.pool.submit(self.timed, handle.tile_bytes, level, col, row)
-        self.pending[future] = handle
+        task = self.readers.run(self.timed, (handle.read_runs, level, runs), self.threads_wanted)
+        self.pending[task] = handle
         self.most_pending = max(self.most_pending, len(self.pending))
-        return future
+        return task
 
-    def release(self, futures, nbytes: int) -> None:
-        """The reads of one tile are decoded or no longer wanted: their bytes stop counting."""
+    def release(self, task: "_Task", nbytes: int) -> None:
+        """A draw's reads are decoded or no longer wanted: their bytes stop counting."""
         self.held -= nbytes
-        for future in futures:
-            future.cancel()  # not started yet: never read
-            self.pending.pop(future, None)
+        task.cancelled = True  # not started yet: never read
+        self.pending.pop(task, None)
 
     def settle(self, handle) -> None:
         """Wait for the reads in flight from `handle`, so that closing it cannot pull a file from under them."""
-        for future in [f for f, h in self.pending.items() if h is handle]:
-            future.cancel() or future.exception()  # wait; an error belongs to whoever consumes it
-        self.pending = {f: h for f, h in self.pending.items() if not f.done()}
+        for task in [t for t, h in self.pending.items() if h is handle]:
+            task.cancelled = True
+            task.wait()  # an error belongs to whoever consumes it
+        self.pending = {t: h for t, h in self.pending.items() if not t.done()}
+
+
+class _Task:
+    """fn(*args), to run once on a read thread. Its lock is held until it has run, so waiting for it is one
+    acquire that releases the GIL. cancelled: skip it if it has not started."""
+
+    __slots__ = ("fn", "args", "value", "error", "cancelled", "lock")
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.value, self.error, self.cancelled = fn, args, None, None, False
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def run(self) -> None:
+        if not self.cancelled:
+            try:
+                self.value = self.fn(*self.args)
+            except BaseException as e:  # raised again by result(), in the thread that takes it
+                self.error = e
+        self.fn = self.args = None
+        self.lock.release()
+
+    def done(self) -> bool:
+        return not self.lock.locked()
+
+    def wait(self) -> None:
+        with self.lock:
+            pass
+
+    def exception(self) -> BaseException | None:
+        self.wait()
+        return self.error
+
+    def result(self):
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Threads:
+    """Daemon threads that run the _Tasks of one queue in turn."""
+
+    def __init__(self):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def run(self, fn, args: tuple, threads: int) -> _Task:
+        """fn(*args) on a thread, starting one more while there are fewer than `threads`."""
+        if len(self.threads) < threads:
+            thread = threading.Thread(target=_serve, args=(self.tasks,), name="pathfm-read", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        task = _Task(fn, args)
+        self.tasks.put(task)
+        return task
+
+    def close(self) -> None:
+        """Let the threads end (each takes one None from the queue)."""
+        for _ in self.threads:
+            self.tasks.put(None)
+        self.threads = []
+
+    def __del__(self):
+        self.close()
+
+
+def _serve(tasks: queue.SimpleQueue) -> None:
+    """A thread of _Threads: run tasks until a None. It holds the queue, not the _Threads, so that can be collected."""
+    while (task := tasks.get()) is not None:
+        task.run()
 
 
 class TileReader:
@@ -188,8 +276,7 @@ class TileReader:
             self.handle(slide)  # opens as usual, which reports the error at its turn
             return False
         if path not in self.opening:
-            self.ahead.start()
-            self.opening[path] = self.ahead.pool.submit(JpegTiffReader, path, slide.info.dimensions)
+            self.opening[path] = self.ahead.run(JpegTiffReader, path, slide.info.dimensions)
             return True
         return not self.opening[path].done()
 
@@ -261,13 +348,13 @@ class TileReader:
         return plan.level, min(round(x / plan.downsample), lw - r), min(round(y / plan.downsample), lh - r), r, scale
 
     def read(self, slide: IndexedSlide, mpp: float, x: int, y: int, size: int, fetched=None) -> np.ndarray:
-        """(size, size, 3) uint8 tile at target mpp whose top-left is level-0 (x, y); fetched: stored tiles
-        already read ahead ({(col, row): callable giving the stream}, JPEG reader only)."""
+        """(size, size, 3) uint8 tile at target mpp whose top-left is level-0 (x, y); fetched: a callable giving
+        the stored tiles read ahead ({(col, row): stream}, JPEG reader only; it raises their read's error)."""
         level, lx, ly, r, scale = self.region(slide, mpp, x, y, size)
         try:
             handle = self.handle(slide)
             if isinstance(handle, JpegTiffReader):
-                region = handle.read(level, lx, ly, r, r, scale=scale, fetched=fetched)
+                region = handle.read(level, lx, ly, r, r, scale=scale, fetched=None if fetched is None else fetched())
             else:
                 plan = slide.plans[mpp]
                 xy0 = (round(lx * plan.downsample), round(ly * plan.downsample))
@@ -414,19 +501,19 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             if ahead is not None:
                 if ahead.active:
                     self._read_ahead(steps)
-                elif d.reads is None and d.n % TIMED_EVERY == 0:  # read in turn, timed: slow storage turns it on
+                elif d.fetch is None and d.n % TIMED_EVERY == 0:  # read in turn, timed: slow storage turns it on
                     self._submit(d, ahead, now=True)
             index = d.location[0]
             self._note(index)
             try:
-                tile = self.reader.read(self.slide(index)[0], *d.location[1:], T, d.reads)
+                tile = self.reader.read(self.slide(index)[0], *d.location[1:], T, d.fetch)
             except Exception as e:  # any read failure: count, maybe drop, leave this slide
                 self._failed(index, e)
                 draws.redo(d, same_visit=False)
                 continue
             finally:
-                if d.futures and ahead is not None:  # the decode's own time per read: how fast reads must come
-                    ahead.consumed(len(d.futures), time.perf_counter() - started)
+                if d.task is not None:  # the decode's own time per draw: how fast reads must come
+                    ahead.consumed(time.perf_counter() - started)
                 self._discard_draw(d)
             if self.hsv is not None and d.tries < HSV_TRIES - 1 and not self.hsv.accepts(tile):
                 draws.redo(d, same_visit=True)  # another position on the same slide
@@ -459,7 +546,9 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
         """Start the reads of the next draws of these steps, in stream order, while there is room. A draw
         whose slide is not open yet waits for its open (on a read-ahead thread); meanwhile the slides of
         up to OPENS_AHEAD later visits are opened too, so that opens overlap as reads do."""
-        ahead, waiting = self.reader.ahead, False
+        ahead, waiting, depth = self.reader.ahead, False, self.reader.ahead.depth
+        if len(ahead.pending) >= depth:  # no room (the common case: one draw decoded makes room for one)
+            return
         for step in steps:
             draws = self._draws_of(step)
             i = draws.submitted
@@ -480,42 +569,43 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                         return
                 elif self.reader.open_ahead(slide):
                     waiting = True
-                elif not self._submit(d, ahead):
+                elif len(ahead.pending) >= depth or not self._submit(d, ahead):
                     return
                 else:
                     draws.submitted += 1
 
     def _submit(self, d: "_Draw", ahead: ReadAhead, now: bool = False) -> bool:
-        """Start the reads of the stored tiles draw d needs; False when they do not fit in the bound. now:
-        only time them, as they are read in turn."""
+        """Start reading the stored tiles draw d needs, as one task on a read thread; False when it does not fit in
+        the bounds. now: read them at the decode, as in turn, but timed."""
         index, mpp, x, y = d.location
         slide = self.slide(index)[0]
         self._note(index)
         try:
             handle = self.reader.handle(slide)
         except Exception:  # the read, at its turn, opens again and reports the error
-            d.reads = {}
-            return True
+            handle = None
         if not isinstance(handle, JpegTiffReader):  # OpenSlide reads itself
-            d.reads = {}
+            d.fetch = _read_at_decode
             return True
         level, lx, ly, r, _ = self.reader.region(slide, mpp, x, y, self.tile_size)
-        ranges = {k: handle.tile_range(level, *k)[1] for k in handle.stored_tiles(level, lx, ly, r, r)}
-        if now:
-            d.reads = {k: functools.partial(ahead.timed, handle.tile_bytes, level, *k) for k, n in ranges.items() if n > 0}
+        runs = handle.tile_runs(level, lx, ly, r, r)
+        if not runs:  # no stored bytes (never scanned): blank
+            d.fetch = _read_at_decode
             return True
-        nbytes = sum(ranges.values())
+        if now:
+            d.fetch = functools.partial(ahead.timed, handle.read_runs, level, runs)
+            return True
+        nbytes = sum(size for _, size, _ in runs)
         if not ahead.room(nbytes):
             return False
-        futures = {k: ahead.submit(handle, level, *k, n) for k, n in ranges.items() if n > 0}
-        d.reads = {k: functools.partial(ahead.result, f) for k, f in futures.items()}
-        d.futures, d.nbytes = list(futures.values()), nbytes
+        d.task, d.nbytes = ahead.submit(handle, level, runs, nbytes), nbytes
+        d.fetch = functools.partial(ahead.wait, d.task)
         return True
 
     def _discard_draw(self, d: "_Draw") -> None:
-        if d.futures:
-            self.reader.ahead.release(d.futures, d.nbytes)
-        d.reads, d.futures, d.nbytes = None, None, 0
+        if d.task is not None:
+            self.reader.ahead.release(d.task, d.nbytes)
+        d.fetch, d.task, d.nbytes = None, None, 0
 
     def _discard(self, draws: "_Draws") -> None:
         for d in draws.made:
@@ -613,7 +703,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
 
     def _note(self, index: int) -> None:
         """Say which slide this worker reads now (once per visit), for the trainer to name if it stalls or dies."""
-        if (self._step, index) != self.reading.last:
+        if self.reading.path is not None and (self._step, index) != self.reading.last:
             self.reading.note(self._step, index, self.index.path(index))
 
     def _draw_slide(self, rng: np.random.Generator) -> int:
@@ -651,8 +741,8 @@ class _Draw:
     left: int
     tries: int
     state: dict
-    reads: dict | None = None  # (col, row) -> a callable giving the stored tile's stream, once submitted
-    futures: list | None = None  # the reads in flight behind them
+    fetch: object = None  # once submitted: a callable giving its stored tiles' streams (TileReader.read's fetched)
+    task: _Task | None = None  # the reads in flight behind it, and their bytes
     nbytes: int = 0
 
 
@@ -694,6 +784,11 @@ class _Draws:
         self.rng.bit_generator.state = d.state
         self.n, self.index = d.n, d.location[0]
         self.left, self.tries = (d.left, d.tries + 1) if same_visit else (0, 0)
+
+
+def _read_at_decode() -> None:
+    """fetched of a draw whose decode reads its own tiles (OpenSlide, a slide that failed to open, a blank tile)."""
+    return None
 
 
 def _pick(cumulative: np.ndarray, rng: np.random.Generator) -> int:
