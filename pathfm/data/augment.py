@@ -273,7 +273,8 @@ def flips(x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor) -> torch.Te
     One crop at a time, both flips in one pass: on the CPU, flipping a copied-out subset of a
     (8, 3, 224, 224) uint8 chunk takes ~30x longer than flipping its crops one by one.
     """
-    if OPENCV and x.device.type == "cpu" and x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last):
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    if OPENCV and x.device.type == "cpu" and x.dtype == torch.uint8 and channels_last:
         # cv2.flip in place on each crop's (H, W, C) view: twice as fast as torch's flip and copy back
         for crop, h, v in zip(x.permute(0, 2, 3, 1).numpy(), hflip.tolist(), vflip.tolist()):
             if h or v:  # flipCode 1: left-right, 0: top-bottom, -1: both
