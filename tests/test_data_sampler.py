@@ -309,6 +309,12 @@ def test_a_row_of_stored_tiles_is_one_read_split_into_the_tiles_streams(prepared
     assert len(preads) == 2  # one a row
     monkeypatch.undo()
     assert streams == {k: reader.tile_bytes(0, *k) for k in reader.stored_tiles(0, *region)}
+    ahead, nbytes = P.ReadAhead(1 << 20, 4), sum(size for _, size, _ in runs)
+    tasks = ahead.submit(reader, 0, runs, nbytes)
+    assert len(tasks) == 2 and ahead.wait(tasks) == streams  # read ahead: a task a read, their streams merged
+    ahead.release(tasks, nbytes)
+    assert ahead.held == 0 and not ahead.pending and ahead.reads == 0
+    ahead.close()
     (offset, size, ((_, _, first), _)), _ = runs  # the first row: cut the file in its second tile
     short = tmp_path / "short.svs"
     short.write_bytes(Path(prepared.path(0)).read_bytes()[:offset + first + 10])
@@ -377,9 +383,10 @@ def test_reads_go_ahead_only_while_they_are_slow(prepared, monkeypatch):
 
 
 def test_reads_in_flight_follow_latency_times_decode_rate():
-    """Little's law: a draw's reads must start latency / (decode time a draw) draws before the decode needs them."""
+    """Little's law: a draw's reads (read at once) must start latency / (decode time a draw) draws before the decode
+    needs them."""
     ahead = P.ReadAhead(1 << 24, 128)
-    ahead.log_latency, ahead.busy = math.log(5e-3), 2e-4  # 5 ms a draw's reads, the decode takes one every 200 µs
+    ahead.log_latency, ahead.busy = math.log(5e-3), 2e-4  # 5 ms a read, the decode takes a draw every 200 µs
     assert ahead.depth == 42  # 1.5 x 25 + 4, rounded up
     ahead.log_latency = math.log(20e-3)
     assert ahead.depth == 128  # 154 wanted: the cap
@@ -401,7 +408,7 @@ def test_slow_reads_keep_more_in_flight_than_a_fixed_count(prepared, monkeypatch
     for want in reference:
         got = next(it)
         assert got["locations"] == want["locations"] and torch.equal(got["tiles"], want["tiles"])
-    assert 30 <= ds.reader.ahead.most_pending <= 40  # draws in flight
+    assert 30 <= ds.reader.ahead.most_pending <= 40 and len(ds.reader.ahead.readers.threads) <= 40  # draws in flight
     ds.reader.ahead.close()
 
 

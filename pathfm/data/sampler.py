@@ -57,7 +57,6 @@ OPENS_AHEAD = 4  # slides opened at once ahead of their visits (an open reads th
 # Reads in flight: latency x the rate the decode takes them (Little's law), times this margin for the spread of
 # both, plus a few for the reads the decode has in hand; at most data.read_threads of them (the cap, see ReadAhead)
 IN_FLIGHT_MARGIN = 1.5
-THREAD_MARGIN = 1.5  # read threads: latency x decode rate, times this, plus 2 (see ReadAhead.threads_wanted)
 STEPS_AHEAD = 8  # a worker draws (and reads) up to this many of its next steps ahead when the depth asks for it
 
 
@@ -65,35 +64,37 @@ class ReadAhead:
     """Reads of stored tiles kept in flight on threads, so that waiting on slow storage (a network file system,
     milliseconds a read) overlaps decoding instead of adding to it.
 
-    The unit is a draw's reads: one task on a read thread fetches all the stored tiles one drawn tile needs, with
-    one os.pread for each run of them that lies back to back in the file (JpegTiffReader.tile_runs: one for a
-    grid-aligned tile, one a row of stored tiles otherwise). How many: enough that a draw's reads started now are
-    done when the decode reaches it. The decode takes a draw every `busy` seconds (its own time per draw,
-    measured, waits excluded) and a draw's reads take `latency` (a geometric moving average of timed ones), so
-    `depth` = IN_FLIGHT_MARGIN x latency / busy + 4 draws are kept started and not yet decoded: 42 at 5 ms and
-    200 µs a draw, 154 at 20 ms. It is capped at `max_in_flight` (data.read_threads, 128 by default, a thread
-    each, so at most that many reads outstanding): past a few hundred outstanding reads a worker only queues in
-    its file system client (an NFSv4.1 session has 64 slots, a Lustre client 8 RPCs per storage target), so the
-    cap bounds the threads without bounding the rate below max_in_flight / latency (6,400 draws/s at 20 ms). At
-    most `max_bytes` of tile streams are held at once, counting those being read and those read but not decoded
-    yet (one draw's tiles larger than that are still read, alone).
+    A read is one os.pread: one stored tile, or a run of them that lies back to back in the file
+    (JpegTiffReader.tile_runs: a row of a region's stored tiles), so a grid-aligned draw needs one read and a
+    2 x 2 one two. A draw's reads go to the read threads together, one task each, and are done after about one
+    `latency` (a geometric moving average of timed reads). How many draws: enough that a draw started now is
+    read when the decode reaches it. The decode takes a draw every `busy` seconds (its own time per draw,
+    measured, waits excluded), so `depth` = IN_FLIGHT_MARGIN x latency / busy + 4 draws are kept started and not
+    yet decoded: 42 at 5 ms and 200 µs a draw, 154 at 20 ms. It is capped at `max_in_flight`, and so are the
+    threads (data.read_threads, 128 by default; a thread has one read outstanding): past a few hundred
+    outstanding reads a worker only queues in its file system client (an NFSv4.1 session has 64 slots, a Lustre
+    client 8 RPCs per storage target), so the cap bounds the threads without bounding the rate below
+    max_in_flight / latency reads a second (6,400 at 20 ms). At most `max_bytes` of tile streams are held at
+    once, counting those being read and those read but not decoded yet (one draw's tiles larger than that are
+    still read, alone).
 
     The threads only read (os.pread releases the GIL) and check the streams; decoding stays in the worker's own
-    thread. A task is handed over through a queue and signals with one lock (_Task), cheaper than a
-    concurrent.futures pool's future, condition and semaphore: the hand-off's CPU was what reading ahead cost
-    (issue 31). Reads ahead, and one draw's in TIMED_EVERY read in turn, are timed: reads go ahead only while
+    thread. A read is handed over through a queue and signals with one lock (_Task), cheaper than a
+    concurrent.futures pool's future, condition and semaphore (the hand-offs' CPU was most of what reading ahead
+    cost, issue 31). Reads ahead, and one draw's in TIMED_EVERY read in turn, are timed: reads go ahead only while
     they are slow (`active`), so the page cache keeps its cheaper synchronous path.
     """
 
     def __init__(self, max_bytes: int, max_in_flight: int):
         self.max_bytes, self.max_in_flight = max_bytes, max_in_flight
-        # threads started as they are wanted, in the process that reads (threads do not survive a fork)
+        # threads started as reads need them, in the process that reads (threads do not survive a fork)
         self.readers, self.openers = _Threads(), _Threads()
         self.held = self.peak = 0  # bytes held now, and the most ever held (tests check the bound)
-        self.pending: dict = {}  # task -> the handle it reads from, until consumed or dropped
+        self.pending: dict = {}  # a draw's tasks (a tuple) -> the handle they read from, until consumed or dropped
+        self.reads = 0  # the tasks of `pending`
         self.most_pending = 0  # the most draws ever started and not yet decoded (bench/storage.py reports it)
-        # log of the seconds a draw's reads take, moving average over about 10 draws: a geometric mean, so that a
-        # read that was descheduled on a busy node (milliseconds, now and then) does not make the page cache look slow
+        # log of the seconds a read takes, moving average over about 10 reads: a geometric mean, so that a read
+        # that was descheduled on a busy node (milliseconds, now and then) does not make the page cache look slow
         self.log_latency = math.log(1e-5)
         self.busy = 2e-4  # seconds of the decode's own work per draw consumed (moving average; a first guess)
         self.waited = 0.0  # seconds the decode waited for reads in flight (consumed() takes it out of `busy`)
@@ -116,6 +117,13 @@ class ReadAhead:
         self.log_latency += 0.1 * (math.log(seconds) - self.log_latency)  # from threads too: a lost update is harmless
         return data
 
+    def read_in_turn(self, handle, level: int, runs: list) -> dict:
+        """A draw's streams read now, each read timed (slow storage turns reading ahead on)."""
+        streams = {}
+        for run in runs:
+            streams.update(self.timed(handle.read_runs, level, [run]))
+        return streams
+
     def consumed(self, seconds: float) -> None:
         """The decode used one draw's reads in `seconds` of wall time, waits for them included."""
         own = max(seconds - self.waited, 1e-6)
@@ -123,56 +131,61 @@ class ReadAhead:
         self.waited_total += self.waited
         self.waited = 0.0
 
-    @property
-    def threads_wanted(self) -> int:
-        """Read threads: enough for the decode's rate (latency / busy draws being read at once), with the margin
-        of `depth`, within the cap: 2 fewer than `depth` (threads once started stay). A thread that finishes a read while draws wait in the queue takes the next without sleeping, so handing it
-        over wakes no thread (a wake and its GIL hand-over cost the decoding thread CPU time, issue 31)."""
-        want = THREAD_MARGIN * math.exp(self.log_latency) / self.busy + 2
-        return max(1, min(self.max_in_flight, math.ceil(want)))
-
     def run(self, fn, *args) -> "_Task":
-        """fn(*args) on one of OPENS_AHEAD threads of its own (slides opened ahead of their visits)."""
+        """fn(*args) on one of OPENS_AHEAD threads of their own (slides opened ahead of their visits)."""
         return self.openers.run(fn, args, OPENS_AHEAD)
 
     def close(self) -> None:
         self.readers.close()
         self.openers.close()
 
-    def wait(self, task: "_Task"):
+    def wait(self, tasks: tuple) -> dict:
         """A draw's streams, counting the time the decode waits for them."""
-        if not task.done():
+        if not all(task.done() for task in tasks):
             start = time.perf_counter()
-            task.wait()
+            for task in tasks:
+                task.wait()
             self.waited += time.perf_counter() - start
-        return task.result()
+        if len(tasks) == 1:
+            return tasks[0].result()
+        streams = {}
+        for task in tasks:
+            streams.update(task.result())
+        return streams
 
     def room(self, nbytes: int) -> bool:
         if len(self.pending) >= self.depth:
             return False
         return self.held == 0 or self.held + nbytes <= self.max_bytes
 
-    def submit(self, handle, level: int, runs: list, nbytes: int) -> "_Task":
-        """Start reading one draw's stored tiles (handle.tile_runs)."""
+    def submit(self, handle, level: int, runs: list, nbytes: int) -> tuple:
+        """Start reading one draw's stored tiles (handle.tile_runs), a task a read; a thread is started while
+        there are fewer than the reads in flight, up to the cap."""
         self.held += nbytes
         self.peak = max(self.peak, self.held)
-        task = self.readers.run(self.timed, (handle.read_runs, level, runs), self.threads_wanted)
-        self.pending[task] = handle
+        self.reads += len(runs)
+        threads = min(self.reads, self.max_in_flight)
+        tasks = tuple(self.readers.run(self.timed, (handle.read_runs, level, [run]), threads) for run in runs)
+        self.pending[tasks] = handle
         self.most_pending = max(self.most_pending, len(self.pending))
-        return task
+        return tasks
 
-    def release(self, task: "_Task", nbytes: int) -> None:
+    def release(self, tasks: tuple, nbytes: int) -> None:
         """A draw's reads are decoded or no longer wanted: their bytes stop counting."""
         self.held -= nbytes
-        task.cancelled = True  # not started yet: never read
-        self.pending.pop(task, None)
+        for task in tasks:
+            task.cancelled = True  # not started yet: never read
+        if self.pending.pop(tasks, None) is not None:
+            self.reads -= len(tasks)
 
     def settle(self, handle) -> None:
         """Wait for the reads in flight from `handle`, so that closing it cannot pull a file from under them."""
-        for task in [t for t, h in self.pending.items() if h is handle]:
-            task.cancelled = True
-            task.wait()  # an error belongs to whoever consumes it
-        self.pending = {t: h for t, h in self.pending.items() if not t.done()}
+        for tasks in [ts for ts, h in self.pending.items() if h is handle]:
+            for task in tasks:
+                task.cancelled = True
+                task.wait()  # an error belongs to whoever consumes it
+        self.pending = {ts: h for ts, h in self.pending.items() if not all(t.done() for t in ts)}
+        self.reads = sum(len(ts) for ts in self.pending)
 
 
 class _Task:
@@ -512,7 +525,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                 draws.redo(d, same_visit=False)
                 continue
             finally:
-                if d.task is not None:  # the decode's own time per draw: how fast reads must come
+                if d.tasks is not None:  # the decode's own time per draw: how fast reads must come
                     ahead.consumed(time.perf_counter() - started)
                 self._discard_draw(d)
             if self.hsv is not None and d.tries < HSV_TRIES - 1 and not self.hsv.accepts(tile):
@@ -593,19 +606,19 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             d.fetch = _read_at_decode
             return True
         if now:
-            d.fetch = functools.partial(ahead.timed, handle.read_runs, level, runs)
+            d.fetch = functools.partial(ahead.read_in_turn, handle, level, runs)
             return True
         nbytes = sum(size for _, size, _ in runs)
         if not ahead.room(nbytes):
             return False
-        d.task, d.nbytes = ahead.submit(handle, level, runs, nbytes), nbytes
-        d.fetch = functools.partial(ahead.wait, d.task)
+        d.tasks, d.nbytes = ahead.submit(handle, level, runs, nbytes), nbytes
+        d.fetch = functools.partial(ahead.wait, d.tasks)
         return True
 
     def _discard_draw(self, d: "_Draw") -> None:
-        if d.task is not None:
-            self.reader.ahead.release(d.task, d.nbytes)
-        d.fetch, d.task, d.nbytes = None, None, 0
+        if d.tasks is not None:
+            self.reader.ahead.release(d.tasks, d.nbytes)
+        d.fetch, d.tasks, d.nbytes = None, None, 0
 
     def _discard(self, draws: "_Draws") -> None:
         for d in draws.made:
@@ -742,7 +755,7 @@ class _Draw:
     tries: int
     state: dict
     fetch: object = None  # once submitted: a callable giving its stored tiles' streams (TileReader.read's fetched)
-    task: _Task | None = None  # the reads in flight behind it, and their bytes
+    tasks: tuple | None = None  # its reads in flight (_Task), and their bytes
     nbytes: int = 0
 
 
