@@ -443,6 +443,24 @@ def test_a_worker_reuses_a_freed_batchs_memory():
     assert min(faults[False]) > 6000 and faults[True][-1] < 1000, faults  # (the heap settles within a few batches)
 
 
+def test_closing_a_slide_with_reads_in_flight_keeps_its_draws(prepared, monkeypatch):
+    """A handle closed while reads of later draws are in flight from it (a read error, the open-file LRU) waits for
+    them instead of cancelling them: those draws are still decoded later, as reading in turn would, not failed."""
+    reader = P.JpegTiffReader(prepared.path(0), prepared.slide(0).info.dimensions)
+    lv = reader.levels[0]
+    runs = reader.tile_runs(0, lv.tile_w // 2, lv.tile_h // 2, lv.tile_w, lv.tile_h)  # a draw of 2 reads
+    gate, real = threading.Event(), P.JpegTiffReader.read_runs
+    monkeypatch.setattr(P.JpegTiffReader, "read_runs", lambda self, *a: gate.wait() and real(self, *a))
+    other = P.JpegTiffReader(prepared.path(0), prepared.slide(0).info.dimensions)  # another slide's handle
+    ahead = P.ReadAhead(1 << 20, 1)  # one read thread, held by the other slide's read until the gate opens
+    held, draw = ahead.submit(other, 0, runs[:1], 1), ahead.submit(reader, 0, runs, 2)
+    threading.Timer(0.05, gate.set).start()
+    ahead.settle(reader)  # (closing the reader would follow)
+    assert ahead.wait(draw) == real(reader, 0, runs) and ahead.wait(held) == real(other, 0, runs[:1])
+    ahead.close()
+    reader.close(), other.close()
+
+
 def test_reads_in_flight_give_the_same_failures_and_drops(tmp_path, slide_dir, monkeypatch):
     monkeypatch.setattr(P, "SLOW_READ_S", 0.0)
     index, good, bad = damaged_copy(slide_dir, tmp_path)

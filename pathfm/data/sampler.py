@@ -179,10 +179,11 @@ class ReadAhead:
             self.reads -= len(tasks)
 
     def settle(self, handle) -> None:
-        """Wait for the reads in flight from `handle`, so that closing it cannot pull a file from under them."""
+        """Wait for the reads in flight from `handle`, so that closing it cannot pull a file from under them. They
+        are not cancelled: their draws are still to be decoded (a cancelled read would fail its draw, which reading
+        in turn would not)."""
         for tasks in [ts for ts, h in self.pending.items() if h is handle]:
             for task in tasks:
-                task.cancelled = True
                 task.wait()  # an error belongs to whoever consumes it
         self.pending = {ts: h for ts, h in self.pending.items() if not all(t.done() for t in ts)}
         self.reads = sum(len(ts) for ts in self.pending)
