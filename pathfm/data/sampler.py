@@ -153,9 +153,8 @@ class ReadAhead:
             streams.update(task.result())
         return streams
 
-    def room(self, nbytes: int) -> bool:
-        if len(self.pending) >= self.depth:
-            return False
+    def fits(self, nbytes: int) -> bool:
+        """Whether a draw's `nbytes` fit in the memory bound now (alone, they always do)."""
         return self.held == 0 or self.held + nbytes <= self.max_bytes
 
     def submit(self, handle, level: int, runs: list, nbytes: int) -> tuple:
@@ -583,14 +582,14 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                         return
                 elif self.reader.open_ahead(slide):
                     waiting = True
-                elif len(ahead.pending) >= depth or not self._submit(d, ahead):
+                elif len(ahead.pending) >= depth or not self._submit(d, ahead):  # (its slide was opened ahead)
                     return
                 else:
                     draws.submitted += 1
 
     def _submit(self, d: "_Draw", ahead: ReadAhead, now: bool = False) -> bool:
-        """Start reading the stored tiles draw d needs, as one task on a read thread; False when it does not fit in
-        the bounds. now: read them at the decode, as in turn, but timed."""
+        """Start reading the stored tiles draw d needs on the read threads; False when they do not fit in the
+        memory bound (the caller checks the depth). now: read them at the decode, as in turn, but timed."""
         index, mpp, x, y = d.location
         slide = self.slide(index)[0]
         self._note(index)
@@ -610,7 +609,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
             d.fetch = functools.partial(ahead.read_in_turn, handle, level, runs)
             return True
         nbytes = sum(size for _, size, _ in runs)
-        if not ahead.room(nbytes):
+        if not ahead.fits(nbytes):
             return False
         d.tasks, d.nbytes = ahead.submit(handle, level, runs, nbytes), nbytes
         d.fetch = functools.partial(ahead.wait, d.tasks)
