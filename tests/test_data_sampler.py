@@ -395,6 +395,13 @@ def test_reads_in_flight_follow_latency_times_decode_rate():
     ahead.busy, ahead.waited = 2e-4, 0.010
     ahead.consumed(0.011)  # a draw in 11 ms, of which 10 ms waiting for its reads: 1 ms of decode
     assert ahead.busy == pytest.approx(2e-4 + 0.05 * (1e-3 - 2e-4)) and ahead.waited == 0  # a moving average
+    # slides opened ahead: an open's latency x the rate visits are decoded (8 draws each), with the margin, plus 1
+    ahead.log_open, ahead.busy = math.log(0.075), 2e-3  # 15 reads of 5 ms; a visit every 16 ms
+    assert ahead.opens(8) == 9  # 1.5 x 75 / 16 + 1 = 8.03, rounded up
+    ahead.busy = 3e-4
+    assert ahead.opens(8) == P.MAX_OPENS_AHEAD == 32  # 48 wanted: half the open-file LRU
+    ahead.log_open = math.log(1e-3)
+    assert ahead.opens(8) == P.OPENS_AHEAD == 4  # fast opens: the floor
 
 
 def test_slow_reads_keep_more_in_flight_than_a_fixed_count(prepared, monkeypatch):

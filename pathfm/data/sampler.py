@@ -53,7 +53,10 @@ MAX_OPEN_HANDLES = 64  # per worker: a 10k-slide manifest must not hold 10k open
 # in ~10 µs, where handing it to a thread costs more than it hides; shared storage takes milliseconds)
 SLOW_READ_S = 1e-4
 TIMED_EVERY = 8  # while reads go in turn, one draw in this many has its reads timed (timing all cost 6-8%)
-OPENS_AHEAD = 4  # slides opened at once ahead of their visits (an open reads the TIFF directories: ~15 reads)
+# Slides opened at once ahead of their visits (an open reads the TIFF directories: ~15 reads): an open's latency x
+# the rate visits are decoded, at least OPENS_AHEAD, at most MAX_OPENS_AHEAD (half the open-file LRU, so that a slide
+# opened ahead is not closed again before its visit); see ReadAhead.opens
+OPENS_AHEAD, MAX_OPENS_AHEAD = 4, MAX_OPEN_HANDLES // 2
 # Reads in flight: latency x the rate the decode takes them (Little's law), times this margin for the spread of
 # both, plus a few for the reads the decode has in hand; at most data.read_threads of them (the cap, see ReadAhead)
 IN_FLIGHT_MARGIN = 1.5
@@ -96,6 +99,7 @@ class ReadAhead:
         # log of the seconds a read takes, moving average over about 10 reads: a geometric mean, so that a read
         # that was descheduled on a busy node (milliseconds, now and then) does not make the page cache look slow
         self.log_latency = math.log(1e-5)
+        self.log_open = math.log(1e-3)  # the same for opening a slide (JpegTiffReader), over about 5 opens
         self.busy = 2e-4  # seconds of the decode's own work per draw consumed (moving average; a first guess)
         self.waited = 0.0  # seconds the decode waited for reads in flight (consumed() takes it out of `busy`)
         self.waited_total = 0.0  # the same, summed over the worker's life (bench/storage.py reports it)
@@ -131,9 +135,23 @@ class ReadAhead:
         self.waited_total += self.waited
         self.waited = 0.0
 
-    def run(self, fn, *args) -> "_Task":
-        """fn(*args) on one of OPENS_AHEAD threads of their own (slides opened ahead of their visits)."""
-        return self.openers.run(fn, args, OPENS_AHEAD)
+    def opens(self, tiles_per_visit: int) -> int:
+        """Slides to keep opening ahead of their visits: an open's latency x the rate the decode takes visits
+        (tiles_per_visit draws each), with the depth's margin, within [OPENS_AHEAD, MAX_OPENS_AHEAD]. With a file
+        per visit (a cohort larger than the open-file LRU) a fixed 4 bounded a worker at 4 opens per open latency:
+        about 50 visits, 430 tiles a second at 5 ms a read."""
+        want = IN_FLIGHT_MARGIN * math.exp(self.log_open) / (tiles_per_visit * self.busy) + 1
+        return max(OPENS_AHEAD, min(MAX_OPENS_AHEAD, math.ceil(want)))
+
+    def open(self, path: str, dimensions, in_flight: int) -> "_Task":
+        """Open a slide's JPEG reader on threads of their own (`in_flight` opens ahead, this one included), timed."""
+        return self.openers.run(self._open, (path, dimensions), min(in_flight, MAX_OPENS_AHEAD))
+
+    def _open(self, path: str, dimensions) -> JpegTiffReader:
+        start = time.perf_counter()
+        reader = JpegTiffReader(path, dimensions)
+        self.log_open += 0.2 * (math.log(max(time.perf_counter() - start, 1e-7)) - self.log_open)
+        return reader
 
     def close(self) -> None:
         self.readers.close()
@@ -289,7 +307,7 @@ class TileReader:
             self.handle(slide)  # opens as usual, which reports the error at its turn
             return False
         if path not in self.opening:
-            self.opening[path] = self.ahead.run(JpegTiffReader, path, slide.info.dimensions)
+            self.opening[path] = self.ahead.open(path, slide.info.dimensions, len(self.opening) + 1)
             return True
         return not self.opening[path].done()
 
@@ -558,7 +576,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
     def _read_ahead(self, steps: list[int]) -> None:
         """Start the reads of the next draws of these steps, in stream order, while there is room. A draw
         whose slide is not open yet waits for its open (on a read-ahead thread); meanwhile the slides of
-        up to OPENS_AHEAD later visits are opened too, so that opens overlap as reads do."""
+        later visits are opened too (ReadAhead.opens of them), so that opens overlap as reads do."""
         ahead, waiting, depth = self.reader.ahead, False, self.reader.ahead.depth
         if len(ahead.pending) >= depth:  # no room (the common case: one draw decoded makes room for one)
             return
@@ -578,7 +596,7 @@ class SlideTileDataset(torch.utils.data.IterableDataset):
                 i += 1
                 slide = self.slide(d.location[0])[0]
                 if waiting:  # only open the slides of later visits
-                    if self.reader.open_ahead(slide) and len(self.reader.opening) >= OPENS_AHEAD:
+                    if self.reader.open_ahead(slide) and len(self.reader.opening) >= ahead.opens(self.tiles_per_visit):
                         return
                 elif self.reader.open_ahead(slide):
                     waiting = True
