@@ -3,6 +3,7 @@
 checkpointing, peak per GPU at its batch and the largest batch that fits 40, 80 and 141 GiB.
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/memory_table.py > table.md     # about 30 CPU-minutes
+    python bench/memory_table.py 8 vitg14_highres,distill_vits16_from_vitg14   # some configs only
 
 Each row is two estimates (pathfm.memory via launch/estimate.py: the real step on fake tensors, 8 fake ranks,
 eager): at the config's batch B and at B/2. Peak memory is linear in the batch (what grows with it is activations,
@@ -31,7 +32,7 @@ def main() -> int:
     print(f"| config | activation checkpointing | batch per GPU | peak GiB (phase) | "
           + " | ".join(f"largest batch, {g} GiB" for g in MEMORY_GIB) + " |")
     print("|---|---|---:|---:|" + "---:|" * len(MEMORY_GIB))
-    for name in CONFIGS:
+    for name in sys.argv[2].split(",") if len(sys.argv) > 2 else CONFIGS:
         spec = teacher_spec_from_config(str(ROOT / "configs/vitg14.yaml")) if name.startswith("distill") else None
         for ac in ("none", "full"):
             cfg = load_config(ROOT / f"configs/{name}.yaml", [f"dist.activation_checkpointing={ac}"])
