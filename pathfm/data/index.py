@@ -28,6 +28,7 @@ and its runs, appended and flushed), so a killed build continues where it stoppe
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
 import hashlib
 import json
@@ -280,9 +281,12 @@ class SlideIndex:
     def valid(self, i: int, j: int, row: int, col: int) -> bool:
         """Whether mask cell (row, col) of slide i may hold a tile's top-left at mpp column j: O(log runs)."""
         a, b = self.segments[i, j: j + 2].tolist()
-        rows = self.runs[a:b, 0]
-        lo, hi = int(rows.searchsorted(row, "left")), int(rows.searchsorted(row, "right"))  # the row's runs
-        k = lo + int(self.runs[a + lo:a + hi, 1].searchsorted(col, "right")) - 1  # the last run starting at or before col
+        # bisect on memoryviews of the strided columns: searchsorted would first copy the column (9 -> 2.7 µs a call)
+        runs = self.runs[a:b]
+        rows = memoryview(runs[:, 0])
+        lo = bisect.bisect_left(rows, row)
+        hi = bisect.bisect_right(rows, row, lo)  # the row's runs are [lo, hi)
+        k = lo + bisect.bisect_right(memoryview(runs[lo:hi, 1]), col) - 1  # the last run starting at or before col
         if k < lo:
             return False
         length = int(self.ends[a + k]) - (int(self.ends[a + k - 1]) if k else 0)
