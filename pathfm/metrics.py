@@ -29,7 +29,7 @@ def spread(embeddings: torch.Tensor) -> float:
     """1 - |mean of the L2-normalised rows|^2 of (N, D) embeddings: the total variance of the unit vectors, which
     is also 1 - their mean pairwise cosine similarity (self-pairs included). 0 = every row points the same way,
     about 1 = spread over the sphere."""
-    u = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    u = torch.nn.functional.normalize(embeddings.detach().double(), dim=1)  # a number for the log, no graph
     return float(1 - u.mean(0).square().sum())
 
 
