@@ -24,7 +24,7 @@ one_run() {  # $1: quiet or loaded, $2: its number
   local start=$SECONDS rc
   bash -c "$command" >"$out" 2>&1
   rc=$?
-  echo "$1 $2: rc=$rc $((SECONDS - start)) s, load $(cut -d' ' -f1-3 /proc/loadavg): $(grep -E '(passed|failed|error)' "$out" | tail -1)" | tee -a "$log"
+  echo "$1 $2: rc=$rc $((SECONDS - start)) s, load $(cut -d' ' -f1-3 /proc/loadavg): $(grep -E '^[0-9]+ (passed|failed)|^[0-9]+ errors?|no tests ran' "$out" | tail -1)" | tee -a "$log"
   if [ "$rc" != 0 ]; then
     cp "$out" "runs/stress_suite.$1-$2.out"
     echo "  output kept in runs/stress_suite.$1-$2.out" | tee -a "$log"
