@@ -36,6 +36,7 @@ column, whose two processes alone lift a 2-core machine's load average to about 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -244,6 +245,10 @@ def measure(row, seconds, two=True):
     return single, per_cpu, double
 
 
+def _cell(x: float, digits: int) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"  # NaN: the 2-process column under --one-process
+
+
 def _single(row, seconds):
     torch.set_num_threads(1)
     if not getattr(STATE["rows"][row][2], "glibc_defaults", False):
@@ -304,7 +309,7 @@ def main():
           "1 process, per CPU-second | 2 processes |")
     print("|---|---|---|---|---|")
     for name, unit, _ in rows:
-        print(f"| {name} | {unit} | " + " | ".join("-" if x != x else f"{x:.0f}" for x in results[name]) + " |")
+        print(f"| {name} | {unit} | " + " | ".join(_cell(x, 0) for x in results[name]) + " |")
     ratios = []  # (what, ratios of the three columns, target or None)
     for what, a, b, target in [("grid-aligned tiles / raw decode limit", "grid-aligned (jpeg)", "raw JPEG", None),
                                ("mix tiles / raw decode limit", "mix 0.5/1/2", "raw JPEG", None),
@@ -321,12 +326,13 @@ def main():
             ratios.append((what, [x / y for x, y in zip(results[top], results[bottom])], target))
     print("\nratios (1 process / per CPU-second / 2 processes):")
     for what, values, _ in ratios:
-        print(f"- {what}: " + " / ".join("-" if v != v else f"{v:.2f}" for v in values))
+        print(f"- {what}: " + " / ".join(_cell(v, 2) for v in values))
     counts = "" if max(loads) <= 1.5 else "; load above 1.5: does not count"
     for what, values, target in ratios:
         if target is not None:
-            two = "" if values[2] != values[2] else f", 2 processes {values[2]:.2f}"
-            print(f"SUMMARY data {what}, 1 process: {values[0]:.2f} (per CPU-second {values[1]:.2f}{two}); target >= {target:g}: {'PASS' if values[0] >= target else 'FAIL'}; {load}{counts}")
+            two = "" if args.one_process else f", 2 processes {values[2]:.2f}"
+            print(f"SUMMARY data {what}, 1 process: {values[0]:.2f} (per CPU-second {values[1]:.2f}{two}); "
+                  f"target >= {target:g}: {'PASS' if values[0] >= target else 'FAIL'}; {load}{counts}")
     if not args.no_cohort:
         from cohort import cohort_rows
 
