@@ -40,8 +40,8 @@ MAX_PAGES = 256
 # The TIFF directories and their tag values are read through a buffer this large: a directory and the values
 # written after it (tile offsets, byte counts, JPEG tables) come in one read instead of one each. On storage
 # that adds 5 ms a read, opening bench/data.py's slide took 63-67 ms with the default buffer (4 KB here) and
-# 43-44 ms with 64 KB (1 MB: 46-53 ms, more bytes a read). (A 10,000-slide cohort's tile rate at +5 ms did not
-# change with it: opens ahead already hid them, bench/storage.py --cohort.)
+# 42-44 ms with 64 KB (1 MB: 44-56 ms, more bytes a read; bench/readahead_cost.py --opens). A 10,000-slide
+# cohort's tile rate at +5 ms did not change with it: opens ahead already hid them (bench/storage.py --cohort).
 DIRECTORY_READ = 64 << 10
 MAX_TILE_SIDE = 4096  # a stored tile's side: 50 MB decoded (Aperio writes 240-256 px, others up to 1024)
 
