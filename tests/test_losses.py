@@ -222,6 +222,7 @@ def test_fp32_under_bf16_autocast(name):
     torch.testing.assert_close(got, fns[name](x.float(), probs.float()), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("error")  # metrics.spread on a tensor with a graph must not warn
 def test_a_gradient_step_on_the_kde_term_spreads_the_embeddings():
     # The sign Midnight means: its KDE term replaces KoLeo "to ensure embedding diversity" (kaiko-ai/Midnight), so
     # a step that lowers it must push the CLS embeddings apart; with the opposite sign it would pull them together
